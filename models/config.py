@@ -1,0 +1,86 @@
+"""Validation of the JSON network configs (the paper's ``configs/*.json`` format)."""
+import numbers
+
+from utils.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid network config; a ``ValueError`` for library users, one line for CLI users."""
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _int_list(value):
+    return isinstance(value, (list, tuple)) and all(_is_int(v) and v > 0 for v in value)
+
+
+# key: (check, description of a valid value, default or REQUIRED)
+REQUIRED = object()
+SONGUNET_KEYS = {
+    "unet_type":          (lambda v: isinstance(v, str), "a string", REQUIRED),
+    "img_resolution":     (lambda v: _is_int(v) and v >= 4, "an integer >= 4", REQUIRED),
+    "in_channels":        (lambda v: _is_int(v) and v >= 1, "a positive integer", REQUIRED),
+    "out_channels":       (lambda v: _is_int(v) and v >= 1, "a positive integer", REQUIRED),
+    "label_dim":          (lambda v: v == 0, "0 (class-conditional models are not supported)", 0),
+    "augment_dim":        (lambda v: v == 0, "0 (augmentation labels are not supported)", 0),
+    "model_channels":     (lambda v: _is_int(v) and v >= 4, "an integer >= 4", 128),
+    "channel_mult":       (lambda v: _int_list(v) and len(v) >= 1, "a non-empty list of positive integers", [1, 2, 2, 2]),
+    "channel_mult_emb":   (lambda v: _is_int(v) and v >= 1, "a positive integer", 4),
+    "num_blocks":         (lambda v: _is_int(v) and v >= 1, "a positive integer", 4),
+    "attn_resolutions":   (lambda v: _int_list(v), "a list of positive integers", [16]),
+    "dropout":            (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)", 0.10),
+    "label_dropout":      (lambda v: v == 0, "0", 0),
+    "embedding_type":     (lambda v: v == "positional", '"positional" (DDPM++)', "positional"),
+    "channel_mult_noise": (lambda v: _is_int(v) and v >= 1, "a positive integer", 1),
+    "encoder_type":       (lambda v: v == "standard", '"standard" (DDPM++)', "standard"),
+    "decoder_type":       (lambda v: v == "standard", '"standard" (DDPM++)', "standard"),
+    "resample_filter":    (lambda v: _int_list(v) and len(v) >= 1, "a list of positive integers", [1, 1]),
+    "num_params":         (lambda v: True, "anything (ignored)", None),
+}
+SUPPORTED_UNET_TYPES = ("songunet",)
+KNOWN_UNSUPPORTED = {"adm": "the ADM U-Net (unet_type \"adm\") is not supported; use \"songunet\""}
+
+
+def validate_config(config, name="config"):
+    """Check a network config dict; return a complete copy with defaults filled in.
+
+    Raises :class:`ConfigError` naming the first problem: not a dict, unknown
+    ``unet_type``, unknown key, missing key, or a value of the wrong type/range.
+    """
+    if not isinstance(config, dict):
+        raise ConfigError(f"{name} must be a JSON object, got {type(config).__name__}")
+    unet_type = config.get("unet_type", None)
+    if unet_type in KNOWN_UNSUPPORTED:
+        raise ConfigError(f"{name}: {KNOWN_UNSUPPORTED[unet_type]}")
+    if unet_type not in SUPPORTED_UNET_TYPES:
+        raise ConfigError(f"{name}: unknown unet_type {unet_type!r}; known: {', '.join(SUPPORTED_UNET_TYPES)}")
+    unknown = [key for key in config if key not in SONGUNET_KEYS]
+    if unknown:
+        raise ConfigError(f"{name}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                          f"accepted keys: {', '.join(SONGUNET_KEYS)}")
+    resolved = {}
+    for key, (check, description, default) in SONGUNET_KEYS.items():
+        if key not in config:
+            if default is REQUIRED:
+                raise ConfigError(f"{name}: missing required key {key!r} ({description})")
+            resolved[key] = default
+            continue
+        value = config[key]
+        try:
+            ok = bool(check(value))
+        except Exception:  # noqa: BLE001 - any failure of a check means the value is wrong
+            ok = False
+        if not ok:
+            raise ConfigError(f"{name}: key {key!r} must be {description}, got {value!r}")
+        resolved[key] = value
+    levels = len(resolved["channel_mult"])
+    if resolved["img_resolution"] % (1 << (levels - 1)):
+        raise ConfigError(f"{name}: img_resolution {resolved['img_resolution']} is not divisible by "
+                          f"2^{levels - 1} for {levels} levels of channel_mult")
+    return resolved

@@ -1,0 +1,271 @@
+"""The DDPM++ U-Net ("SongUNet") of Song et al. (2021) in the form used by EDM
+(Karras et al., 2022) and by the paper's code.
+
+Written for this project; the module names, parameter shapes, initialisation
+and the order of operations follow EDM's ``training/networks.py`` so that the
+paper's released ``flow_model_*_ema.pth`` files load with ``strict=True`` and
+give the same outputs (checked against golden tensors in ``tests/``).
+
+Conventions of this architecture worth knowing:
+- the time ``t`` in [0, 1] goes straight into a sinusoidal embedding (no x1000);
+- residual branches are scaled by sqrt(1/2); GroupNorm uses eps 1e-6;
+- down/up sampling uses a [1, 1] box filter (depthwise conv / conv-transpose);
+- the skip of a resampling block is a 1x1 conv ("resample_proj").
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _xavier_uniform(shape, fan_in, fan_out, gain=1.0):
+    bound = math.sqrt(6.0 / (fan_in + fan_out)) * gain
+    return (torch.rand(*shape) * 2 - 1) * bound
+
+
+class Linear(nn.Module):
+    """Fully connected layer with EDM-style xavier-uniform init (bias starts at 0)."""
+
+    def __init__(self, in_features, out_features, gain=1.0):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(_xavier_uniform([out_features, in_features], in_features, out_features, gain))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+class Conv2d(nn.Module):
+    """Square convolution with an optional 2x box-filter up- or down-sampling in front.
+
+    ``kernel=0`` means no convolution at all (resampling only). The resampling
+    filter is a buffer, as in the paper's checkpoints.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel, up=False, down=False,
+                 resample_filter=(1, 1), gain=1.0):
+        super().__init__()
+        assert not (up and down)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.up = up
+        self.down = down
+        if kernel:
+            fan_in, fan_out = in_channels * kernel * kernel, out_channels * kernel * kernel
+            self.weight = nn.Parameter(_xavier_uniform([out_channels, in_channels, kernel, kernel], fan_in, fan_out, gain))
+            self.bias = nn.Parameter(torch.zeros(out_channels))
+        else:
+            self.weight = None
+            self.bias = None
+        taps = torch.as_tensor(resample_filter, dtype=torch.float32)
+        filt = torch.outer(taps, taps)[None, None] / taps.sum().square()
+        self.register_buffer("resample_filter", filt if (up or down) else None)
+
+    def forward(self, x):
+        filt = self.resample_filter
+        if filt is not None:
+            filt = filt.to(x.dtype)
+            pad = (filt.shape[-1] - 1) // 2
+            channels = x.shape[1]
+            # Depthwise box filter: transpose-conv (x4 keeps the mean) to go up, strided conv to go down.
+            if self.up:
+                x = F.conv_transpose2d(x, filt.mul(4).tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=pad)
+            if self.down:
+                x = F.conv2d(x, filt.tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=pad)
+        if self.weight is not None:
+            x = F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), padding=self.weight.shape[-1] // 2)
+        return x
+
+
+class GroupNorm(nn.Module):
+    """Group normalisation with at most 32 groups and at least 4 channels per group."""
+
+    def __init__(self, num_channels, eps=1e-6, num_groups=32, min_channels_per_group=4):
+        super().__init__()
+        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+def attention(q, k, v, use_sdpa=True):
+    """Single-head attention over spatial positions.
+
+    q, k, v: [N, C, L] (channels first, L = H * W). Returns [N, C, L].
+    The softmax is always computed in float32, as in EDM.
+    """
+    if use_sdpa:
+        dtype = q.dtype
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2)[:, None].float(), k.transpose(1, 2)[:, None].float(), v.transpose(1, 2)[:, None].float())
+        return out[:, 0].transpose(1, 2).to(dtype)
+    weights = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(k.shape[1])).softmax(dim=2)
+    return torch.einsum("nqk,nck->ncq", weights.to(v.dtype), v)
+
+
+class UNetBlock(nn.Module):
+    """Residual block: GN-SiLU-conv, add the time embedding, GN-SiLU-dropout-conv, skip, optional attention."""
+
+    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
+                 dropout=0.0, resample_filter=(1, 1)):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.dropout = dropout
+        self.skip_scale = math.sqrt(0.5)
+        self.use_sdpa = True
+        self.norm0 = GroupNorm(in_channels)
+        self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter)
+        self.affine = Linear(emb_channels, out_channels)
+        self.norm1 = GroupNorm(out_channels)
+        self.conv1 = Conv2d(out_channels, out_channels, 3, gain=1e-5)
+        self.skip = None
+        if out_channels != in_channels or up or down:
+            self.skip = Conv2d(in_channels, out_channels, 1, up=up, down=down, resample_filter=resample_filter)
+        self.attention = attention
+        if attention:
+            self.norm2 = GroupNorm(out_channels)
+            self.qkv = Conv2d(out_channels, out_channels * 3, 1, gain=math.sqrt(0.2))
+            self.proj = Conv2d(out_channels, out_channels, 1, gain=1e-5)
+
+    def forward(self, x, emb):
+        orig = x
+        x = self.conv0(F.silu(self.norm0(x)))
+        x = x + self.affine(emb)[:, :, None, None].to(x.dtype)
+        x = F.silu(self.norm1(x))
+        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
+        x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
+        if self.attention:
+            batch, channels, height, width = x.shape
+            q, k, v = self.qkv(self.norm2(x)).reshape(batch, channels, 3, height * width).unbind(2)
+            a = attention(q, k, v, use_sdpa=self.use_sdpa)
+            x = (self.proj(a.reshape(batch, channels, height, width)) + x) * self.skip_scale
+        return x
+
+
+class PositionalEmbedding(nn.Module):
+    """Sinusoidal embedding of a scalar per sample: [cos(t w_i), sin(t w_i)], w_i = 10000^(-i/(n/2-1))."""
+
+    def __init__(self, num_channels, max_positions=10000):
+        super().__init__()
+        self.num_channels = num_channels
+        self.max_positions = max_positions
+
+    def forward(self, t):
+        half = self.num_channels // 2
+        freqs = torch.arange(half, dtype=torch.float32, device=t.device) / (half - 1)
+        freqs = (1.0 / self.max_positions) ** freqs
+        angles = torch.outer(t, freqs.to(t.dtype))
+        return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class SongUNet(nn.Module):
+    """DDPM++ U-Net. ``forward(x [B, C, H, W], t [B]) -> [B, out_channels, H, W]``."""
+
+    def __init__(self,
+                 img_resolution,                # Input/output resolution (square images).
+                 in_channels,                   # Channels of the input.
+                 out_channels,                  # Channels of the output.
+                 model_channels=128,            # Base channel count.
+                 channel_mult=(1, 2, 2, 2),     # Channel multiplier per resolution level.
+                 channel_mult_emb=4,            # Embedding width = model_channels * this.
+                 num_blocks=4,                  # Residual blocks per level.
+                 attn_resolutions=(16,),        # Resolutions with self-attention.
+                 dropout=0.10,                  # Dropout probability inside blocks.
+                 channel_mult_noise=1,          # Time-embedding width = model_channels * this.
+                 resample_filter=(1, 1),        # Taps of the resampling filter.
+                 ):
+        super().__init__()
+        emb_channels = model_channels * channel_mult_emb
+        noise_channels = model_channels * channel_mult_noise
+        block = dict(emb_channels=emb_channels, dropout=dropout, resample_filter=resample_filter)
+        self.img_resolution = img_resolution
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+
+        # Time embedding.
+        self.map_noise = PositionalEmbedding(noise_channels)
+        self.map_layer0 = Linear(noise_channels, emb_channels)
+        self.map_layer1 = Linear(emb_channels, emb_channels)
+
+        # Encoder: a stem conv, then per level an optional downsampling block and num_blocks blocks.
+        self.enc = nn.ModuleDict()
+        skip_channels = []
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                self.enc[f"{res}x{res}_conv"] = Conv2d(cout, model_channels, 3)
+                cout = model_channels
+            else:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
+            skip_channels.append(cout)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
+                skip_channels.append(cout)
+
+        # Decoder: mirror image; each "block" consumes one encoder activation by concatenation.
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skip_channels.pop(), model_channels * mult
+                attn = idx == num_blocks and res in attn_resolutions
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block)
+        self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = GroupNorm(cout)
+        self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3, gain=1e-5)
+
+    def set_sdpa(self, enabled):
+        """Use ``scaled_dot_product_attention`` (default) or the explicit einsum/softmax attention."""
+        for module in self.modules():
+            if isinstance(module, UNetBlock):
+                module.use_sdpa = enabled
+
+    def forward(self, x, t):
+        t = _time_vector(t, x)
+        emb = self.map_noise(t)
+        emb = torch.cat(emb.chunk(2, dim=1)[::-1], dim=1)  # [sin, cos] order, as the checkpoints expect
+        emb = F.silu(self.map_layer0(emb))
+        emb = F.silu(self.map_layer1(emb))
+
+        skips = []
+        for layer in self.enc.values():
+            x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
+            skips.append(x)
+
+        out = None
+        for name, layer in self.dec.items():
+            if name.endswith("_aux_norm"):
+                out = layer(x)
+            elif name.endswith("_aux_conv"):
+                out = layer(F.silu(out))
+            else:
+                if "_block" in name:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = layer(x, emb)
+        return out
+
+
+def _time_vector(t, x):
+    """Accept t as a Python number, a 0-d tensor, [B] or [B, 1]; return float [B] on x's device."""
+    t = torch.as_tensor(t, device=x.device)
+    if not torch.is_floating_point(t):
+        t = t.float()
+    t = t.to(torch.float32).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(x.shape[0])
+    if t.shape[0] != x.shape[0]:
+        raise ValueError(f"t has {t.shape[0]} entries but the batch has {x.shape[0]} images")
+    return t

@@ -1,0 +1,114 @@
+"""File I/O that never damages what a run already wrote.
+
+Every checkpoint, JSON and npz goes through :func:`atomic_write`: the bytes go
+to a temporary file in the same folder, are flushed and fsynced, and only then
+renamed over the destination, so a crash or a full disk mid-write leaves the
+previous file intact.
+"""
+import contextlib
+import json
+import os
+import tempfile
+import zipfile
+
+import torch
+
+from utils.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Open a temporary file next to ``path``; rename it over ``path`` on success."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save_torch(obj, path):
+    """``torch.save`` through :func:`atomic_write`."""
+    with atomic_write(path) as handle:
+        torch.save(obj, handle)
+
+
+def save_json(obj, path):
+    """Write ``obj`` as indented JSON through :func:`atomic_write`."""
+    with atomic_write(path, "w") as handle:
+        json.dump(obj, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+
+
+def load_json(path, what="JSON file"):
+    """Read a JSON file; a missing or malformed file is a one-line :class:`UserError`."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{what} {path} is not valid JSON ({error})") from None
+
+
+def load_torch(path, what="checkpoint", map_location="cpu"):
+    """Load a torch file (weights only); missing, truncated or corrupt files give one clear line."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
+            __import__("pickle").UnpicklingError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{what} {path} is truncated or corrupt and cannot be read ({first[:120]}); "
+                        f"use another file") from None
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(state_dict):
+    """Remove DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) prefixes from keys."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key = key[len(prefix):]
+                    changed = True
+            key = key.replace("._orig_mod.", ".").replace(".module.", ".") if key.count(".") else key
+        cleaned[key] = value
+    return cleaned
+
+
+def load_state_dict_strict(module, state_dict, path, what="checkpoint"):
+    """``load_state_dict(strict=True)`` with a one-line error naming the first mismatches."""
+    state_dict = strip_wrapper_prefixes(state_dict)
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+              for k, v in own.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:3]}")
+        if shapes:
+            parts.append(f"shape mismatch (file vs config) {shapes[:3]}")
+        raise UserError(f"{what} {path} does not match the network config: " + "; ".join(parts)
+                        + " (check --config_de / --config_en)")
+    module.load_state_dict(state_dict, strict=True)
+    return module
