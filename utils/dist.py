@@ -1,0 +1,163 @@
+"""Devices and processes: ``--gpu`` parsing, torchrun, one process per listed GPU.
+
+Three ways to run, one code path (nanoGPT's plain DDP recipe):
+- no ``--gpu`` and no launcher: one CPU process, no process group;
+- ``--gpu 0,1,...`` from a plain ``python`` command: one spawned process per
+  listed GPU on this machine (NCCL), on a free port chosen at run time;
+- under ``torchrun`` (single or multi node): the launcher's RANK / LOCAL_RANK /
+  WORLD_SIZE; GPUs with NCCL when CUDA is present, otherwise CPU with gloo.
+"""
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+from utils.errors import UserError
+
+
+@dataclass
+class DistInfo:
+    """Where this process runs and who it is."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def parse_gpu_list(spec):
+    """``"0,1"`` -> [0, 1]; ``None`` / ``""`` -> []. Bad syntax is a :class:`UserError`."""
+    if spec is None or str(spec).strip() == "":
+        return []
+    try:
+        ids = [int(part) for part in str(spec).split(",") if part.strip() != ""]
+    except ValueError:
+        raise UserError(f"--gpu must be a comma-separated list of GPU ids like 0 or 0,1; got {spec!r}") from None
+    if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise UserError(f"--gpu ids must be distinct and non-negative; got {spec!r}")
+    return ids
+
+
+def check_gpus(ids):
+    """Stop with one line when ``--gpu`` names GPUs this machine does not have."""
+    if not ids:
+        return
+    if not torch.cuda.is_available():
+        raise UserError(f"--gpu {','.join(map(str, ids))} was given but no CUDA device is available; "
+                        f"omit --gpu to run on the CPU")
+    count = torch.cuda.device_count()
+    missing = [i for i in ids if i >= count]
+    if missing:
+        raise UserError(f"--gpu names GPU(s) {missing} but this machine has {count} (ids 0..{count - 1})")
+
+
+def under_launcher():
+    """True when started by torchrun (or another launcher that sets WORLD_SIZE)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def free_port():
+    """A TCP port that is free right now on this machine."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _init_group(backend, rank, world_size):
+    torch_dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                  timeout=datetime.timedelta(minutes=30))
+
+
+def setup(gpu_ids, spawn_rank=None):
+    """Initialise this process; returns its :class:`DistInfo`.
+
+    ``spawn_rank`` is the index of a process started by :func:`launch` for
+    ``--gpu`` lists; under torchrun the environment decides.
+    """
+    if under_launcher():
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        if gpu_ids:
+            check_gpus(gpu_ids)
+            device = torch.device("cuda", gpu_ids[local % len(gpu_ids)])
+        elif torch.cuda.is_available():
+            device = torch.device("cuda", local % torch.cuda.device_count())
+        else:
+            device = torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if world > 1:
+            _init_group("nccl" if device.type == "cuda" else "gloo", rank, world)
+        return DistInfo(rank, world, local, device)
+    if spawn_rank is not None:
+        device = torch.device("cuda", gpu_ids[spawn_rank])
+        torch.cuda.set_device(device)
+        _init_group("nccl", spawn_rank, len(gpu_ids))
+        return DistInfo(spawn_rank, len(gpu_ids), spawn_rank, device)
+    if gpu_ids:
+        check_gpus(gpu_ids)
+        device = torch.device("cuda", gpu_ids[0])
+        torch.cuda.set_device(device)
+        return DistInfo(0, 1, 0, device)
+    return DistInfo()
+
+
+def _spawned(index, worker, gpu_ids, port, payload):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    info = setup(gpu_ids, spawn_rank=index)
+    try:
+        worker(info, *payload)
+    finally:
+        cleanup()
+
+
+def launch(worker, gpu_ids, *payload):
+    """Run ``worker(info, *payload)`` in this process, or once per GPU for a ``--gpu`` list.
+
+    Checks the GPUs before anything starts. Under torchrun this process is one
+    rank and the launcher started the others.
+    """
+    if not under_launcher():
+        check_gpus(gpu_ids)
+    if len(gpu_ids) > 1 and not under_launcher():
+        import torch.multiprocessing as mp
+        mp.spawn(_spawned, args=(worker, gpu_ids, free_port(), payload), nprocs=len(gpu_ids), join=True)
+        return
+    info = setup(gpu_ids)
+    try:
+        worker(info, *payload)
+    finally:
+        cleanup()
+
+
+def cleanup():
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def barrier():
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over ranks in place (no-op in a single process)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag, device):
+    """True on every rank when ``flag`` is true on at least one (e.g. a stop request)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(value).item() > 0)
