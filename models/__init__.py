@@ -3,7 +3,7 @@
 ``build_network(config)`` and ``build_encoder(config)`` build from the paper's
 JSON configs. The registry below maps ``unet_type`` to a constructor.
 """
-from models.config import ConfigError, validate_config
+from models.config import ConfigError, check_encoder_decoder, load_config, validate_config
 from models.encoder import Encoder, kl_per_dim
 from models.songunet import SongUNet
 
@@ -42,5 +42,5 @@ def build_encoder(config, name="encoder config"):
     return Encoder(NETWORKS[config["unet_type"]](config), config["in_channels"])
 
 
-__all__ = ["build_network", "build_encoder", "validate_config", "ConfigError", "SongUNet", "Encoder",
+__all__ = ["build_network", "build_encoder", "validate_config", "load_config", "check_encoder_decoder", "ConfigError", "SongUNet", "Encoder",
            "kl_per_dim", "NETWORKS"]

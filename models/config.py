@@ -84,3 +84,24 @@ def validate_config(config, name="config"):
         raise ConfigError(f"{name}: img_resolution {resolved['img_resolution']} is not divisible by "
                           f"2^{levels - 1} for {levels} levels of channel_mult")
     return resolved
+
+
+def load_config(path, role="--config_de"):
+    """Read and validate a network config file; every problem is one :class:`UserError` line naming the file."""
+    from utils.io import load_json
+
+    return validate_config(load_json(path, what=f"{role} file"), name=f"{role} {path}")
+
+
+def check_encoder_decoder(config_de, config_en, names=("--config_de", "--config_en")):
+    """The encoder must see the decoder's images and emit mu and logvar for them."""
+    if config_en["out_channels"] != 2 * config_en["in_channels"]:
+        raise ConfigError(f"{names[1]}: out_channels must be 2 x in_channels = {2 * config_en['in_channels']} "
+                          f"(mu and logvar), got {config_en['out_channels']}")
+    for key in ("img_resolution", "in_channels"):
+        if config_de[key] != config_en[key]:
+            raise ConfigError(f"{names[0]} and {names[1]} disagree on {key}: {config_de[key]} vs {config_en[key]}; "
+                              f"use a matching pair such as configs/cifar10_de.json + configs/cifar10_en.json")
+    if config_de["out_channels"] != config_de["in_channels"]:
+        raise ConfigError(f"{names[0]}: the velocity network needs out_channels = in_channels "
+                          f"({config_de['in_channels']}), got {config_de['out_channels']}")
