@@ -56,6 +56,9 @@ def validate_config(config, name="config"):
     if not isinstance(config, dict):
         raise ConfigError(f"{name} must be a JSON object, got {type(config).__name__}")
     unet_type = config.get("unet_type", None)
+    if not isinstance(unet_type, str):
+        raise ConfigError(f"{name}: 'unet_type' must be a string naming the network; known: "
+                          f"{', '.join(SUPPORTED_UNET_TYPES)}")
     if unet_type in KNOWN_UNSUPPORTED:
         raise ConfigError(f"{name}: {KNOWN_UNSUPPORTED[unet_type]}")
     if unet_type not in SUPPORTED_UNET_TYPES:

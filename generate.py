@@ -1,0 +1,420 @@
+"""Sample from a trained flow: integrate dz/dt = v(z, t) from noise (t = 1) to images (t = 0).
+
+Solvers (models.flow): ``euler`` (N steps, NFE = N), ``heun`` (N = NFE, odd:
+(N + 1) / 2 steps, the last one Euler), ``rk45`` / ``dopri5`` (adaptive, from
+t = 1 to t = 1e-3 with --rtol / --atol; the NFE used is reported).
+
+Sample k always starts from the noise drawn by ``torch.Generator().manual_seed(seed + k)``
+on the CPU, whatever the batch size or the number of processes, so image k is
+the same in every run (EDM's one-seed-per-image rule). With ``--encoder`` the
+start is instead the learned coupling applied to image k of ``--dataset``
+(reconstruction), with the encoder's noise drawn from the same seed.
+
+Writes into --dir: samples/%05d.png, trajs/%05d.png (--save_traj), zs/%05d.npy
+(--save_z), data/%05d.png (--save_data), config_sampling.json, result_sampling.json.
+
+    python generate.py --gpu 0 --dir test --N 100 --res 28 --input_nc 1 --num_samples 10 \
+        --ckpt runs/mnist-beta20/flow_model_60000_ema.pth --config_de configs/mnist_de.json
+    python generate.py --gpu 0,1,2,3,4,5,6,7 --dir runs/ffhq-independent/200000-heun-N121/ --solver heun \
+        --N 121 --res 64 --input_nc 3 --num_samples 100 --ckpt runs/ffhq-independent/flow_model_200000_ema.pth \
+        --config_de configs/ffhq_de.json --batchsize 128 --save_traj
+"""
+import argparse
+import glob
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models import build_encoder, build_network, check_encoder_decoder, load_config
+from models import flow as flowlib
+from utils import dist
+from utils.checkpoint import load_weights, resolve_weights_path
+from utils.data import DATASETS, build_dataset, check_dataset_config
+from utils.errors import UserError, cli_main
+from utils.images import save_png, to_uint8
+from utils.io import atomic_write, load_json, load_state_dict_strict, save_json
+
+SOLVER_NAMES = ("euler", "heun", "rk45", "dopri5")
+FIXED_STEP_SOLVERS = ("euler", "heun")
+TRAJ_COLUMNS = 8  # x0 predictions drawn per trajectory strip (evenly spaced steps)
+# Arguments that change how a run is executed but not what it writes; a rerun may differ in them.
+RERUN_FREE_ARGS = ("gpu", "debug", "overwrite", "batchsize", "dir")
+# Arguments holding paths; compared as absolute paths so "./x" and "x" are the same run.
+PATH_ARGS = ("ckpt", "encoder", "config_de", "config_en", "data_path", "data_root")
+OUTPUT_PATTERNS = ("samples/*.png", "trajs/*.png", "zs/*.npy", "data/*.png", "result_sampling.json")
+
+
+# ----------------------------------------------------------------------------
+# Arguments.
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Sample images from a trained flow with Euler, Heun or adaptive RK45; optionally save "
+                    "trajectories and the starting z of each sample (for distillation).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--gpu", type=str, default=None,
+                        help="comma-separated GPU ids, one process each (e.g. 0 or 0,1,2,3); omit to run on the CPU. "
+                             "Under torchrun the launcher decides")
+    parser.add_argument("--dir", type=str, required=True, help="output folder")
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="flow network weights: a paper-format EMA state dict (flow_model_*_ema.pth), a "
+                             "training state (its EMA weights are used) or a run folder (its newest EMA file)")
+    parser.add_argument("--config_de", type=str, default=None, help="flow (decoder) network config, a .json file")
+    parser.add_argument("--batchsize", type=int, default=4,
+                        help="global batch size, divided over the processes (does not change the images)")
+    parser.add_argument("--res", type=int, default=None,
+                        help="image resolution; must equal img_resolution of --config_de [default: the config's]")
+    parser.add_argument("--input_nc", type=int, default=None,
+                        help="image channels; must equal in_channels of --config_de [default: the config's]")
+    parser.add_argument("--N", type=int, default=20,
+                        help="NFE of the fixed-step solvers: euler steps, or heun evaluations (odd); "
+                             "ignored by rk45 / dopri5")
+    parser.add_argument("--num_samples", type=int, default=64, help="number of images to generate")
+    parser.add_argument("--solver", type=str.lower, choices=SOLVER_NAMES, default="euler",
+                        help="ODE solver: euler, heun (2nd order, N = NFE odd), rk45 or dopri5 (both adaptive "
+                             "Dormand-Prince from t = 1 to 1e-3)")
+    parser.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance of rk45 / dopri5")
+    parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of rk45 / dopri5")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sample k starts from noise seeded with seed + k (same image whatever the batch "
+                             "size or number of processes)")
+    parser.add_argument("--encoder", type=str, default=None,
+                        help="encoder weights (forward_model_*_ema.pth, a training state or a run folder): "
+                             "reconstruct dataset images, starting from z ~ q(z | x) instead of prior noise; "
+                             "needs --config_en and --dataset")
+    parser.add_argument("--config_en", type=str, default=None, help="encoder config (.json), with --encoder")
+    parser.add_argument("--dataset", type=str, default=None, choices=DATASETS,
+                        help="dataset whose images are reconstructed with --encoder (image k is sample k)")
+    parser.add_argument("--data_path", type=str, default=None,
+                        help="folder or zip of images for --dataset ffhq / afhq / celebahq / celebahq256 / folder")
+    parser.add_argument("--data_root", type=str, default="./data",
+                        help="where torchvision keeps (or downloads) mnist / cifar10")
+    parser.add_argument("--split", type=str, choices=("test", "train"), default="test",
+                        help="which split of mnist / cifar10 --encoder reconstructs (folders have one)")
+    parser.add_argument("--no_scale", action="store_true",
+                        help="the network works on images in [0, 1] instead of [-1, 1]: outputs are saved as "
+                             "x * 255 and dataset images are given to the encoder in [0, 1]")
+    parser.add_argument("--save_traj", action="store_true",
+                        help=f"save trajs/%%05d.png: for each sample a strip of the predicted clean image "
+                             f"x0 = z - t v(z, t) at up to {TRAJ_COLUMNS} evenly spaced steps (euler / heun)")
+    parser.add_argument("--save_z", action="store_true",
+                        help="save zs/%%05d.npy: the starting z of each sample (float32 [C, H, W]), for distill.py")
+    parser.add_argument("--save_data", action="store_true",
+                        help="save data/%%05d.png: the real image each reconstruction starts from (with --encoder)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow writing into a --dir that holds the outputs of a run with other arguments "
+                             "(its samples, trajs, zs, data and results are deleted first)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return parser
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
+
+
+# ----------------------------------------------------------------------------
+# Checks before any work: every problem a user can fix is one line.
+
+def check_args(args):
+    """Validate ``args`` (filling --res / --input_nc); returns the plan: configs and resolved weight files."""
+    if args.num_samples < 1:
+        raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
+    if args.batchsize < 1:
+        raise UserError(f"--batchsize must be at least 1, got {args.batchsize}")
+    try:
+        flowlib.check_nfe(args.solver, args.N)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if args.solver not in FIXED_STEP_SOLVERS:
+        if not (args.rtol > 0 and args.atol > 0):
+            raise UserError(f"--rtol and --atol must be positive, got {args.rtol} and {args.atol}")
+        if args.save_traj:
+            raise UserError(f"--save_traj draws x0 predictions at fixed steps; use --solver euler or heun "
+                            f"(got {args.solver})")
+    dist.check_gpus(dist.parse_gpu_list(args.gpu))
+
+    if args.config_de is None:
+        raise UserError("--config_de is required: the flow network's config, e.g. configs/mnist_de.json")
+    if args.ckpt is None:
+        raise UserError("--ckpt is required: a flow_model_*_ema.pth file, a training state or a run folder")
+    config_de = load_config(args.config_de, "--config_de")
+    for option, key in (("res", "img_resolution"), ("input_nc", "in_channels")):
+        given = getattr(args, option)
+        if given is None:
+            setattr(args, option, config_de[key])
+        elif given != config_de[key]:
+            raise UserError(f"--{option} {given} disagrees with {key} = {config_de[key]} in --config_de "
+                            f"{args.config_de}; omit --{option} or use a matching config")
+    plan = {"config_de": config_de, "config_en": None, "ckpt_file": resolve_weights_path(args.ckpt, "flow"),
+            "encoder_file": None}
+
+    if args.encoder is not None:
+        if args.config_en is None:
+            raise UserError("--encoder needs --config_en, the encoder's config (e.g. configs/mnist_en.json)")
+        if args.dataset is None:
+            raise UserError(f"--encoder reconstructs dataset images and needs --dataset ({', '.join(DATASETS)})")
+        plan["config_en"] = load_config(args.config_en, "--config_en")
+        check_encoder_decoder(config_de, plan["config_en"])
+        check_dataset_config(args.dataset, config_de)
+        plan["encoder_file"] = resolve_weights_path(args.encoder, "forward")
+    elif args.save_data:
+        raise UserError("--save_data saves the real images that --encoder reconstructs; give --encoder "
+                        "(with --config_en and --dataset) or drop --save_data")
+
+    # The weights must fit the configs: load them once here, on the CPU, before anything is written.
+    load_flow_network(args, plan, torch.device("cpu"))
+    if args.encoder is not None:
+        dataset = load_encoder_dataset(args)
+        if len(dataset) < args.num_samples:
+            raise UserError(f"--num_samples {args.num_samples} exceeds the {len(dataset)} images of --dataset "
+                            f"{args.dataset}; lower --num_samples")
+        load_encoder(args, plan, torch.device("cpu"))
+
+    check_output_dir(args, plan)
+    return plan
+
+
+def run_record(args, plan):
+    """What config_sampling.json holds: the arguments, plus the weight files they resolved to."""
+    record = dict(vars(args))
+    record["ckpt_file"] = os.path.abspath(plan["ckpt_file"])
+    record["encoder_file"] = os.path.abspath(plan["encoder_file"]) if plan["encoder_file"] else None
+    return record
+
+
+def _comparable(record):
+    """The part of a run record that decides what the run writes."""
+    keys = [key for key in record if key not in RERUN_FREE_ARGS]
+    return {key: (os.path.abspath(record[key]) if key in PATH_ARGS and record[key] else record[key]) for key in keys}
+
+
+def differences(previous, current):
+    """Names (with both values) of the arguments in which two run records differ."""
+    old, new = _comparable(previous), _comparable(current)
+    return [f"{key} {old.get(key)!r} vs {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key)]
+
+
+def check_output_dir(args, plan):
+    """--dir must be writable and must not hold a different run's outputs (unless --overwrite)."""
+    try:
+        os.makedirs(args.dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.dir):
+            pass
+    except OSError as error:
+        raise UserError(f"output folder --dir {args.dir} is not writable ({error.strerror or error}); "
+                        f"choose another --dir") from None
+    problem = None
+    previous_path = os.path.join(args.dir, "config_sampling.json")
+    if os.path.isfile(previous_path):
+        try:
+            previous = load_json(previous_path, "config_sampling.json")
+            changed = differences(previous, run_record(args, plan)) if isinstance(previous, dict) else ["unreadable"]
+        except UserError:
+            changed = ["its config_sampling.json is unreadable"]
+        if changed:
+            problem = (f"--dir {args.dir} holds the outputs of a run with other arguments ({'; '.join(changed[:3])})")
+    elif glob.glob(os.path.join(args.dir, "samples", "*.png")):
+        problem = f"--dir {args.dir} already holds samples/ but no config_sampling.json"
+    # With --overwrite the other run's outputs are deleted (by rank 0, just before sampling).
+    plan["clear_outputs"] = problem is not None
+    if problem and not args.overwrite:
+        raise UserError(f"{problem}; choose another --dir or pass --overwrite to replace them")
+
+
+# ----------------------------------------------------------------------------
+# Networks and data.
+
+def load_flow_network(args, plan, device):
+    """The velocity network v(z, t) with the --ckpt weights, in eval mode on ``device``."""
+    net = build_network(plan["config_de"], name=f"--config_de {args.config_de}")
+    state_dict, path = load_weights(plan["ckpt_file"], "flow")
+    load_state_dict_strict(net, state_dict, path, what="--ckpt")
+    return net.eval().requires_grad_(False).to(device)
+
+
+def load_encoder(args, plan, device):
+    """The learned coupling q(z | x) with the --encoder weights, in eval mode on ``device``."""
+    encoder = build_encoder(plan["config_en"], name=f"--config_en {args.config_en}")
+    state_dict, path = load_weights(plan["encoder_file"], "forward")
+    load_state_dict_strict(encoder, state_dict, path, what="--encoder")
+    return encoder.eval().requires_grad_(False).to(device)
+
+
+def load_encoder_dataset(args):
+    """The images --encoder reconstructs, in a fixed order (test split or sorted file names), no flips."""
+    dataset = build_dataset(args.dataset, args.res, args.input_nc, data_path=args.data_path,
+                            data_root=args.data_root, train=args.split == "train")
+    dataset.flip = False  # image k must be the same image in every run
+    return dataset
+
+
+def rank_indices(num_samples, rank, world_size):
+    """Sample indices of one process: rank, rank + world_size, ... (each index on exactly one rank)."""
+    return list(range(rank, num_samples, world_size))
+
+
+def starting_noise(indices, shape, seed):
+    """Noise for samples ``indices`` [B, *shape] on the CPU; sample k from its own generator seeded seed + k."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + k)) for k in indices])
+
+
+def starting_points(indices,                # sample indices of this batch
+                    args,                   # parsed arguments (seed, res, input_nc, no_scale)
+                    device,                 # where the networks run
+                    encoder=None,           # the learned coupling, or None to start from prior noise
+                    dataset=None):          # images to reconstruct (with ``encoder``)
+    """z at t = 1 for a batch [B, C, H, W], and the real images encoded (or None)."""
+    noise = starting_noise(indices, (args.input_nc, args.res, args.res), args.seed).to(device)
+    if encoder is None:
+        return noise, None
+    data = torch.stack([dataset[k][0] for k in indices]).to(device)
+    if args.no_scale:
+        data = data * 0.5 + 0.5
+    z, _, _ = encoder(data, noise=noise)
+    return z, data
+
+
+def sample_batch(net,                       # velocity network, called as net(z, t) with t [B]
+                 z,                         # starting points at t = 1, [B, C, H, W]
+                 solver="euler",            # a name in models.flow.SOLVERS
+                 N=20,                      # NFE of the fixed-step solvers
+                 rtol=1e-5, atol=1e-5,      # tolerances of the adaptive solvers
+                 return_traj=False):        # keep states and x0 predictions (fixed-step solvers)
+    """Integrate one batch from t = 1 to 0; returns models.flow.SolveResult (x, nfe, traj, x0_preds, times)."""
+    solve = flowlib.get_solver(solver)
+    return solve(lambda state, t: net(state, t), z, N=N, rtol=rtol, atol=atol, return_traj=return_traj)
+
+
+def to_images(x, no_scale=False):
+    """Network-scale images [B, C, H, W] -> uint8 [B, H, W, C]."""
+    return to_uint8(x * 2 - 1 if no_scale else x)
+
+
+def trajectory_strip(x0_preds, columns=TRAJ_COLUMNS):
+    """x0 predictions at up to ``columns`` evenly spaced steps, side by side: [B, C, H, W * columns]."""
+    count = min(columns, len(x0_preds))
+    steps = sorted(set(np.linspace(0, len(x0_preds) - 1, count).round().astype(int).tolist()))
+    return torch.cat([x0_preds[i] for i in steps], dim=3)
+
+
+def save_npy(array, path):
+    with atomic_write(path) as handle:
+        np.save(handle, array)
+
+
+def clear_outputs(folder):
+    """Delete what a previous run wrote into ``folder`` (only with --overwrite)."""
+    for pattern in OUTPUT_PATTERNS:
+        for path in glob.glob(os.path.join(folder, pattern)):
+            os.remove(path)
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+def worker(info, args, plan):
+    """Sample this process's share of the indices, write its files, combine the statistics on rank 0."""
+    device = info.device
+    net = load_flow_network(args, plan, device)
+    encoder = dataset = None
+    if args.encoder is not None:
+        encoder = load_encoder(args, plan, device)
+        dataset = load_encoder_dataset(args)
+    folders = ["samples"] + ["trajs"] * args.save_traj + ["zs"] * args.save_z + ["data"] * args.save_data
+
+    if info.is_main:
+        if plan["clear_outputs"]:
+            clear_outputs(args.dir)
+        for folder in folders:
+            os.makedirs(os.path.join(args.dir, folder), exist_ok=True)
+        save_json(run_record(args, plan), os.path.join(args.dir, "config_sampling.json"))
+        parameters = sum(p.numel() for p in net.parameters()) / 1e6
+        extra = f", encoder {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M" if encoder is not None else ""
+        nfe = f"NFE {args.N}" if args.solver in FIXED_STEP_SOLVERS else f"adaptive (rtol {args.rtol}, atol {args.atol})"
+        print(f"generate: {device} x {info.world_size} process(es), global batch {args.batchsize}, "
+              f"{args.num_samples} samples, solver {args.solver}, {nfe}, flow network {parameters:.2f}M "
+              f"parameters{extra}, start {'encoder(' + args.dataset + ')' if encoder is not None else 'noise'}",
+              flush=True)
+    dist.barrier()
+
+    indices = rank_indices(args.num_samples, info.rank, info.world_size)
+    batch = max(1, math.ceil(args.batchsize / info.world_size))
+    batches = [indices[i:i + batch] for i in range(0, len(indices), batch)]
+    fixed_step = args.solver in FIXED_STEP_SOLVERS
+
+    # Per-sample statistics in global-index slots; summing over ranks fills every slot once.
+    straightness = torch.zeros(args.num_samples, dtype=torch.float64, device=device)
+    z_norms = torch.zeros(args.num_samples, dtype=torch.float64, device=device)
+    written = torch.zeros(args.num_samples, dtype=torch.float64, device=device)
+    nfe_total = torch.zeros(2, dtype=torch.float64, device=device)  # velocity evaluations, batches
+
+    start = time.time()
+    progress = tqdm(total=len(indices), disable=not info.is_main, unit="img",
+                    desc="sampling" if info.world_size == 1 else f"sampling (rank 0 of {info.world_size})")
+    with torch.inference_mode():
+        for batch_indices in batches:
+            z, data = starting_points(batch_indices, args, device, encoder, dataset)
+            result = sample_batch(net, z, args.solver, args.N, args.rtol, args.atol, return_traj=fixed_step)
+            slots = torch.as_tensor(batch_indices, device=device)
+            z_norms[slots] = z.flatten(1).double().norm(dim=1)
+            if fixed_step:
+                straightness[slots] = flowlib.straightness(result.traj, per_sample=True).double()
+            written[slots] += 1
+            nfe_total += torch.tensor([result.nfe, 1.0], dtype=torch.float64, device=device)
+
+            samples = to_images(result.x, args.no_scale)
+            strips = to_images(trajectory_strip(result.x0_preds), args.no_scale) if args.save_traj else None
+            originals = to_images(data, args.no_scale) if args.save_data else None
+            zs = z.float().cpu().numpy() if args.save_z else None
+            for row, k in enumerate(batch_indices):
+                save_png(samples[row], os.path.join(args.dir, "samples", f"{k:05d}.png"))
+                if strips is not None:
+                    save_png(strips[row], os.path.join(args.dir, "trajs", f"{k:05d}.png"))
+                if zs is not None:
+                    save_npy(zs[row], os.path.join(args.dir, "zs", f"{k:05d}.npy"))
+                if originals is not None:
+                    save_png(originals[row], os.path.join(args.dir, "data", f"{k:05d}.png"))
+            progress.update(len(batch_indices))
+    progress.close()
+
+    for tensor in (straightness, z_norms, written, nfe_total):
+        dist.all_reduce_sum(tensor)
+    seconds = time.time() - start
+    if info.is_main:
+        if not bool((written == 1).all()):
+            raise RuntimeError("some sample indices were not written exactly once")
+        norms = z_norms.cpu()
+        results = {
+            "num_samples": args.num_samples,
+            "solver": args.solver,
+            "N": args.N,
+            "nfes_mean": nfe_total[0].item() / nfe_total[1].item(),
+            "straightness_mean": straightness.mean().item() if fixed_step else None,
+            "z_norm_mean": norms.mean().item(),
+            "z_norm_std": norms.std().item() if args.num_samples > 1 else 0.0,
+            "z_norms": norms.tolist(),
+            "num_batches": int(nfe_total[1].item()),
+            "world_size": info.world_size,
+            "seconds": seconds,
+        }
+        save_json(results, os.path.join(args.dir, "result_sampling.json"))
+        straight = f"{results['straightness_mean']:.6g}" if fixed_step else "n/a"
+        print(f"generate: {args.num_samples} samples in {seconds:.1f} s, nfes_mean {results['nfes_mean']:.2f}, "
+              f"straightness_mean {straight}, z_norm_mean {results['z_norm_mean']:.4g} -> {args.dir}", flush=True)
+    dist.barrier()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    plan = check_args(args)
+    dist.launch(worker, dist.parse_gpu_list(args.gpu), args, plan)
+
+
+if __name__ == "__main__":
+    cli_main(main)

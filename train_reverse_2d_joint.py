@@ -1,0 +1,337 @@
+"""The paper's 2D example: a flow between a two-mode Gaussian and a wide prior, with a learned coupling.
+
+Trains a velocity MLP v(z_t, t) by flow matching on z_t = t * z + (1 - t) * x. With the
+learned coupling (the default) an encoder MLP gives q(z | x) = N(mu(x), diag(exp(logvar(x))))
+and is trained jointly, with loss = flow-matching MSE + weight_prior * KL(q || prior) / 2;
+``--independent`` draws z from the prior regardless of x (1-rectified flow), ``--coupling ot``
+pairs x and prior noise by minibatch optimal transport.
+
+Writes into --dir: figures (PNG, refreshed every 1000 iterations and at the end),
+flow_model_{i}.pth / forward_model_{i}.pth (state dicts), stats.jsonl, config.json and, at the
+end, samples_N{n}.npy and metrics.json (straightness, energy distance per NFE).
+
+    python train_reverse_2d_joint.py --dir runs/2d
+    python train_reverse_2d_joint.py --dir runs/2d-independent --independent
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models import flow as flowlib
+from models import toy2d
+from models.mlp import EncoderMLP, VelocityMLP
+from utils.errors import UserError, cli_main
+from utils.io import atomic_write, save_json, save_torch
+
+LOG_EVERY = 100          # iterations per stats.jsonl line
+FIGURE_EVERY = 1000      # the paper refreshes its figures every 1000 iterations
+SAVE_EVERY = 10000       # and saves the flow every 10000
+EVAL_POINTS = 4096       # prior samples for metrics and samples_N{n}.npy
+PLOT_POINTS = 512        # data points per mode in the figures (the paper's batch)
+PATHS_DRAWN = 30         # trajectories drawn per figure, as in the paper
+
+# Random streams (see toy2d.make_generator): separate, so figures never change training.
+STREAM_DATA, STREAM_TRAIN, STREAM_EVAL, STREAM_REFERENCE, STREAM_FLOOR, STREAM_PLOT = range(6)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="Two-mode Gaussian example of 'Minimizing Trajectory Curvature of ODE-based "
+                    "Generative Models': learned vs independent coupling.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dir", type=str, default="runs/2d",
+                        help="output folder for figures, checkpoints, stats and metrics")
+    parser.add_argument("--coupling", choices=toy2d.COUPLINGS, default=None,
+                        help="how data x and noise z are paired: 'learned' (encoder q(z|x), the paper), "
+                             "'independent' (z ~ prior), 'ot' (minibatch optimal transport of x and prior "
+                             "noise; its batches hold both modes) [default: learned]")
+    parser.add_argument("--independent", action="store_true",
+                        help="the paper's flag for the independent coupling: same as --coupling independent")
+    parser.add_argument("--no_wide_prior", action="store_true",
+                        help="use the prior N(0, I) instead of the wide N(0, diag(36, 1))")
+    parser.add_argument("--N", type=int, default=20,
+                        help="Euler steps for the trajectories drawn in the figures")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--weight_prior", type=float, default=10.0,
+                        help="beta, the weight of the KL term (learned coupling only)")
+    parser.add_argument("--batchsize", type=int, default=512, help="points per training batch")
+    parser.add_argument("--iterations", type=int, default=20000, help="training iterations")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data, initialisation, training noise and evaluation noise")
+    parser.add_argument("--eval_N", type=str, default="1,2,4,8,128",
+                        help="comma-separated Euler step counts (NFE) for the final samples and metrics")
+    parser.add_argument("--gpu", type=str, default=None,
+                        help="CUDA device id, e.g. 0 (omit to run on the CPU)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow writing into a --dir that already holds a run")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return parser.parse_args(argv)
+
+
+def resolve(args):
+    """Check every argument before any work starts; returns (coupling, eval_N, device)."""
+    if args.independent and args.coupling not in (None, "independent"):
+        raise UserError(f"--independent contradicts --coupling {args.coupling}; pass only one of them")
+    coupling = "independent" if args.independent else (args.coupling or "learned")
+    for name in ("N", "batchsize", "iterations"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if coupling == "ot" and args.batchsize < 2:
+        raise UserError("--coupling ot needs --batchsize of at least 2")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if not args.weight_prior >= 0:
+        raise UserError(f"--weight_prior must be >= 0, got {args.weight_prior}")
+    try:
+        eval_N = [int(part) for part in args.eval_N.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--eval_N must be comma-separated positive integers like 1,2,4,8,128, "
+                        f"got {args.eval_N!r}") from None
+    if not eval_N or min(eval_N) < 1:
+        raise UserError(f"--eval_N must be comma-separated positive integers like 1,2,4,8,128, "
+                        f"got {args.eval_N!r}")
+    eval_N = sorted(set(eval_N))
+    return coupling, eval_N, resolve_device(args.gpu)
+
+
+def resolve_device(gpu):
+    """--gpu omitted: the CPU; a single CUDA id otherwise, checked against the machine."""
+    if gpu is None:
+        return torch.device("cpu")
+    if not gpu.strip().isdigit():
+        raise UserError(f"--gpu takes one CUDA device id such as 0 (this example uses one device), got {gpu!r}")
+    if not torch.cuda.is_available():
+        raise UserError(f"--gpu {gpu} was given but CUDA is not available on this machine; "
+                        f"omit --gpu to run on the CPU")
+    index = int(gpu)
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--gpu {index} does not exist: this machine has {torch.cuda.device_count()} "
+                        f"CUDA device(s), ids 0..{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", index)
+
+
+def prepare_dir(path, overwrite):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--dir {path} exists and is not a folder; choose another --dir")
+    if os.path.isfile(os.path.join(path, "config.json")) and not overwrite:
+        raise UserError(f"--dir {path} already holds a run (config.json); choose another --dir "
+                        f"or pass --overwrite to replace it")
+    os.makedirs(path, exist_ok=True)
+    # A new run starts a new log; everything else is replaced file by file, atomically.
+    with atomic_write(os.path.join(path, "stats.jsonl"), "w"):
+        pass
+
+
+def save_figure(fig, path):
+    with atomic_write(path) as handle:
+        fig.savefig(handle, format="png", dpi=150)
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+class Figures:
+    """The paper's figures, drawn from fixed noise so that successive refreshes are comparable."""
+
+    def __init__(self, folder, data, coupling, variances, eval_noise, N, wide_prior):
+        self.folder, self.coupling, self.variances, self.N = folder, coupling, variances, N
+        self.x = data.plot_batch(PLOT_POINTS)
+        self.colors = toy2d.mode_colors(PLOT_POINTS)
+        self.noise = eval_noise[:2048]
+        self.prior_label = toy2d.prior_name(wide_prior)
+
+    def _new(self, columns=1):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, columns, figsize=(4.2 * columns, 3.6), squeeze=False)
+        return plt, fig, axes[0]
+
+    def data_and_prior(self, data):
+        """samples.png (the two modes) and prior.png (the prior), drawn once."""
+        plt, fig, (ax,) = self._new()
+        toy2d.setup_axes(ax, "data: two Gaussians")
+        for mode in (0, 1):
+            toy2d.plot_points(ax, data.modes[mode][:2048], toy2d.MODE_COLORS[mode], label=f"mode {mode}")
+        ax.legend(fontsize=7, markerscale=3, loc="lower right")
+        fig.tight_layout()
+        save_figure(fig, os.path.join(self.folder, "samples.png"))
+        plt.close(fig)
+        plt, fig, (ax,) = self._new()
+        toy2d.setup_axes(ax, f"prior {self.prior_label}")
+        toy2d.plot_points(ax, self.noise, toy2d.NOISE_COLOR)
+        fig.tight_layout()
+        save_figure(fig, os.path.join(self.folder, "prior.png"))
+        plt.close(fig)
+
+    @torch.no_grad()
+    def refresh(self, flow_model, encoder, iteration, one_step=None):
+        """traj_generative.png, traj_reconstruction.png, traj_coupling.png and overview.png."""
+        generator = toy2d.make_generator(0, STREAM_PLOT)   # the same coupling noise at every refresh
+        z, _, _ = toy2d.pair_noise(self.coupling, self.x, self.variances, generator, encoder)
+        generative = flowlib.euler(flow_model, self.noise, N=self.N, return_traj=True)
+        reconstruction = flowlib.euler(flow_model, z, N=self.N, return_traj=True)
+        straight = [z, self.x]   # the coupling's straight path, drawn from t = 1 to t = 0
+        if one_step is None:
+            one_step = flowlib.euler(flow_model, self.noise, N=1).x
+        suffix = f"({self.coupling}, iteration {iteration})"
+
+        panels = {
+            "traj_coupling.png": f"coupling x - z {suffix}",
+            "traj_generative.png": f"from prior noise, Euler N={self.N} {suffix}",
+            "traj_reconstruction.png": f"from coupled z, Euler N={self.N} {suffix}",
+        }
+        for name, title in panels.items():
+            plt, fig, (ax,) = self._new()
+            self._draw(ax, name, title, z, straight, generative, reconstruction)
+            fig.tight_layout()
+            save_figure(fig, os.path.join(self.folder, name))
+            plt.close(fig)
+
+        plt, fig, axes = self._new(3)
+        self._draw(axes[0], "traj_coupling.png", f"{self.coupling}: coupling x - z", z, straight,
+                   generative, reconstruction)
+        self._draw(axes[1], "traj_generative.png", f"{self.coupling}: Euler N={self.N} from prior", z,
+                   straight, generative, reconstruction)
+        toy2d.setup_axes(axes[2], f"{self.coupling}: one Euler step (NFE 1)")
+        for mode in (0, 1):
+            toy2d.plot_points(axes[2], self.x[mode * PLOT_POINTS:(mode + 1) * PLOT_POINTS],
+                              toy2d.MODE_COLORS[mode], alpha=0.15)
+        toy2d.plot_points(axes[2], one_step[:2048], toy2d.NOISE_COLOR, alpha=0.25)
+        fig.suptitle(f"iteration {iteration}", fontsize=9)
+        fig.tight_layout()
+        save_figure(fig, os.path.join(self.folder, "overview.png"))
+        plt.close(fig)
+
+    def _draw(self, ax, name, title, z, straight, generative, reconstruction):
+        toy2d.setup_axes(ax, title)
+        if name == "traj_coupling.png":
+            for mode in (0, 1):
+                toy2d.plot_points(ax, self.x[mode * PLOT_POINTS:(mode + 1) * PLOT_POINTS],
+                                  toy2d.MODE_COLORS[mode], alpha=0.15)
+            toy2d.plot_trajectories(ax, straight, self.colors, PATHS_DRAWN)
+            toy2d.plot_points(ax, z, "0.4", alpha=0.25)
+        elif name == "traj_generative.png":
+            toy2d.plot_trajectories(ax, generative.traj, toy2d.NOISE_COLOR, PATHS_DRAWN)
+            toy2d.plot_points(ax, generative.x, toy2d.NOISE_COLOR, alpha=0.2)
+        else:
+            toy2d.plot_trajectories(ax, reconstruction.traj, self.colors, PATHS_DRAWN)
+            for mode in (0, 1):
+                toy2d.plot_points(ax, reconstruction.x[mode * PLOT_POINTS:(mode + 1) * PLOT_POINTS],
+                                  toy2d.MODE_COLORS[mode], alpha=0.2)
+
+    def generated(self, samples, metrics, reference):
+        """generated.png: the final samples for every NFE in --eval_N, with their energy distances."""
+        steps = sorted(samples)
+        plt, fig, axes = self._new(len(steps))
+        for ax, n in zip(axes, steps):
+            toy2d.setup_axes(ax, f"NFE {n}: energy distance {metrics['energy_distance'][str(n)]:.3f}")
+            toy2d.plot_points(ax, reference[:2048], "0.6", alpha=0.2)
+            toy2d.plot_points(ax, samples[n][:2048], toy2d.NOISE_COLOR, alpha=0.25)
+        fig.suptitle(f"{self.coupling}: Euler samples (blue) vs true mixture (gray)", fontsize=9)
+        fig.tight_layout()
+        save_figure(fig, os.path.join(self.folder, "generated.png"))
+        plt.close(fig)
+
+
+def save_checkpoints(folder, iteration, flow_model, encoder):
+    save_torch(flow_model.state_dict(), os.path.join(folder, f"flow_model_{iteration}.pth"))
+    if encoder is not None:
+        save_torch(encoder.state_dict(), os.path.join(folder, f"forward_model_{iteration}.pth"))
+
+
+def main(argv):
+    args = parse_args(argv)
+    coupling, eval_N, device = resolve(args)
+    prepare_dir(args.dir, args.overwrite)
+    if device.type == "cpu":
+        # These MLPs are tiny: one thread is faster than several (measured 6.6 vs 10.3 ms per step).
+        torch.set_num_threads(1)
+    wide_prior = not args.no_wide_prior
+
+    # Everything random comes from --seed: the networks' initialisation and one stream per purpose.
+    torch.manual_seed(args.seed)
+    flow_model = VelocityMLP().to(device)
+    encoder = EncoderMLP().to(device) if coupling == "learned" else None
+    parameters = list(flow_model.parameters()) + (list(encoder.parameters()) if encoder is not None else [])
+    optimizer = torch.optim.Adam(parameters, lr=args.lr)
+    variances = toy2d.prior_variances(wide_prior, device)
+    data = toy2d.TwoModeData(toy2d.make_generator(args.seed, STREAM_DATA), device=device)
+    train_generator = toy2d.make_generator(args.seed, STREAM_TRAIN)
+    eval_noise = toy2d.sample_prior(EVAL_POINTS, variances, toy2d.make_generator(args.seed, STREAM_EVAL))
+    reference = toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(args.seed, STREAM_REFERENCE))
+    # Minibatch OT pairs x with noise within a batch; a batch of one mode would not couple the modes.
+    mixed_batches = coupling == "ot"
+
+    config = dict(vars(args), coupling=coupling, eval_N=eval_N, device=str(device),
+                  prior=toy2d.prior_name(wide_prior), mixed_batches=mixed_batches)
+    save_json(config, os.path.join(args.dir, "config.json"))
+    encoder_params = f" + encoder {count_parameters(encoder):,}" if encoder is not None else ""
+    print(f"train_reverse_2d_joint: device {device}, coupling {coupling}, prior {toy2d.prior_name(wide_prior)}, "
+          f"weight_prior {args.weight_prior if coupling == 'learned' else 'n/a'}, iterations {args.iterations}, "
+          f"batch {args.batchsize}, params flow {count_parameters(flow_model):,}{encoder_params}, "
+          f"eval NFE {','.join(map(str, eval_N))}, seed {args.seed}, dir {args.dir}", flush=True)
+
+    figures = Figures(args.dir, data, coupling, variances, eval_noise, args.N, wide_prior)
+    figures.data_and_prior(data)
+
+    stats_path = os.path.join(args.dir, "stats.jsonl")
+    sums, count = {}, 0
+    start = time.time()
+    train_seconds = 0.0
+    progress = tqdm(range(1, args.iterations + 1), desc=f"2d {coupling}", mininterval=1.0, dynamic_ncols=True)
+    for iteration in progress:
+        step_start = time.time()
+        x = data.batch(iteration, args.batchsize, train_generator, mixed=mixed_batches)
+        z, mu, logvar = toy2d.pair_noise(coupling, x, variances, train_generator, encoder)
+        losses = toy2d.training_step(flow_model, optimizer, x, z, train_generator, mu, logvar, variances,
+                                     args.weight_prior)
+        train_seconds += time.time() - step_start
+        for key, value in losses.items():
+            if value is not None:
+                sums[key] = sums.get(key, 0.0) + value
+        count += 1
+
+        if iteration % LOG_EVERY == 0 or iteration == args.iterations:
+            means = {key: value / count for key, value in sums.items()}
+            record = {"iter": iteration, "loss": means["loss"], "loss_fm": means["loss_fm"],
+                      "kl": means.get("kl"), "seconds": round(time.time() - start, 3)}
+            with open(stats_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            progress.set_postfix(loss=f"{means['loss']:.3f}", refresh=False)
+            sums, count = {}, 0
+        if iteration % SAVE_EVERY == 0 and iteration != args.iterations:
+            save_checkpoints(args.dir, iteration, flow_model, encoder)
+        if iteration % FIGURE_EVERY == 0 and iteration != args.iterations:
+            figures.refresh(flow_model, encoder, iteration)
+    progress.close()
+
+    # Final checkpoints, metrics and samples, all from the same prior noise.
+    save_checkpoints(args.dir, args.iterations, flow_model, encoder)
+    metrics, samples = toy2d.evaluate(flow_model, eval_noise, eval_N, reference)
+    floor = toy2d.energy_distance(
+        toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(args.seed, STREAM_FLOOR)), reference)
+    for steps in eval_N:
+        with atomic_write(os.path.join(args.dir, f"samples_N{steps}.npy")) as handle:
+            np.save(handle, samples[steps].cpu().numpy().astype(np.float32))
+    metrics = {"coupling": coupling, "weight_prior": args.weight_prior if coupling == "learned" else None,
+               "seed": args.seed, "iterations": args.iterations, **metrics,
+               "energy_distance_floor": floor, "train_seconds": round(train_seconds, 3)}
+    save_json(metrics, os.path.join(args.dir, "metrics.json"))
+    figures.refresh(flow_model, encoder, args.iterations, one_step=samples[min(eval_N)] if min(eval_N) == 1 else None)
+    figures.generated(samples, metrics, reference)
+
+    distances = ", ".join(f"N={n}: {metrics['energy_distance'][str(n)]:.4f}" for n in eval_N)
+    print(f"done in {time.time() - start:.0f} s: straightness {metrics['straightness']:.4f} "
+          f"(Euler N={metrics['straightness_N']}), energy distance {distances} "
+          f"(two true draws: {floor:.4f}); files in {args.dir}", flush=True)
+
+
+if __name__ == "__main__":
+    cli_main(main)
