@@ -1,0 +1,557 @@
+"""One-step distillation (the paper's) and reflow, from the (z, x) pairs that ``generate.py --save_z`` writes.
+
+Pairs: image k is ``--im_dir``/k.png (x, the teacher's sample) and its starting
+noise is ``--z_dir``/k.npy (z, float32 [C, H, W]); they are matched by the index
+in the file name. generate.py writes ``u8 = clip(floor(x * 127.5 + 128), 0, 255)``,
+which for x in [-1, 1] is the integer nearest to 127.5 (x + 1) (halves round up);
+the exact inverse up to that rounding is ``x = (u8 - 127.5) / 127.5``, within
+0.5 / 127.5 = 1/255 of the sampled x (the paper's ToTensor + Normalize(0.5, 0.5)).
+
+Modes (the student always starts from the teacher's weights, --ckpt):
+
+- ``distill`` (the paper's): learn x = z - v(z, 1), one step, with
+  loss = mean((z - v(z, 1) - x)^2) over all elements (the paper's MSE on images).
+- ``reflow`` (Liu et al.'s k-rectified flow): train a new flow on the same pairs
+  with the flow-matching loss along the straight line from x to z: t ~ U(1e-5, 1),
+  z_t = t z + (1 - t) x, target z - x. It is a normal flow: sample it with any solver.
+
+The test loss is the mean squared error, over all elements of the --im_dir_test /
+--z_dir_test pairs, between x and the student's Euler sample from z with --N
+steps (1 in distill mode: z - v(z, 1)). It is evaluated before the first step
+(the teacher's error), every --eval_every iterations and at the end.
+
+Writes into --dir: config.json, log.txt, stats.jsonl (iter, loss, test_loss),
+pred_{i}.png (a grid of the student's samples from fixed noise, at each test),
+flow_model_distilled_{i}.pth or flow_model_reflow_{i}.pth (plain state dicts,
+every --save_every and at the last iteration) and training_state_latest.pth
+(student, optimizer, iteration, data position, random states; also on SIGTERM /
+SIGINT). ``--resume auto`` continues from it.
+
+    python distill.py --gpu 0 --config_de ./configs/mnist_de.json --dir test --im_dir gen/samples \
+        --im_dir_test gen_test/samples --z_dir gen/zs --z_dir_test gen_test/zs --batchsize 256 \
+        --ckpt runs/mnist-beta20/flow_model_60000_ema.pth
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from models import build_network, load_config
+from models import flow as flowlib
+from utils import dist
+from utils import train as plumbing
+from utils.checkpoint import load_weights
+from utils.errors import UserError, cli_main
+from utils.images import save_grid
+from utils.io import atomic_write, load_state_dict_strict, load_torch, save_json, save_torch
+
+MODES = ("distill", "reflow")
+STATE_FORMAT = "fast-ode-distill-state-v1"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_MODES = {1: "L", 3: "RGB"}          # PIL mode of the images for each channel count
+GRID_SIZE = 64                            # most samples in a pred_{i}.png (the paper: one batch)
+ADAM_BETAS, ADAM_EPS = (0.9, 0.9999), 1e-8  # the paper's distill.py
+MODEL_PATTERN = re.compile(r"flow_model_(distilled|reflow)_\d+\.pth$")
+
+
+# ----------------------------------------------------------------------------
+# Arguments.
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Distil a trained flow into a one-step generator (--mode distill, the paper's), or train a "
+                    "reflow (--mode reflow), from the (z, x) pairs that generate.py --save_z writes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--gpu", type=str, default=None, help="one GPU id (e.g. 0); omit to run on the CPU")
+    add("--dir", type=str, default=None, help="output folder (created if missing)")
+    add("--im_dir", type=str, default=None, help="training images x: the samples/ folder of a generate.py run")
+    add("--z_dir", type=str, default=None,
+        help="starting noise z of those images: the zs/ folder of the same run (generate.py --save_z)")
+    add("--im_dir_test", type=str, default=None,
+        help="test images: samples/ of another generate.py run (another --seed range, so no overlap)")
+    add("--z_dir_test", type=str, default=None, help="zs/ of that test run")
+    add("--ckpt", type=str, default=None,
+        help="the teacher flow's weights, where the student starts: flow_model_*_ema.pth, a training state "
+             "(its EMA weights) or a run folder (its newest EMA file); not needed to resume")
+    add("--config_de", type=str, default=None, help="the flow network's config (.json), as for the teacher")
+    add("--mode", type=str, default="distill", choices=MODES,
+        help="distill: learn x = z - v(z, 1) (MSE); reflow: flow matching along the straight line from x to z")
+    add("--iterations", type=int, default=100000, help="last training iteration (steps are numbered from 1)")
+    add("--batchsize", type=int, default=8, help="batch size (the paper's default; its README uses 256)")
+    add("--learning_rate", type=float, default=3e-5,
+        help=f"Adam learning rate (betas {ADAM_BETAS}, eps {ADAM_EPS}, as the paper's distill.py)")
+    add("--res", type=int, default=None,
+        help="image resolution; must equal img_resolution of --config_de [default: the config's]")
+    add("--input_nc", type=int, default=None,
+        help="image channels (1 or 3); must equal in_channels of --config_de [default: the config's]")
+    add("--N", type=int, default=1,
+        help="Euler steps of the test loss and sample grids; must be 1 in distill mode (the student is one-step)")
+    add("--seed", type=int, default=0, help="seed of the data order, the training noise and the grid's fixed noise")
+    add("--num_workers", type=int, default=4, help="DataLoader worker processes (0: load in the loop)")
+    add("--log_every", type=int, default=100, help="write a stats.jsonl / log.txt record every this many iterations")
+    add("--eval_every", type=int, default=1000,
+        help="compute the test loss and write pred_{i}.png every this many iterations")
+    add("--save_every", type=int, default=10000,
+        help="write flow_model_{distilled,reflow}_{i}.pth and training_state_latest.pth every this many "
+             "iterations (and at the last one)")
+    add("--resume", type=str, default=None,
+        help="a training_state_latest.pth to continue from, or 'auto': --dir/training_state_latest.pth when it "
+             "exists, otherwise start fresh")
+    add("--debug", action="store_true", help="show the full traceback on errors")
+    return parser
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
+
+
+# ----------------------------------------------------------------------------
+# Pairs: image k and noise k, matched by the index in their file names.
+
+def file_index(name):
+    """The index in a file name: the digits that end its stem (``00042.png`` -> ``"00042"``), or None."""
+    match = re.search(r"(\d+)$", os.path.splitext(os.path.basename(name))[0])
+    return match.group(1) if match else None
+
+
+def _listing(folder, option):
+    if folder is None:
+        raise UserError(f"{option} is required (a folder written by generate.py --save_z)")
+    if not os.path.isdir(folder):
+        raise UserError(f"{option} folder not found: {folder}")
+    return sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name)))
+
+
+def match_pairs(im_dir, z_dir, options=("--im_dir", "--z_dir")):
+    """``[(image path, z path)]`` sorted by index; every image must have exactly one z with its index."""
+    images = [name for name in _listing(im_dir, options[0]) if name.lower().endswith(IMAGE_EXTENSIONS)]
+    if not images:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {options[0]} {im_dir}; give the samples/ "
+                        f"folder of a generate.py run")
+    zs = {}
+    for name in _listing(z_dir, options[1]):
+        if name.endswith(".npy") and file_index(name) is not None:
+            index = int(file_index(name))
+            if index in zs:
+                raise UserError(f"{options[1]} {z_dir} holds two z files with index {index}: {zs[index]} and {name}")
+            zs[index] = name
+    pairs, seen = [], {}
+    for name in images:
+        digits = file_index(name)
+        if digits is None:
+            raise UserError(f"image {os.path.join(im_dir, name)} has no index in its name (expected e.g. "
+                            f"00042.png, paired with 00042.npy); move it out of {options[0]}")
+        index = int(digits)
+        if index in seen:
+            raise UserError(f"{options[0]} {im_dir} holds two images with index {index}: {seen[index]} and {name}")
+        seen[index] = name
+        if index not in zs:
+            raise UserError(f"image {os.path.join(im_dir, name)} has no partner z: expected "
+                            f"{os.path.join(z_dir, digits + '.npy')} ({options[1]}); generate the pairs with "
+                            f"generate.py --save_z, or remove the image")
+        pairs.append((index, os.path.join(im_dir, name), os.path.join(z_dir, zs[index])))
+    return [(image, z) for _, image, z in sorted(pairs)]
+
+
+def _open_image(path):
+    try:
+        return Image.open(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise UserError(f"unreadable image {path} ({error}); regenerate or remove it") from None
+
+
+def _image_problem(image, path, resolution, channels):
+    if image.mode != IMAGE_MODES[channels]:
+        return (f"image {path} has PIL mode {image.mode}, expected {IMAGE_MODES[channels]} for {channels} "
+                f"channel(s); check --config_de / --input_nc")
+    if image.size != (resolution, resolution):
+        return (f"image {path} is {image.size[0]}x{image.size[1]}, expected {resolution}x{resolution}; "
+                f"check --config_de / --res")
+    return None
+
+
+def _load_z(path, mmap_mode=None):
+    try:
+        array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise UserError(f"unreadable z file {path} ({str(error).splitlines()[0][:100]}); regenerate or remove it") \
+            from None
+    return array
+
+
+def _z_problem(array, path, shape):
+    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.floating):
+        return f"z file {path} does not hold a float array"
+    if tuple(array.shape) != shape:
+        return f"z file {path} has shape {tuple(array.shape)}, expected {shape} [C, H, W]; check --config_de"
+    return None
+
+
+def read_image(path, resolution, channels):
+    """One image as float [C, H, W] in [-1, 1]: x = (u8 - 127.5) / 127.5."""
+    with _open_image(path) as image:
+        problem = _image_problem(image, path, resolution, channels)
+        if problem:
+            raise UserError(problem)
+        try:
+            array = np.asarray(image, dtype=np.uint8)
+        except (OSError, ValueError) as error:
+            raise UserError(f"unreadable image {path} ({error}); regenerate or remove it") from None
+    array = array.reshape(resolution, resolution, channels)
+    return (torch.from_numpy(array.copy()).permute(2, 0, 1).float() - 127.5) / 127.5
+
+
+def read_z(path, shape):
+    """One starting noise as float32 [C, H, W]."""
+    array = _load_z(path)
+    problem = _z_problem(array, path, shape)
+    if problem:
+        raise UserError(problem)
+    return torch.from_numpy(array.astype(np.float32))
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Item i is ``(x, z)``: image i in [-1, 1] [C, H, W] and its starting noise [C, H, W], by index order.
+
+    Construction checks every file's header (image size and mode, z shape and
+    dtype), so a wrong folder or config stops before training starts.
+    """
+
+    def __init__(self, im_dir, z_dir, resolution, channels, options=("--im_dir", "--z_dir")):
+        self.pairs = match_pairs(im_dir, z_dir, options)
+        self.resolution, self.channels = resolution, channels
+        shape = (channels, resolution, resolution)
+        for image_path, z_path in self.pairs:
+            with _open_image(image_path) as image:
+                problem = _image_problem(image, image_path, resolution, channels)
+            problem = problem or _z_problem(_load_z(z_path, mmap_mode="r"), z_path, shape)
+            if problem:
+                raise UserError(problem)
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        image_path, z_path = self.pairs[index]
+        shape = (self.channels, self.resolution, self.resolution)
+        return read_image(image_path, self.resolution, self.channels), read_z(z_path, shape)
+
+
+# ----------------------------------------------------------------------------
+# Losses and the test error.
+
+def distill_loss(net, x, z):
+    """The paper's: mean over all elements of (z - v(z, 1) - x)^2."""
+    prediction = z - net(z, torch.ones(z.shape[0], device=z.device))
+    return (prediction.float() - x.float()).square().mean()
+
+
+def reflow_loss(net, x, z):
+    """Flow matching on the given pairs: t ~ U(1e-5, 1), z_t = t z + (1 - t) x, target z - x."""
+    t = flowlib.sample_time(x.shape[0], device=x.device)
+    return flowlib.flow_matching_loss(net(flowlib.interpolate(x, z, t), t), x, z)
+
+
+LOSSES = {"distill": distill_loss, "reflow": reflow_loss}
+
+
+@torch.no_grad()
+def sample(net, z, N):
+    """Euler from t = 1 to 0 with N steps (N = 1: z - v(z, 1))."""
+    return flowlib.euler(net, z, N=N).x
+
+
+@torch.no_grad()
+def mean_sample_error(net, loader, N, device):
+    """Mean squared error, over all elements of all pairs, between ``sample(net, z, N)`` and x."""
+    total, count = 0.0, 0
+    for x, z in loader:
+        x, z = x.to(device), z.to(device)
+        total += (sample(net, z, N).float() - x.float()).square().sum().item()
+        count += x.numel()
+    return total / count
+
+
+# ----------------------------------------------------------------------------
+# Checks before any work: every problem a user can fix is one line.
+
+def check_args(args):
+    """Validate ``args`` (filling --res / --input_nc); returns the plan: device, config, datasets, state."""
+    for option in ("iterations", "batchsize", "log_every", "eval_every", "save_every", "N"):
+        if getattr(args, option) < 1:
+            raise UserError(f"--{option} must be at least 1, got {getattr(args, option)}")
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers must be >= 0, got {args.num_workers}")
+    if not args.learning_rate > 0:
+        raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.mode == "distill" and args.N != 1:
+        raise UserError(f"--mode distill trains a one-step student, so --N must be 1 (got {args.N}); "
+                        f"--N is for --mode reflow")
+    if args.dir is None:
+        raise UserError("--dir is required: the output folder")
+    gpu_ids = dist.parse_gpu_list(args.gpu)
+    if len(gpu_ids) > 1:
+        raise UserError(f"distill.py runs in one process on one GPU; give one id, e.g. --gpu {gpu_ids[0]}")
+    dist.check_gpus(gpu_ids)
+    device = torch.device("cuda", gpu_ids[0]) if gpu_ids else torch.device("cpu")
+
+    if args.config_de is None:
+        raise UserError("--config_de is required: the teacher flow's config, e.g. configs/mnist_de.json")
+    config = load_config(args.config_de, "--config_de")
+    for option, key in (("res", "img_resolution"), ("input_nc", "in_channels")):
+        given = getattr(args, option)
+        if given is None:
+            setattr(args, option, config[key])
+        elif given != config[key]:
+            raise UserError(f"--{option} {given} disagrees with {key} = {config[key]} in --config_de "
+                            f"{args.config_de}; omit --{option} or use a matching config")
+    if args.input_nc not in IMAGE_MODES:
+        raise UserError(f"distill.py reads grayscale or RGB images (1 or 3 channels); --config_de "
+                        f"{args.config_de} has in_channels = {args.input_nc}")
+    if config["out_channels"] != config["in_channels"]:
+        raise UserError(f"--config_de {args.config_de}: a flow network needs out_channels = in_channels")
+
+    # The student: the teacher's weights, or those of the state to resume.
+    student = build_network(config, name=f"--config_de {args.config_de}")
+    state_path, state = find_state(args)
+    if state is not None:
+        check_state(state, state_path, args, config)
+        load_state_dict_strict(student, state["model_state_dict"], state_path, what="--resume")
+        teacher_path = state["teacher"]
+    elif args.ckpt is None:
+        raise UserError("--ckpt is required: the teacher flow's weights (e.g. runs/mnist-beta20/"
+                        "flow_model_60000_ema.pth), where the student starts")
+    else:
+        weights, teacher_path = load_weights(args.ckpt, "flow")
+        load_state_dict_strict(student, weights, teacher_path, what="--ckpt")
+
+    train_set = PairDataset(args.im_dir, args.z_dir, args.res, args.input_nc, ("--im_dir", "--z_dir"))
+    test_set = PairDataset(args.im_dir_test, args.z_dir_test, args.res, args.input_nc,
+                           ("--im_dir_test", "--z_dir_test"))
+    if len(train_set) < args.batchsize:
+        raise UserError(f"--im_dir {args.im_dir} has {len(train_set)} pairs, fewer than one batch "
+                        f"(--batchsize {args.batchsize}); lower --batchsize or generate more pairs")
+    warnings = []
+    shape = (args.input_nc, args.res, args.res)
+    if torch.equal(read_z(train_set.pairs[0][1], shape), read_z(test_set.pairs[0][1], shape)):
+        warnings.append(f"warning: the first test pair starts from the same z as the first training pair "
+                        f"({test_set.pairs[0][1]}): were both sets generated with the same --seed? The test loss "
+                        f"is then not measured on unseen pairs")
+    return {"device": device, "config": config, "train_set": train_set, "test_set": test_set, "student": student,
+            "teacher_path": teacher_path, "state_path": state_path, "state": state, "warnings": warnings}
+
+
+def find_state(args):
+    """``(path, state)`` to resume from, or ``(None, None)``; a folder already holding a run needs --resume."""
+    latest = os.path.join(args.dir, plumbing.LATEST_NAME)
+    if args.resume is None:
+        existing = [name for name in sorted(os.listdir(args.dir)) if MODEL_PATTERN.search(name)] \
+            if os.path.isdir(args.dir) else []
+        if os.path.exists(latest) or existing:
+            found = plumbing.LATEST_NAME if os.path.exists(latest) else existing[-1]
+            raise UserError(f"--dir {args.dir} already holds a run ({found}); pass --resume auto to continue it, "
+                            f"or choose another --dir")
+        return None, None
+    if args.resume == "auto":
+        if not os.path.exists(latest):
+            return None, None
+        path = latest
+    elif os.path.isdir(args.resume):
+        raise UserError(f"--resume {args.resume} is a folder; give its {plumbing.LATEST_NAME}, or --resume auto "
+                        f"to continue the run in --dir")
+    else:
+        path = args.resume
+    state = load_torch(path, what="--resume training state")
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UserError(f"--resume {path} is not a distill.py training state (format {STATE_FORMAT!r})")
+    return path, state
+
+
+def check_state(state, path, args, config):
+    """The state must be of this mode and network config; other changed arguments only warn (in the log)."""
+    if state["mode"] != args.mode:
+        raise UserError(f"--resume {path} is a --mode {state['mode']} run, not {args.mode}; use the same mode "
+                        f"or another --dir")
+    if state["config_de"] != config:
+        keys = sorted(k for k in set(state["config_de"]) | set(config) if state["config_de"].get(k) != config.get(k))
+        raise UserError(f"--resume {path} was trained with a different --config_de (key {keys[0]!r}: "
+                        f"{state['config_de'].get(keys[0])!r} in the state vs {config.get(keys[0])!r}); give the "
+                        f"run's own config or choose another --dir")
+
+
+# ----------------------------------------------------------------------------
+# Files.
+
+def truncate_stats(folder, iteration):
+    """Keep only the stats.jsonl records up to ``iteration``: a resumed run redoes the later ones."""
+    path = os.path.join(folder, "stats.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        lines = handle.readlines()
+
+    def record_iteration(line):
+        try:
+            return int(json.loads(line)["iter"])
+        except (ValueError, KeyError, TypeError):
+            return math.inf   # a line cut short by a kill
+
+    kept = [line for line in lines if record_iteration(line) <= iteration]
+    if len(kept) != len(lines):
+        with atomic_write(path, "w") as handle:
+            handle.writelines(kept)
+
+
+def model_path(args, iteration):
+    return os.path.join(args.dir, f"flow_model_{'distilled' if args.mode == 'distill' else 'reflow'}_{iteration}.pth")
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+def train(args, plan):
+    """Load the student, restore a state if any, train, write the files."""
+    device, config = plan["device"], plan["config"]
+    log = plumbing.RunLog(args.dir, True, echo=tqdm.write)
+    student, state = plan["student"].to(device), plan["state"]
+    optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS)
+    plumbing.seed_everything(args.seed)
+    if state is None:
+        start, batches_consumed = 0, 0
+        with atomic_write(os.path.join(args.dir, "stats.jsonl"), "w"):
+            pass
+    else:
+        try:
+            optimizer.load_state_dict(state["optimizer_state_dict"])
+        except (ValueError, KeyError) as error:
+            raise UserError(f"--resume {plan['state_path']}: the optimizer state does not fit the network "
+                            f"({error})") from None
+        start, order = state["iter"], state["data_order"]
+        batches_consumed = order["batches_consumed"]
+        if (order["global_batch"], order["seed"], order["dataset_size"]) != (args.batchsize, args.seed,
+                                                                             len(plan["train_set"])):
+            log.line("warning: the pairs, --batchsize or --seed changed since the state was saved: the data order "
+                     "continues but differs from an uninterrupted run")
+        plumbing.restore_rng_state(state["rng"], device)
+        truncate_stats(args.dir, start)
+        log.line(f"resumed from {plan['state_path']} at iteration {start}")
+    plan["state"] = state = None
+    student.train()
+    # the learning rate of this command, also after a resume
+    for group in optimizer.param_groups:
+        group["lr"] = args.learning_rate
+
+    sampler = plumbing.ResumableBatchSampler(len(plan["train_set"]), args.batchsize, 0, 1, args.seed)
+    stream = plumbing.DataStream(plan["train_set"], sampler, args.num_workers, pin_memory=device.type == "cuda",
+                                 batches_consumed=batches_consumed)
+    test_loader = torch.utils.data.DataLoader(plan["test_set"], batch_size=args.batchsize, shuffle=False,
+                                              num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
+    grid_noise = torch.randn(min(GRID_SIZE, args.batchsize), args.input_nc, args.res, args.res,
+                             generator=torch.Generator().manual_seed(args.seed)).to(device)
+    loss_fn = LOSSES[args.mode]
+    save_json({**vars(args), "resolved_config_de": config}, os.path.join(args.dir, "config.json"))
+    parameters = sum(p.numel() for p in student.parameters())
+    log.line(f"distill: mode {args.mode}, {device}, {len(plan['train_set'])} training pairs, "
+             f"{len(plan['test_set'])} test pairs, batch {args.batchsize}, lr {args.learning_rate:g}, iterations "
+             f"{start + 1}..{args.iterations}, student {parameters / 1e6:.3f}M parameters from {plan['teacher_path']}, "
+             f"test loss with {args.N} Euler step(s) -> {args.dir}")
+    for warning in plan["warnings"]:
+        log.line(warning)
+    if start >= args.iterations:
+        log.line(f"nothing to do: the state is at iteration {start} and --iterations is {args.iterations}")
+        return
+
+    def next_batch():
+        # A DataLoader draws its workers' base seed from the global CPU generator whenever it starts an
+        # iterator (each epoch, and after a resume): keep that away from the training noise (t, dropout),
+        # so that a resumed run continues exactly.
+        with torch.random.fork_rng(devices=[]):
+            x, z = stream.next()
+        return x.to(device, non_blocking=True), z.to(device, non_blocking=True)
+
+    def evaluate(iteration):
+        """Test loss and the fixed-noise grid, with dropout off."""
+        student.eval()
+        with torch.random.fork_rng(devices=[]):
+            error = mean_sample_error(student, test_loader, args.N, device)
+        save_grid(sample(student, grid_noise, args.N), os.path.join(args.dir, f"pred_{iteration}.png"))
+        student.train()
+        log.line(f"Iteration {iteration}: test loss {error:.6f}")
+        return error
+
+    def save_state(iteration):
+        save_torch({
+            "format": STATE_FORMAT,
+            "iter": iteration,
+            "mode": args.mode,
+            "teacher": plan["teacher_path"],
+            "model_state_dict": student.state_dict(),
+            "optimizer_state_dict": optimizer.state_dict(),
+            "args": dict(vars(args)),
+            "config_de": config,
+            "rng": plumbing.capture_rng_state(device),
+            "data_order": stream.state_dict(),
+        }, os.path.join(args.dir, plumbing.LATEST_NAME))
+
+    if start == 0:
+        log.stats({"iter": 0, "loss": None, "test_loss": evaluate(0)})
+    loss_sum, loss_count, timer = torch.zeros((), device=device), 0, (time.time(), start)
+    progress = tqdm(total=args.iterations, initial=start, dynamic_ncols=True, desc=args.mode)
+    with plumbing.StopSignals() as signals, progress, contextlib.closing(log):
+        for iteration in range(start + 1, args.iterations + 1):
+            x, z = next_batch()
+            loss = loss_fn(student, x, z)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            loss_count += 1
+            progress.update(1)
+
+            stop = signals.received is not None
+            last = iteration == args.iterations
+            tested = iteration % args.eval_every == 0 or last
+            if iteration % args.log_every == 0 or tested or stop:
+                mean_loss = loss_sum.item() / loss_count
+                if not math.isfinite(mean_loss):
+                    raise UserError(f"the training loss is {mean_loss} at iteration {iteration}; lower "
+                                    f"--learning_rate (the last saved state is kept)")
+                now = time.time()
+                record = {"iter": iteration, "loss": mean_loss, "test_loss": evaluate(iteration) if tested else None,
+                          "sec_per_iter": (now - timer[0]) / max(iteration - timer[1], 1)}
+                log.stats(record)
+                log.line(f"Iteration {iteration}: loss {mean_loss:.6f}")
+                progress.set_postfix(loss=f"{mean_loss:.5f}")
+                loss_sum.zero_()
+                loss_count, timer = 0, (time.time(), iteration)
+            saved = []
+            if iteration % args.save_every == 0 or last:
+                save_torch(student.state_dict(), model_path(args, iteration))
+                saved.append(os.path.basename(model_path(args, iteration)))
+            if saved or stop:
+                save_state(iteration)
+                log.line(f"iteration {iteration}: saved {', '.join(saved + [plumbing.LATEST_NAME])}")
+            if stop:
+                log.line(f"stopped by {signals.received} at iteration {iteration}; continue with the same command "
+                         f"and --resume auto")
+                break
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    plan = check_args(args)
+    plumbing.check_writable(args.dir)
+    train(args, plan)
+
+
+if __name__ == "__main__":
+    cli_main(main)
