@@ -7,7 +7,10 @@ Files a training run writes:
   paper's keys ``model_state_dict``, ``forward_model_state_dict`` (absent for
   the independent coupling), ``optimizer_state_dict`` and ``iter``, plus this
   project's ``ema_model_state_dict``, ``ema_forward_model_state_dict``,
-  ``args``, ``config_de``, ``config_en``, ``rng`` and ``format``.
+  ``args``, ``config_de``, ``config_en``, ``rng`` and ``format``. The image
+  trainer also stores ``data_order`` (global batches consumed, epoch, step in
+  epoch), ``counters`` (non-finite steps so far) and ``param_checksums`` (one
+  weight checksum per rank); see docs/training.md.
 """
 import glob
 import os

@@ -1,0 +1,691 @@
+"""Train an image flow with a learned forward coupling (the paper's method), on the CPU, one GPU or many.
+
+Each step draws images x, pairs them with noise z, and minimises
+
+    loss = || v(z_t, t) - (z - x) ||^2  +  weight_prior * KL(q(z|x) || N(0, I)) / dim,
+
+with z_t = t z + (1 - t) x and t ~ U(1e-5, 1). The coupling is ``learned`` (the
+paper: z ~ q(z|x) from an encoder trained jointly; the KL term is summed over
+dimensions, averaged over the batch, divided by the data dimension, as in the
+paper's ``get_kl``), ``independent`` (z ~ N(0, I), rectified flow) or ``ot``
+(N(0, I) noise re-paired by minibatch optimal transport on each rank).
+
+Processes: no --gpu = one CPU process; --gpu 0,1 = one process per GPU (NCCL);
+under torchrun the launcher's ranks (NCCL on GPUs, gloo on CPUs). --batchsize is
+global and split over the processes.
+
+Writes into --dir: config.json, log.txt, stats.jsonl (one JSON object per
+--log_every), sample grids (traj_uncond*_{i}.png, traj_reverse*_{i}.png),
+flow_model_{i}_ema.pth / forward_model_{i}_ema.pth (paper-format EMA state
+dicts, every --save_every and at the end), training_state_{i}.pth (every
+--save_every) and training_state_latest.pth (every --snapshot_every, at the
+end, and on SIGTERM / SIGINT). ``--resume auto`` continues from the latter.
+
+    python train_reverse_img_ddp.py --gpu 0,1 --dir ./runs/cifar10-beta20/ --weight_prior 20 \
+        --learning_rate 2e-4 --dataset cifar10 --warmup_steps 5000 --optimizer adam --batchsize 128 \
+        --iterations 500000 --config_en configs/cifar10_en.json --config_de configs/cifar10_de.json
+"""
+import argparse
+import contextlib
+import glob
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models import build_encoder, build_network, check_encoder_decoder, kl_per_dim, load_config
+from models import flow as flowlib
+from utils import dist
+from utils.checkpoint import TRAINING_STATE_FORMAT
+from utils.data import DATASETS, FOLDER_DATASETS, build_dataset, check_dataset_config
+from utils.errors import UserError, cli_main
+from utils.images import save_grid
+from utils.io import atomic_write, load_json, load_state_dict_strict, save_json, save_torch
+from utils import train as plumbing
+
+COUPLINGS = ("learned", "independent", "ot")
+SAMPLE_COUNT = 4          # images per sample grid, as in the paper
+# config.json entries that define a run: another run with other values must not share its --dir.
+RUN_DEFINING_ARGS = ("dataset", "coupling", "weight_prior", "learning_rate", "batchsize", "optimizer",
+                     "warmup_steps", "ema_decay", "ema_after_steps", "no_ema", "seed", "grad_clip",
+                     "resolved_config_de", "resolved_config_en")
+# changed on resume: allowed, but worth a warning
+RESUME_WARN_ARGS = ("dataset", "weight_prior", "learning_rate", "batchsize", "optimizer", "warmup_steps",
+                    "ema_decay", "ema_after_steps", "no_ema", "seed", "grad_clip", "amp")
+
+
+# ----------------------------------------------------------------------------
+# Arguments.
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Train a flow U-Net on images with the learned forward coupling of 'Minimizing Trajectory "
+                    "Curvature of ODE-based Generative Models' (or the independent / minibatch-OT coupling).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--gpu", type=str, default=None,
+        help="comma-separated GPU ids, one process each (e.g. 0 or 0,1); omit to train on the CPU. "
+             "Under torchrun the launcher decides the processes")
+    add("--dataset", type=str, default=None, choices=DATASETS,
+        help="mnist / cifar10 (torchvision, from --data_root) or a folder / zip of images in --data_path")
+    add("--dir", type=str, default=None, help="output folder (created if missing)")
+    add("--iterations", type=int, default=1000000, help="last training iteration (steps are numbered from 1)")
+    add("--batchsize", type=int, default=4, help="global batch size, divided over the processes")
+    add("--learning_rate", type=float, default=3e-5, help="peak learning rate (after warmup)")
+    add("--independent", action="store_true",
+        help="the paper's flag for the independent coupling q(x, z) = p(x) p(z): same as --coupling independent")
+    add("--coupling", type=str, default=None, choices=COUPLINGS,
+        help="how x and z are paired: learned (encoder q(z|x), the paper), independent (z ~ N(0, I)), "
+             "ot (N(0, I) noise re-paired by minibatch optimal transport on each rank) [default: learned]")
+    add("--resume", type=str, default=None,
+        help="training_state_*.pth to continue from, or 'auto': --dir/training_state_latest.pth when it "
+             "exists (else the newest intact training_state_{i}.pth), otherwise start fresh")
+    add("--N", type=int, default=20, help="Euler steps of the sample grids (a second grid always uses 4)")
+    add("--no_ema", action="store_true",
+        help="keep no EMA: sample grids and the *_ema.pth files use the raw weights")
+    add("--ema_after_steps", type=int, default=1, help="the EMA starts averaging after this many steps")
+    add("--ema_decay", type=float, default=0.9999, help="EMA decay per step")
+    add("--optimizer", type=str, default="adamw", choices=("adam", "adamw"),
+        help="adam: betas (0.9, 0.999), eps 1e-8; adamw: weight decay 0.1, betas (0.9, 0.9999)")
+    add("--warmup_steps", type=int, default=0, help="linear learning-rate warmup over this many steps")
+    add("--weight_prior", type=float, default=10.0, help="beta: weight of the KL term (learned coupling)")
+    add("--config_en", type=str, default=None, help="encoder config (.json); needed by the learned coupling")
+    add("--config_de", type=str, default=None, help="flow (decoder) network config (.json)")
+    add("--seed", type=int, default=0,
+        help="seed of the initial weights, the data order and the training noise (rank r adds an offset)")
+    add("--data_path", type=str, default=None,
+        help="folder or zip of images for --dataset ffhq / afhq / celebahq / celebahq256 / folder "
+             "[default: --data_root/<dataset>, e.g. ./data/ffhq; --dataset folder needs it]")
+    add("--data_root", type=str, default="./data", help="where torchvision keeps (or downloads) mnist / cifar10")
+    add("--save_every", type=int, default=50000,
+        help="write flow_model_{i}_ema.pth, forward_model_{i}_ema.pth and training_state_{i}.pth every this "
+             "many iterations (the EMA files also at the last iteration)")
+    add("--snapshot_every", type=int, default=5000,
+        help="write training_state_latest.pth every this many iterations (and at the last one)")
+    add("--sample_every", type=int, default=1000, help="write sample grids every this many iterations")
+    add("--log_every", type=int, default=100, help="write a stats.jsonl / log.txt record every this many iterations")
+    add("--num_workers", type=int, default=4, help="DataLoader worker processes per rank (0: load in the loop)")
+    add("--amp", type=str, default="none", choices=("none", "bf16"),
+        help="bf16: autocast the networks to bfloat16 (weights, optimizer and EMA stay float32)")
+    add("--compile", action="store_true", help="torch.compile the networks for training")
+    add("--grad_clip", type=float, default=0.0, help="clip the global gradient norm to this value (0: off)")
+    add("--bad_images", type=str, default="stop", choices=("stop", "skip"),
+        help="an unreadable image in --data_path: stop with its name, or skip it")
+    add("--max_nonfinite", type=int, default=10,
+        help="stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)")
+    add("--debug", action="store_true", help="show the full traceback on errors")
+    return parser
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
+
+
+# ----------------------------------------------------------------------------
+# Checks before any work: every problem a user can fix is one line.
+
+def launch_layout(gpu_ids):
+    """(world size, whether this process spawns the workers, whether this process is rank 0)."""
+    if dist.under_launcher():
+        return int(os.environ["WORLD_SIZE"]), False, int(os.environ["RANK"]) == 0
+    return max(1, len(gpu_ids)), len(gpu_ids) > 1, True
+
+
+def check_args(args):
+    """Validate the arguments; returns the plan (configs, coupling, world size, resume file)."""
+    if args.independent and args.coupling not in (None, "independent"):
+        raise UserError(f"--independent contradicts --coupling {args.coupling}; pass only one of them")
+    args.coupling = "independent" if args.independent else (args.coupling or "learned")
+    args.independent = args.coupling == "independent"
+    for name in ("iterations", "batchsize", "N", "save_every", "snapshot_every", "sample_every", "log_every",
+                 "max_nonfinite"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    for name in ("warmup_steps", "ema_after_steps", "num_workers"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not args.learning_rate > 0:
+        raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if not args.weight_prior >= 0:
+        raise UserError(f"--weight_prior must be >= 0, got {args.weight_prior}")
+    if not 0 <= args.ema_decay < 1:
+        raise UserError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if not args.grad_clip >= 0:
+        raise UserError(f"--grad_clip must be >= 0 (0 turns clipping off), got {args.grad_clip}")
+    if args.dataset is None:
+        raise UserError(f"--dataset is required ({', '.join(DATASETS)})")
+    if args.dir is None:
+        raise UserError("--dir is required: the output folder, e.g. ./runs/cifar10-beta20/")
+    if args.data_path is None and args.dataset in FOLDER_DATASETS and args.dataset != "folder":
+        args.data_path = os.path.join(args.data_root, args.dataset)   # the paper's commands name no path
+    gpu_ids = dist.parse_gpu_list(args.gpu)
+    if not dist.under_launcher():
+        dist.check_gpus(gpu_ids)
+    world_size, spawn, is_main = launch_layout(gpu_ids)
+    if args.batchsize % world_size:
+        raise UserError(f"--batchsize {args.batchsize} is global and must divide evenly over {world_size} "
+                        f"processes; use a multiple of {world_size}")
+    if args.coupling == "ot" and args.batchsize // world_size < 2:
+        raise UserError("--coupling ot pairs images and noise within a batch: it needs at least 2 images per process")
+
+    if args.config_de is None:
+        raise UserError("--config_de is required: the flow network's config, e.g. configs/cifar10_de.json")
+    config_de = load_config(args.config_de, "--config_de")
+    config_en = None
+    if args.coupling == "learned":
+        if args.config_en is None:
+            raise UserError("the learned coupling needs --config_en, the encoder's config (e.g. "
+                            "configs/cifar10_en.json); or pass --independent")
+        config_en = load_config(args.config_en, "--config_en")
+        check_encoder_decoder(config_de, config_en,
+                              names=(f"--config_de {args.config_de}", f"--config_en {args.config_en}"))
+    check_dataset_config(args.dataset, config_de)
+    return {"config_de": config_de, "config_en": config_en, "gpu_ids": gpu_ids, "world_size": world_size,
+            "spawn": spawn, "is_main": is_main}
+
+
+def run_record(args, plan):
+    """What config.json holds: the resolved arguments and the network configs they name."""
+    record = dict(vars(args))
+    record["resolved_config_de"] = plan["config_de"]
+    record["resolved_config_en"] = plan["config_en"]
+    return record
+
+
+def check_output_dir(args, plan, resuming):
+    """A fresh run must not share --dir with another run's config.json or overwrite a run's checkpoints."""
+    if resuming:
+        return
+    previous_path = os.path.join(args.dir, "config.json")
+    if os.path.isfile(previous_path):
+        try:
+            previous = load_json(previous_path, "config.json")
+        except UserError:
+            previous = None
+        if not isinstance(previous, dict):
+            raise UserError(f"--dir {args.dir} holds an unreadable config.json; choose another --dir")
+        current = run_record(args, plan)
+        changed = [f"{key} {previous[key]!r} vs {current[key]!r}" for key in RUN_DEFINING_ARGS
+                   if key in previous and previous[key] != current[key]]
+        if changed:
+            raise UserError(f"--dir {args.dir} holds a run with another configuration (config.json: "
+                            f"{'; '.join(changed[:2])}); choose another --dir, or pass --resume auto to continue "
+                            f"that run")
+    existing = sorted(glob.glob(os.path.join(args.dir, "training_state_*.pth"))
+                      + glob.glob(os.path.join(args.dir, "flow_model_*_ema.pth")))
+    if existing:
+        fix = ("it holds no training state to continue from" if args.resume else
+               "pass --resume auto to continue that run")
+        raise UserError(f"--dir {args.dir} already holds {os.path.basename(existing[-1])}; {fix}, or choose "
+                        f"another --dir")
+
+
+def check_resume_state(state, path, args, plan, warn):
+    """A training state must match this run's coupling and network configs (one line naming the difference)."""
+    if state.get("format") is None:
+        has_encoder = state.get("forward_model_state_dict") is not None
+        if has_encoder != (args.coupling == "learned"):
+            raise UserError(f"--resume {path} is a paper-format state {'with' if has_encoder else 'without'} an "
+                            f"encoder, but --coupling is {args.coupling}")
+        warn(f"warning: --resume {path} is a paper-format training state: networks, optimizer, EMA and "
+             f"iteration are restored; data order and random states start afresh")
+        return
+    saved_args = state.get("args") or {}
+    if saved_args.get("coupling", args.coupling) != args.coupling:
+        raise UserError(f"--resume {path} was trained with --coupling {saved_args['coupling']}, not "
+                        f"{args.coupling}; use the same coupling or another --dir")
+    for role, key in (("--config_de", "config_de"), ("--config_en", "config_en")):
+        saved, given = state.get(key), plan[key]
+        if saved != given:
+            if saved is None or given is None:
+                detail = f"{'no' if saved is None else 'an'} {role} in the state"
+            else:
+                keys = sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k))
+                detail = f"key {keys[0]!r}: {saved.get(keys[0])!r} in the state vs {given.get(keys[0])!r}"
+            raise UserError(f"--resume {path} was trained with a different {role} ({detail}); "
+                            f"give the run's own configs or choose another --dir")
+    changed = [f"--{key} {saved_args[key]} -> {getattr(args, key)}" for key in RESUME_WARN_ARGS
+               if key in saved_args and saved_args[key] != getattr(args, key)]
+    if changed:
+        warn(f"warning: resuming with changed arguments: {', '.join(changed)}")
+
+
+def prepare(args):
+    """Everything that can fail because of the user's input, before any process group or long work."""
+    plan = check_args(args)
+    warn = print if plan["is_main"] else (lambda text: None)
+    if plan["is_main"]:
+        plumbing.check_writable(args.dir)
+    resume_path, state = plumbing.find_resume_state(args.dir, args.resume, warn=warn)
+    if state is not None:
+        check_resume_state(state, resume_path, args, plan, warn)
+    elif args.resume == "auto":
+        warn(f"--resume auto: no training state in {args.dir}; starting fresh")
+    if plan["is_main"]:
+        check_output_dir(args, plan, resuming=state is not None)
+        # the datasets download here, once, before the workers start
+        shape = plan["config_de"]["img_resolution"], plan["config_de"]["in_channels"]
+        dataset = build_dataset(args.dataset, *shape, data_path=args.data_path, data_root=args.data_root,
+                                bad_images=args.bad_images)
+        if len(dataset) < args.batchsize:
+            raise UserError(f"--dataset {args.dataset} has {len(dataset)} images, fewer than one global batch "
+                            f"(--batchsize {args.batchsize}); lower --batchsize")
+        build_dataset(args.dataset, *shape, data_path=args.data_path, data_root=args.data_root, train=False,
+                      bad_images=args.bad_images)
+    plan["resume_path"] = resume_path
+    # a spawned worker re-reads the file; in this process the loaded state is handed over as is
+    plan["state"] = None if plan["spawn"] else state
+    if plan["is_main"]:
+        for stale in glob.glob(os.path.join(args.dir, ".*.tmp")):   # left by a write that was killed
+            os.unlink(stale)
+        if state is None:   # a fresh run starts a fresh stats.jsonl
+            with atomic_write(os.path.join(args.dir, "stats.jsonl"), "w"):
+                pass
+        save_json(run_record(args, plan), os.path.join(args.dir, "config.json"))
+    return plan
+
+
+# ----------------------------------------------------------------------------
+# The networks and the loss.
+
+class FlowWithCoupling(nn.Module):
+    """The velocity network ``flow`` and, for the learned coupling, the ``encoder``; ``forward`` gives the losses.
+
+    One module, so that one DDP wrapper synchronises both networks' gradients.
+    """
+
+    def __init__(self, flow, encoder=None):
+        super().__init__()
+        self.flow = flow
+        self.encoder = encoder
+
+    def forward(self, x, t, noise):
+        """(flow-matching MSE, KL per dimension) for images ``x`` [B, C, H, W], times ``t`` [B] and
+        N(0, I) ``noise`` shaped like x (the prior sample itself, or the encoder's reparameterisation noise)."""
+        if self.encoder is not None:
+            z, mu, logvar = self.encoder(x, noise=noise)
+            kl = kl_per_dim(mu.float(), logvar.float())
+        else:
+            z, kl = noise, torch.zeros((), device=x.device)
+        velocity = self.flow(flowlib.interpolate(x, z, t), t)
+        return flowlib.flow_matching_loss(velocity, x, z), kl
+
+    def optimizer_params(self):
+        """Encoder parameters first, then the flow's: the paper's order, so optimizer states line up."""
+        encoder = list(self.encoder.parameters()) if self.encoder is not None else []
+        return encoder + list(self.flow.parameters())
+
+    def state_dicts(self):
+        return {"flow": self.flow.state_dict(),
+                "encoder": self.encoder.state_dict() if self.encoder is not None else None}
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+# ----------------------------------------------------------------------------
+# Sample grids.
+
+@torch.no_grad()
+def sample_grids(nets, test_images, args, iteration, device):
+    """The paper's grids from fixed noise (same at every call): trajectories and x0 predictions with N = --N
+    and N = 4 from prior noise, and, for the learned coupling, from encoded test images. Returns statistics."""
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    noise = torch.randn(test_images.shape, generator=generator, device=device)
+    stats = {}
+
+    def grids(start, N, name, name_x0):
+        result = flowlib.euler(nets.flow, start, N=N, return_traj=True)
+        for images, grid_name in ((result.traj, name), (result.x0_preds, name_x0)):
+            save_grid(torch.cat(images), os.path.join(args.dir, f"traj_{grid_name}_{iteration}.png"),
+                      nrow=SAMPLE_COUNT)
+        stats[f"straightness_{name}"] = flowlib.straightness(result.traj).item()
+        return result
+
+    grids(noise, args.N, "uncond", "uncond_x0")
+    grids(noise, 4, "uncond_N4", "uncond_x0_N4")
+    if nets.encoder is not None:
+        encoder_noise = torch.randn(test_images.shape, generator=generator, device=device)
+        z, _, _ = nets.encoder(test_images, noise=encoder_noise)
+        result = grids(z, args.N, "reverse", "reverse_x0")
+        stats["reconstruction_mse"] = (result.x - test_images).square().mean().item()
+    return stats
+
+
+# ----------------------------------------------------------------------------
+# The training loop.
+
+class Trainer:
+    """One rank's training run: networks, optimizer, EMA, data stream, and the loop over iterations."""
+
+    def __init__(self, info, args, plan):
+        self.info, self.args, self.plan = info, args, plan
+        self.device = device = info.device
+        self.log = plumbing.RunLog(args.dir, info.is_main, echo=tqdm.write)
+        self.config_de, self.config_en = plan["config_de"], plan["config_en"]
+        resolution, channels = self.config_de["img_resolution"], self.config_de["in_channels"]
+
+        # Data (downloaded by prepare() on rank 0); fixed test images for the reconstruction grids.
+        def dataset(train):
+            return build_dataset(args.dataset, resolution, channels, data_path=args.data_path,
+                                 data_root=args.data_root, train=train, bad_images=args.bad_images, download=False)
+        self.dataset, test_set = dataset(True), dataset(False)
+        self.test_images = torch.stack([test_set[k][0] for k in range(min(SAMPLE_COUNT, len(test_set)))]).to(device)
+
+        # Networks: the same initial weights on every rank.
+        plumbing.seed_everything(args.seed)
+        flow = build_network(self.config_de, name=f"--config_de {args.config_de}")
+        encoder = (build_encoder(self.config_en, name=f"--config_en {args.config_en}")
+                   if self.config_en is not None else None)
+        self.model = FlowWithCoupling(flow, encoder).to(device)
+        self.params = self.model.optimizer_params()
+        self.optimizer = plumbing.build_optimizer(self.params, args.optimizer, args.learning_rate)
+        self.ema = None if args.no_ema else plumbing.EMA(self.model, args.ema_decay, args.ema_after_steps)
+
+        self.start_iteration, batches_consumed, nonfinite_total = 1, 0, 0
+        plumbing.seed_everything(plumbing.rank_seed(args.seed, info.rank))   # each rank draws its own noise
+        if plan["resume_path"] is not None:
+            batches_consumed, nonfinite_total = self.resume()
+        self.train_model = self.model
+        if args.compile:
+            self.train_model = torch.compile(self.train_model)
+        if info.distributed:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        sampler = plumbing.ResumableBatchSampler(len(self.dataset), args.batchsize, info.rank, info.world_size,
+                                                 args.seed)
+        self.stream = plumbing.DataStream(self.dataset, sampler, args.num_workers, pin_memory=device.type == "cuda",
+                                          batches_consumed=batches_consumed)
+        self.agreement = plumbing.RankAgreement(info.distributed)
+
+        # Running sums on the device, read by the host only at log and save steps.
+        self.window = torch.zeros(5, device=device)   # loss, flow loss, KL, grad norm, finite steps
+        self.bad_in_a_row = torch.zeros((), device=device)
+        self.longest_bad_run = torch.zeros((), device=device)
+        self.bad_total = torch.full((), float(nonfinite_total), device=device)
+        self.pending_samples = {}
+        self.timer = (time.time(), self.start_iteration - 1)
+
+        backend = f" ({torch.distributed.get_backend()})" if info.distributed else ""
+        self.log.line(
+            f"train: {device} x {info.world_size} process(es){backend}, global batch {args.batchsize} = "
+            f"{info.world_size} x {args.batchsize // info.world_size}, flow network "
+            f"{count(self.model.flow) / 1e6:.2f}M parameters, encoder {count(self.model.encoder) / 1e6:.2f}M, "
+            f"coupling {args.coupling}, "
+            f"{len(self.dataset)} images ({sampler.steps_per_epoch} steps per epoch), iterations "
+            f"{self.start_iteration}..{args.iterations}, amp {args.amp}{', compiled' if args.compile else ''} "
+            f"-> {args.dir}")
+
+    def resume(self):
+        """Restore from the plan's training state; returns (batches consumed, non-finite steps so far)."""
+        info, path = self.info, self.plan["resume_path"]
+        state = self.plan.pop("state", None) or plumbing.load_training_state(path)
+        restore(state, path, self.model, self.ema, self.optimizer)
+        self.start_iteration = state["iter"] + 1
+        batches_consumed, nonfinite_total, rng_restored = state["iter"], 0, False
+        if state.get("format") == TRAINING_STATE_FORMAT:
+            batches_consumed = check_data_order(state["data_order"], len(self.dataset), self.args, self.log)
+            nonfinite_total = state["counters"]["nonfinite_total"]
+            rng = state["rng"]
+            if rng["world_size"] == info.world_size:
+                plumbing.restore_rng_state(rng["ranks"][info.rank], self.device)
+                rng_restored = True
+            else:
+                self.log.line(f"warning: the state was saved by {rng['world_size']} processes, this run has "
+                              f"{info.world_size}: random streams are reseeded")
+        if not rng_restored:
+            plumbing.seed_everything(plumbing.rank_seed(self.args.seed + state["iter"], info.rank))
+        if info.is_main:
+            truncate_stats(self.args.dir, state["iter"])
+        self.log.line(f"resumed from {path} at iteration {state['iter']}")
+        return batches_consumed, nonfinite_total
+
+    def step(self, iteration, autocast):
+        """One optimizer step; a step whose gradient is not finite is skipped on the device."""
+        args = self.args
+        lr = plumbing.warmup_lr(args.learning_rate, iteration, args.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, _ = self.stream.next()
+        x = x.to(self.device, non_blocking=True)
+        t = flowlib.sample_time(x.shape[0], device=self.device)
+        noise = torch.randn_like(x)
+        if args.coupling == "ot":
+            noise = flowlib.minibatch_ot_pairing(x, noise)
+        with autocast:
+            flow_loss, kl = self.train_model(x, t, noise)
+        loss = flow_loss + args.weight_prior * kl
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            grad_norm = nn.utils.clip_grad_norm_(self.params, args.grad_clip)
+        else:
+            grad_norm = plumbing.gradient_norm(self.params)
+        # Gradients are all-reduced, so the norm is the same on every rank: all ranks skip the same steps.
+        bad = (~torch.isfinite(grad_norm)).float()
+        plumbing.optimizer_step(self.optimizer, bad)
+        if self.ema is not None:
+            self.ema.update(self.model, iteration, 1.0 - bad)
+        terms = torch.stack([loss.detach(), flow_loss.detach(), kl.detach().float(), grad_norm.detach()])
+        self.window[:4] += torch.where(bad == 0, terms, torch.zeros_like(terms))
+        self.window[4] += 1.0 - bad
+        self.bad_in_a_row.mul_(bad).add_(bad)
+        torch.maximum(self.longest_bad_run, self.bad_in_a_row, out=self.longest_bad_run)
+        self.bad_total.add_(bad)
+        return lr
+
+    def write_stats(self, iteration, lr, progress):
+        """Average the window over steps and ranks (the one host read of the losses), then log it."""
+        world = self.info.world_size
+        totals = dist.all_reduce_sum(self.window.clone()).tolist()
+        finite_steps = totals[4] / world
+        now = time.time()
+        steps = iteration - self.timer[1]
+        record = {"iter": iteration, "epoch": self.stream.epoch}
+        for key, value in zip(("loss", "flow_loss", "kl", "grad_norm"), totals[:4]):
+            record[key] = value / finite_steps / world if finite_steps else None   # null: every step skipped
+        record.update(lr=lr, nonfinite_steps=int(self.bad_total.item()),
+                      images_per_s=steps * self.args.batchsize / max(now - self.timer[0], 1e-9),
+                      sec_per_iter=(now - self.timer[0]) / max(steps, 1), **self.pending_samples)
+        self.timer, self.pending_samples = (now, iteration), {}
+        self.window.zero_()
+        self.log.stats(record)
+        shown = {key: "nan" if record[key] is None else f"{record[key]:.6f}" for key in ("loss", "flow_loss", "kl")}
+        progress.set_postfix(loss=shown["loss"], lr=f"{lr:.3g}")
+        self.log.line(f"Iteration {iteration}: loss {shown['loss']}, flow_loss {shown['flow_loss']}, "
+                      f"kl {shown['kl']}, lr {lr:.3g}, {record['images_per_s']:.1f} img/s")
+
+    def check_nonfinite(self, iteration):
+        """Stop, on every rank alike, after --max_nonfinite skipped steps in a row."""
+        longest = int(self.longest_bad_run.item())
+        if longest >= self.args.max_nonfinite:
+            latest = os.path.join(self.args.dir, plumbing.LATEST_NAME)
+            kept = f"the last good snapshot is {latest}" if os.path.isfile(latest) else "no snapshot was written"
+            raise UserError(f"stopped at iteration {iteration}: {longest} consecutive steps had a non-finite loss "
+                            f"or gradient (each was skipped); {kept}. Lower --learning_rate, set --grad_clip, "
+                            f"or use --amp none")
+
+    def sample(self, iteration):
+        nets = self.ema.module if self.ema is not None else self.model
+        self.model.eval()
+        self.pending_samples = sample_grids(nets, self.test_images, self.args, iteration, self.device)
+        self.model.train()
+        self.log.line(f"iteration {iteration}: samples, " + ", ".join(
+            f"{key} {value:.5g}" for key, value in self.pending_samples.items()))
+
+    def save(self, iteration, numbered, ema_files):
+        """Gather every rank's random state and weight checksum; rank 0 writes the files."""
+        args, model, ema = self.args, self.model, self.ema
+        rng = plumbing.gather_objects(plumbing.capture_rng_state(self.device))
+        weights = model.state_dicts()
+        averaged = ema.module.state_dicts() if ema is not None else weights   # --no_ema: raw weights
+        checksums = plumbing.gather_objects(plumbing.state_checksum(
+            [d for d in (*weights.values(), *averaged.values()) if d is not None]))
+        if len(set(checksums)) > 1:
+            raise RuntimeError(f"the ranks hold different weights at iteration {iteration} (checksums {checksums})")
+        if not self.info.is_main:
+            return
+        written = []
+        if ema_files or numbered:
+            written.append(f"flow_model_{iteration}_ema.pth")
+            save_torch(averaged["flow"], os.path.join(args.dir, written[-1]))
+            if averaged["encoder"] is not None:
+                written.append(f"forward_model_{iteration}_ema.pth")
+                save_torch(averaged["encoder"], os.path.join(args.dir, written[-1]))
+        state = {
+            "format": TRAINING_STATE_FORMAT,
+            "iter": iteration,
+            "model_state_dict": weights["flow"],
+            "optimizer_state_dict": self.optimizer.state_dict(),
+            "ema_model_state_dict": averaged["flow"] if ema is not None else None,
+            "args": dict(vars(args)),
+            "config_de": self.config_de,
+            "config_en": self.config_en,
+            "rng": {"world_size": self.info.world_size, "ranks": rng},
+            "data_order": self.stream.state_dict(),
+            "counters": {"nonfinite_total": int(self.bad_total.item())},
+            "param_checksums": checksums,
+        }
+        if weights["encoder"] is not None:
+            state["forward_model_state_dict"] = weights["encoder"]
+            state["ema_forward_model_state_dict"] = averaged["encoder"] if ema is not None else None
+        for name in ([f"training_state_{iteration}.pth"] if numbered else []) + [plumbing.LATEST_NAME]:
+            written.append(name)
+            save_torch(state, os.path.join(args.dir, name))
+        self.log.line(f"iteration {iteration}: saved {', '.join(written)} (weights checksum {checksums[0]})")
+
+    def run(self):
+        args, is_main = self.args, self.info.is_main
+        if self.start_iteration > args.iterations:
+            self.log.line(f"nothing to do: the state is at iteration {self.start_iteration - 1} and --iterations is "
+                          f"{args.iterations}; raise --iterations to train longer")
+            return
+        autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+        progress = tqdm(total=args.iterations, initial=self.start_iteration - 1, disable=not is_main,
+                        dynamic_ncols=True, desc="train")
+        # the bar and the log close before an error is printed
+        with plumbing.StopSignals() as signals, progress, contextlib.closing(self.log):
+            for iteration in range(self.start_iteration, args.iterations + 1):
+                lr = self.step(iteration, autocast)
+                progress.update(1)
+                # Step boundary: every rank takes the same decisions from here on.
+                stop = self.agreement.any(signals.received is not None)
+                last = iteration == args.iterations
+                numbered = iteration % args.save_every == 0
+                if is_main and iteration % args.sample_every == 0:
+                    self.sample(iteration)
+                if iteration % args.log_every == 0 or last or stop:
+                    self.write_stats(iteration, lr, progress)
+                    self.check_nonfinite(iteration)
+                if numbered or iteration % args.snapshot_every == 0 or last or stop:
+                    self.check_nonfinite(iteration)
+                    self.save(iteration, numbered, ema_files=last)
+                if stop:
+                    self.log.line(f"stopped by {signals.received or 'a signal to another rank'} at iteration "
+                                  f"{iteration}; continue with the same command and --resume auto")
+                    return
+
+
+def worker(info, args, plan):
+    """One rank's training."""
+    Trainer(info, args, plan).run()
+
+
+def restore(state, path, model, ema, optimizer):
+    """Load networks, EMA and optimizer from a training state (this project's or the paper's)."""
+    what = f"--resume {path}"
+    load_state_dict_strict(model.flow, state["model_state_dict"], path, what=what)
+    if model.encoder is not None:
+        load_state_dict_strict(model.encoder, state["forward_model_state_dict"], path, what=what)
+    optimizer_state = state["optimizer_state_dict"]
+    # The paper's EMA lives in the optimizer's per-parameter state under 'ema'.
+    paper_ema = {index: entry.pop("ema") for index, entry in optimizer_state["state"].items() if "ema" in entry}
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError) as error:
+        raise UserError(f"{what}: the optimizer state does not fit these networks ({error})") from None
+    for group in optimizer.param_groups:
+        group.update(fused=True, foreach=None)   # fused, for skipping bad steps on the device
+    if ema is None:
+        return
+    averaged = ema.module
+    if state.get("ema_model_state_dict") is not None:
+        load_state_dict_strict(averaged.flow, state["ema_model_state_dict"], path, what=what)
+        if averaged.encoder is not None:
+            load_state_dict_strict(averaged.encoder, state["ema_forward_model_state_dict"], path, what=what)
+    else:
+        averaged.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            for index, parameter in enumerate(averaged.optimizer_params()):
+                if index in paper_ema:
+                    parameter.copy_(paper_ema[index])
+
+
+def check_data_order(data_order, dataset_size, args, log):
+    """The saved data position, with a warning when the dataset or the global batch changed."""
+    if data_order["dataset_size"] != dataset_size or data_order["global_batch"] != args.batchsize \
+            or data_order["seed"] != args.seed:
+        log.line(f"warning: the data order was saved for {data_order['dataset_size']} images, global batch "
+                 f"{data_order['global_batch']}, seed {data_order['seed']}; this run has {dataset_size}, "
+                 f"{args.batchsize}, {args.seed}: the order continues but is not the same as an uninterrupted run")
+    return data_order["batches_consumed"]
+
+
+def truncate_stats(folder, iteration):
+    """Keep only the stats.jsonl records up to ``iteration``: the resumed run redoes the later ones."""
+    path = os.path.join(folder, "stats.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        lines = handle.readlines()
+    kept = [line for line in lines if record_iteration(line) <= iteration]
+    if len(kept) != len(lines):
+        with atomic_write(path, "w") as handle:
+            handle.writelines(kept)
+
+
+def record_iteration(line):
+    """The ``iter`` of one stats.jsonl line; infinity for a line cut short by a kill (so it is dropped)."""
+    try:
+        return int(json.loads(line)["iter"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def spawned_worker(info, args, plan):
+    """A worker started by --gpu a,b: its errors are one line on stderr (rank 0) and exit code 1."""
+    try:
+        worker(info, args, plan)
+    except Exception as error:  # noqa: BLE001 - the parent only sees the exit code
+        if args.debug:
+            traceback.print_exc()
+        if info.is_main or args.debug:
+            kind = "" if isinstance(error, UserError) else f"{type(error).__name__}: "
+            first = (str(error).strip().splitlines() or [""])[0]
+            print(f"error: {kind}{first}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    plan = prepare(args)
+    if not plan["spawn"]:
+        dist.launch(worker, plan["gpu_ids"], args, plan)
+        return
+    import torch.multiprocessing as mp
+    plumbing.forward_signals_to_children()
+    try:
+        dist.launch(spawned_worker, plan["gpu_ids"], args, plan)
+    except mp.ProcessExitedException:
+        sys.exit(1)   # the worker has printed the error
+
+
+if __name__ == "__main__":
+    cli_main(main)
