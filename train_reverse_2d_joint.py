@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from models import flow as flowlib
 from models import toy2d
-from models.mlp import EncoderMLP, VelocityMLP
+from utils.dist import check_gpus, parse_gpu_list
 from utils.errors import UserError, cli_main
 from utils.io import atomic_write, save_json, save_torch
 
@@ -35,9 +35,6 @@ EVAL_POINTS = 4096       # prior samples for metrics and samples_N{n}.npy
 PLOT_POINTS = 512        # data points per mode in the figures (the paper's batch)
 PATHS_DRAWN = 30         # trajectories drawn per figure, as in the paper
 
-# Random streams (see toy2d.make_generator): separate, so figures never change training.
-STREAM_DATA, STREAM_TRAIN, STREAM_EVAL, STREAM_REFERENCE, STREAM_FLOOR, STREAM_PLOT = range(6)
-
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
@@ -46,12 +43,16 @@ def parse_args(argv):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dir", type=str, default="runs/2d",
                         help="output folder for figures, checkpoints, stats and metrics")
-    parser.add_argument("--coupling", choices=toy2d.COUPLINGS, default=None,
+    parser.add_argument("--coupling", choices=toy2d.COUPLINGS, default="learned",
                         help="how data x and noise z are paired: 'learned' (encoder q(z|x), the paper), "
                              "'independent' (z ~ prior), 'ot' (minibatch optimal transport of x and prior "
-                             "noise; its batches hold both modes) [default: learned]")
+                             "noise; its batches hold both modes)")
     parser.add_argument("--independent", action="store_true",
                         help="the paper's flag for the independent coupling: same as --coupling independent")
+    parser.add_argument("--ot_batch", type=int, default=toy2d.OT_BATCH,
+                        help="--coupling ot: points per exact assignment; the batch is split into groups of "
+                             "this size, each holding both modes (the Hungarian solve costs O(n^3): a whole "
+                             "batch of 512 takes ~25x longer per step); 0: the whole batch")
     parser.add_argument("--no_wide_prior", action="store_true",
                         help="use the prior N(0, I) instead of the wide N(0, diag(36, 1))")
     parser.add_argument("--N", type=int, default=20,
@@ -60,7 +61,7 @@ def parse_args(argv):
     parser.add_argument("--weight_prior", type=float, default=10.0,
                         help="beta, the weight of the KL term (learned coupling only)")
     parser.add_argument("--batchsize", type=int, default=512, help="points per training batch")
-    parser.add_argument("--iterations", type=int, default=20000, help="training iterations")
+    parser.add_argument("--iterations", type=int, default=5000, help="training iterations")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the data, initialisation, training noise and evaluation noise")
     parser.add_argument("--eval_N", type=str, default="1,2,4,8,128",
@@ -75,14 +76,16 @@ def parse_args(argv):
 
 def resolve(args):
     """Check every argument before any work starts; returns (coupling, eval_N, device)."""
-    if args.independent and args.coupling not in (None, "independent"):
-        raise UserError(f"--independent contradicts --coupling {args.coupling}; pass only one of them")
-    coupling = "independent" if args.independent else (args.coupling or "learned")
+    if args.independent and args.coupling == "ot":
+        raise UserError("--independent contradicts --coupling ot; pass only one of them")
+    coupling = "independent" if args.independent else args.coupling
     for name in ("N", "batchsize", "iterations"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if coupling == "ot" and args.batchsize < 2:
         raise UserError("--coupling ot needs --batchsize of at least 2")
+    if args.ot_batch < 0:
+        raise UserError(f"--ot_batch must be >= 0 (0: the whole batch), got {args.ot_batch}")
     if not args.lr > 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if not args.weight_prior >= 0:
@@ -100,19 +103,12 @@ def resolve(args):
 
 
 def resolve_device(gpu):
-    """--gpu omitted: the CPU; a single CUDA id otherwise, checked against the machine."""
-    if gpu is None:
-        return torch.device("cpu")
-    if not gpu.strip().isdigit():
-        raise UserError(f"--gpu takes one CUDA device id such as 0 (this example uses one device), got {gpu!r}")
-    if not torch.cuda.is_available():
-        raise UserError(f"--gpu {gpu} was given but CUDA is not available on this machine; "
-                        f"omit --gpu to run on the CPU")
-    index = int(gpu)
-    if index >= torch.cuda.device_count():
-        raise UserError(f"--gpu {index} does not exist: this machine has {torch.cuda.device_count()} "
-                        f"CUDA device(s), ids 0..{torch.cuda.device_count() - 1}")
-    return torch.device("cuda", index)
+    """--gpu omitted: the CPU; otherwise one CUDA id, checked against the machine."""
+    ids = parse_gpu_list(gpu)
+    if len(ids) > 1:
+        raise UserError(f"--gpu takes one CUDA device id such as 0 (this example runs on one device), got {gpu!r}")
+    check_gpus(ids)
+    return torch.device("cuda", ids[0]) if ids else torch.device("cpu")
 
 
 def prepare_dir(path, overwrite):
@@ -139,8 +135,9 @@ def count_parameters(module):
 class Figures:
     """The paper's figures, drawn from fixed noise so that successive refreshes are comparable."""
 
-    def __init__(self, folder, data, coupling, variances, eval_noise, N, wide_prior):
-        self.folder, self.coupling, self.variances, self.N = folder, coupling, variances, N
+    def __init__(self, folder, data, coupling, variances, eval_noise, N, wide_prior, seed, ot_batch):
+        self.folder, self.coupling, self.variances, self.N, self.seed = folder, coupling, variances, N, seed
+        self.ot_batch = ot_batch
         self.x = data.plot_batch(PLOT_POINTS)
         self.colors = toy2d.mode_colors(PLOT_POINTS)
         self.noise = eval_noise[:2048]
@@ -171,10 +168,10 @@ class Figures:
         plt.close(fig)
 
     @torch.no_grad()
-    def refresh(self, flow_model, encoder, iteration, one_step=None):
+    def refresh(self, flow_model, encoder, iteration, one_step=None, metrics=None):
         """traj_generative.png, traj_reconstruction.png, traj_coupling.png and overview.png."""
-        generator = toy2d.make_generator(0, STREAM_PLOT)   # the same coupling noise at every refresh
-        z, _, _ = toy2d.pair_noise(self.coupling, self.x, self.variances, generator, encoder)
+        generator = toy2d.make_generator(self.seed, toy2d.STREAM_PLOT)   # the same coupling noise at every refresh
+        z, _, _ = toy2d.pair_noise(self.coupling, self.x, self.variances, generator, encoder, self.ot_batch)
         generative = flowlib.euler(flow_model, self.noise, N=self.N, return_traj=True)
         reconstruction = flowlib.euler(flow_model, z, N=self.N, return_traj=True)
         straight = [z, self.x]   # the coupling's straight path, drawn from t = 1 to t = 0
@@ -200,11 +197,15 @@ class Figures:
         self._draw(axes[1], "traj_generative.png", f"{self.coupling}: Euler N={self.N} from prior", z,
                    straight, generative, reconstruction)
         toy2d.setup_axes(axes[2], f"{self.coupling}: one Euler step (NFE 1)")
-        for mode in (0, 1):
-            toy2d.plot_points(axes[2], self.x[mode * PLOT_POINTS:(mode + 1) * PLOT_POINTS],
-                              toy2d.MODE_COLORS[mode], alpha=0.15)
-        toy2d.plot_points(axes[2], one_step[:2048], toy2d.NOISE_COLOR, alpha=0.25)
-        fig.suptitle(f"iteration {iteration}", fontsize=9)
+        toy2d.plot_points(axes[2], self.x, "0.6", alpha=0.2, label="data")
+        toy2d.plot_points(axes[2], one_step[:2048], toy2d.NOISE_COLOR, alpha=0.25, label="samples")
+        axes[2].legend(fontsize=7, markerscale=3, loc="lower right")
+        headline = f"{self.coupling} coupling, iteration {iteration}"
+        if metrics is not None:
+            headline += (f": straightness {metrics['straightness']:.3g} (Euler N={metrics['straightness_N']})"
+                         + (f", energy distance at NFE 1 {metrics['energy_distance']['1']:.3g}"
+                            if "1" in metrics["energy_distance"] else ""))
+        fig.suptitle(headline, fontsize=9)
         fig.tight_layout()
         save_figure(fig, os.path.join(self.folder, "overview.png"))
         plt.close(fig)
@@ -256,18 +257,15 @@ def main(argv):
     wide_prior = not args.no_wide_prior
 
     # Everything random comes from --seed: the networks' initialisation and one stream per purpose.
-    torch.manual_seed(args.seed)
-    flow_model = VelocityMLP().to(device)
-    encoder = EncoderMLP().to(device) if coupling == "learned" else None
+    flow_model, encoder = toy2d.build_models(coupling, args.seed, device)
     parameters = list(flow_model.parameters()) + (list(encoder.parameters()) if encoder is not None else [])
     optimizer = torch.optim.Adam(parameters, lr=args.lr)
     variances = toy2d.prior_variances(wide_prior, device)
-    data = toy2d.TwoModeData(toy2d.make_generator(args.seed, STREAM_DATA), device=device)
-    train_generator = toy2d.make_generator(args.seed, STREAM_TRAIN)
-    eval_noise = toy2d.sample_prior(EVAL_POINTS, variances, toy2d.make_generator(args.seed, STREAM_EVAL))
-    reference = toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(args.seed, STREAM_REFERENCE))
-    # Minibatch OT pairs x with noise within a batch; a batch of one mode would not couple the modes.
-    mixed_batches = coupling == "ot"
+    data = toy2d.TwoModeData(toy2d.make_generator(args.seed, toy2d.STREAM_DATA), device=device)
+    train_generator = toy2d.make_generator(args.seed, toy2d.STREAM_TRAIN)
+    eval_noise = toy2d.sample_prior(EVAL_POINTS, variances, toy2d.make_generator(args.seed, toy2d.STREAM_EVAL))
+    reference = toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(args.seed, toy2d.STREAM_REFERENCE))
+    mixed_batches = coupling == "ot"   # see toy2d.coupled_training_step
 
     config = dict(vars(args), coupling=coupling, eval_N=eval_N, device=str(device),
                   prior=toy2d.prior_name(wide_prior), mixed_batches=mixed_batches)
@@ -278,7 +276,8 @@ def main(argv):
           f"batch {args.batchsize}, params flow {count_parameters(flow_model):,}{encoder_params}, "
           f"eval NFE {','.join(map(str, eval_N))}, seed {args.seed}, dir {args.dir}", flush=True)
 
-    figures = Figures(args.dir, data, coupling, variances, eval_noise, args.N, wide_prior)
+    figures = Figures(args.dir, data, coupling, variances, eval_noise, args.N, wide_prior, args.seed,
+                      args.ot_batch)
     figures.data_and_prior(data)
 
     stats_path = os.path.join(args.dir, "stats.jsonl")
@@ -288,10 +287,9 @@ def main(argv):
     progress = tqdm(range(1, args.iterations + 1), desc=f"2d {coupling}", mininterval=1.0, dynamic_ncols=True)
     for iteration in progress:
         step_start = time.time()
-        x = data.batch(iteration, args.batchsize, train_generator, mixed=mixed_batches)
-        z, mu, logvar = toy2d.pair_noise(coupling, x, variances, train_generator, encoder)
-        losses = toy2d.training_step(flow_model, optimizer, x, z, train_generator, mu, logvar, variances,
-                                     args.weight_prior)
+        losses = toy2d.coupled_training_step(iteration, data, coupling, flow_model, encoder, optimizer,
+                                             variances, train_generator, args.batchsize, args.weight_prior,
+                                             args.ot_batch)
         train_seconds += time.time() - step_start
         for key, value in losses.items():
             if value is not None:
@@ -316,7 +314,7 @@ def main(argv):
     save_checkpoints(args.dir, args.iterations, flow_model, encoder)
     metrics, samples = toy2d.evaluate(flow_model, eval_noise, eval_N, reference)
     floor = toy2d.energy_distance(
-        toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(args.seed, STREAM_FLOOR)), reference)
+        toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(args.seed, toy2d.STREAM_FLOOR)), reference)
     for steps in eval_N:
         with atomic_write(os.path.join(args.dir, f"samples_N{steps}.npy")) as handle:
             np.save(handle, samples[steps].cpu().numpy().astype(np.float32))
@@ -324,7 +322,7 @@ def main(argv):
                "seed": args.seed, "iterations": args.iterations, **metrics,
                "energy_distance_floor": floor, "train_seconds": round(train_seconds, 3)}
     save_json(metrics, os.path.join(args.dir, "metrics.json"))
-    figures.refresh(flow_model, encoder, args.iterations, one_step=samples[min(eval_N)] if min(eval_N) == 1 else None)
+    figures.refresh(flow_model, encoder, args.iterations, one_step=samples.get(1), metrics=metrics)
     figures.generated(samples, metrics, reference)
 
     distances = ", ".join(f"N={n}: {metrics['energy_distance'][str(n)]:.4f}" for n in eval_N)

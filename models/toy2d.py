@@ -15,13 +15,15 @@ Couplings of data x (t = 0) and noise z (t = 1):
   independent  z ~ prior, regardless of x (1-rectified flow);
   learned      z ~ q(z | x) = N(mu(x), diag(exp(logvar(x)))) from an encoder MLP,
                trained jointly with a KL term towards the prior (the paper);
-  ot           z ~ prior, then permuted within the batch to the minibatch
-               optimal-transport assignment (Tong et al. / Pooladian et al.).
+  ot           z ~ prior, then permuted to the minibatch optimal-transport
+               assignment (Tong et al. / Pooladian et al.), within groups of
+               ``ot_batch`` points of the batch (the exact solve costs O(n^3)).
 """
 import numpy as np
 import torch
 
 from models import flow as flowlib
+from models.mlp import EncoderMLP, VelocityMLP
 
 MODE_MEANS = ((-8.0, 8.0), (8.0, 8.0))
 MODE_VARIANCES = (3.0, 0.1)        # diagonal of each mode's covariance
@@ -29,6 +31,7 @@ WIDE_PRIOR_VARIANCES = (36.0, 1.0)
 UNIT_PRIOR_VARIANCES = (1.0, 1.0)
 POINTS_PER_MODE = 100_000          # the paper's fixed training set per mode
 COUPLINGS = ("independent", "learned", "ot")
+OT_BATCH = 128                     # points per exact OT assignment (512 costs ~25x more per step)
 MODE_COLORS = ("tab:red", "tab:green")
 NOISE_COLOR = "tab:blue"
 X_LIMITS = (-18.0, 18.0)           # the paper's plot window
@@ -36,8 +39,12 @@ Y_LIMITS = (-9.0, 18.0)
 
 
 # ----------------------------------------------------------------------------
-# Randomness: one independent stream per purpose, so drawing figures never
-# changes training and every number depends on --seed alone.
+# Randomness: one independent stream per purpose, so drawing figures never changes
+# training and every number depends on --seed alone. The streams: the training set;
+# training batches, noise and times; evaluation prior noise; the reference draw of the
+# mixture; a second draw (the energy distance's noise floor); figure noise; reflow pairs.
+STREAM_DATA, STREAM_TRAIN, STREAM_EVAL, STREAM_REFERENCE, STREAM_FLOOR, STREAM_PLOT, STREAM_REFLOW = range(7)
+
 
 def make_generator(seed, stream):
     """A CPU ``torch.Generator`` for (seed, stream); different pairs give unrelated streams."""
@@ -144,18 +151,32 @@ def prior_loss(mu, logvar, variances):
     return kl_to_prior(mu, logvar, variances).mean() / mu.shape[1]
 
 
+def ot_pairing_in_groups(x, z, ot_batch):
+    """Minibatch OT within groups of about ``ot_batch`` points (0: the whole batch).
+
+    Group k holds the points k, k + G, k + 2G, ... (G groups), so a batch made of one
+    mode's points followed by the other's gives every group both modes.
+    """
+    groups = 1 if ot_batch <= 0 else max(1, x.shape[0] // ot_batch)
+    paired = torch.empty_like(z)
+    for k in range(groups):
+        paired[k::groups] = flowlib.minibatch_ot_pairing(x[k::groups], z[k::groups])
+    return paired
+
+
 def pair_noise(coupling,            # "independent", "learned" or "ot"
                x,                   # [B, 2] data batch
                variances,           # [2] prior variances
                generator,           # CPU torch.Generator for the noise
-               encoder=None):       # EncoderMLP, needed for "learned"
+               encoder=None,        # EncoderMLP, needed for "learned"
+               ot_batch=OT_BATCH):  # points per exact OT assignment, 0: the whole batch ("ot")
     """Noise z [B, 2] coupled to ``x``; returns (z, mu, logvar), mu and logvar None unless learned."""
     noise = randn(x.shape, generator, x.device)
     if coupling == "learned":
         return encoder(x, noise=noise)
     z = noise * variances.sqrt()
     if coupling == "ot":
-        z = flowlib.minibatch_ot_pairing(x, z)
+        z = ot_pairing_in_groups(x, z, ot_batch)
     elif coupling != "independent":
         raise ValueError(f"unknown coupling {coupling!r}; known: {', '.join(COUPLINGS)}")
     return z, None, None
@@ -185,6 +206,37 @@ def training_step(flow_model,       # VelocityMLP v(z_t, t)
     return {"loss": loss.item(), "loss_fm": loss_fm.item(), "kl": None if kl is None else kl.item()}
 
 
+def build_models(coupling, seed, device):
+    """(flow_model, encoder): a VelocityMLP, and an EncoderMLP for the learned coupling (else None),
+    both initialised from ``seed`` in that order, so the same seed gives the same networks everywhere."""
+    torch.manual_seed(seed)
+    flow_model = VelocityMLP().to(device)
+    encoder = EncoderMLP().to(device) if coupling == "learned" else None
+    return flow_model, encoder
+
+
+def coupled_training_step(iteration,      # 1-based
+                          data,           # TwoModeData
+                          coupling,       # "independent", "learned" or "ot"
+                          flow_model,
+                          encoder,        # EncoderMLP or None
+                          optimizer,
+                          variances,      # [2] prior variances
+                          generator,      # CPU torch.Generator for batches, noise and times
+                          batchsize,
+                          weight_prior,
+                          ot_batch=OT_BATCH):
+    """Draw a batch, couple it with noise and take one optimiser step; returns the loss terms.
+
+    Batches alternate between the modes (the paper), except for minibatch OT: pairing a
+    batch of one mode with prior noise would not couple the modes, so its batches hold
+    half of each.
+    """
+    x = data.batch(iteration, batchsize, generator, mixed=coupling == "ot")
+    z, mu, logvar = pair_noise(coupling, x, variances, generator, encoder, ot_batch)
+    return training_step(flow_model, optimizer, x, z, generator, mu, logvar, variances, weight_prior)
+
+
 # ----------------------------------------------------------------------------
 # Metrics.
 
@@ -199,7 +251,8 @@ def _mean_distance(a, b, exclude_diagonal, chunk=1024):
 
 @torch.no_grad()
 def energy_distance(samples,        # [n, D]
-                    reference):     # [m, D]
+                    reference,      # [m, D]
+                    within_reference=None):  # E|Y - Y'| of the reference, if already known
     """Energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| (Euclidean norms), in float64.
 
     The within-set means leave out the pairs i = j (unbiased U-statistics), so two
@@ -207,10 +260,16 @@ def energy_distance(samples,        # [n, D]
     """
     a = samples.detach().flatten(1).double().cpu()
     b = reference.detach().flatten(1).double().cpu()
-    cross = _mean_distance(a, b, exclude_diagonal=False)
-    within_a = _mean_distance(a, a, exclude_diagonal=True)
-    within_b = _mean_distance(b, b, exclude_diagonal=True)
-    return 2.0 * cross - within_a - within_b
+    if within_reference is None:
+        within_reference = mean_pairwise_distance(b)
+    return 2.0 * _mean_distance(a, b, exclude_diagonal=False) - mean_pairwise_distance(a) - within_reference
+
+
+@torch.no_grad()
+def mean_pairwise_distance(points):
+    """E|Y - Y'| over the pairs i != j of ``points`` [m, D], in float64."""
+    points = points.detach().flatten(1).double().cpu()
+    return _mean_distance(points, points, exclude_diagonal=True)
 
 
 @torch.no_grad()
@@ -224,6 +283,7 @@ def evaluate(flow_model,            # v(z, t)
     ``straightness_N`` and ``energy_distance`` {N: value}; samples maps N to [n, 2] tensors.
     """
     longest = max(eval_N)
+    within_reference = mean_pairwise_distance(reference)
     result = flowlib.euler(flow_model, noise, N=longest, return_traj=True)
     samples = {longest: result.x}
     for steps in eval_N:
@@ -232,7 +292,8 @@ def evaluate(flow_model,            # v(z, t)
     metrics = {
         "straightness": flowlib.straightness(result.traj).item(),
         "straightness_N": longest,
-        "energy_distance": {str(steps): energy_distance(samples[steps], reference) for steps in eval_N},
+        "energy_distance": {str(steps): energy_distance(samples[steps], reference, within_reference)
+                            for steps in eval_N},
     }
     return metrics, samples
 

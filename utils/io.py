@@ -28,6 +28,10 @@ def atomic_write(path, mode="wb"):
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates files readable by the owner only; give the usual permissions (0666 minus umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -1,0 +1,265 @@
+"""The 2D example: models/toy2d.py against exact answers, and train_reverse_2d_joint.py end to end on CPU."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_reverse_2d_joint as script
+from models import flow as flowlib
+from models import toy2d
+from models.mlp import EncoderMLP, VelocityMLP
+from utils.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_reverse_2d_joint.py")
+ITERATIONS = 300
+FIGURES = ("samples.png", "prior.png", "traj_generative.png", "traj_reconstruction.png", "traj_coupling.png",
+           "overview.png", "generated.png")
+
+
+def start(folder, *options):
+    """Start the script in a subprocess (CPU only); returns the Popen."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    return subprocess.Popen([sys.executable, SCRIPT, "--dir", str(folder), *options], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process):
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-2000:]
+    return stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A learned and an independent run, same seed and budget, trained side by side."""
+    base = tmp_path_factory.mktemp("two_mode")
+    common = ("--iterations", str(ITERATIONS), "--eval_N", "1,128", "--seed", "0")
+    processes = {"learned": start(base / "learned", *common),
+                 "independent": start(base / "independent", "--independent", *common)}
+    stdout = {name: finish(process) for name, process in processes.items()}
+    return {name: (base / name, stdout[name]) for name in processes}
+
+
+def read_metrics(folder):
+    with open(folder / "metrics.json") as handle:
+        return json.load(handle)
+
+
+# ----------------------------------------------------------------------------
+# End to end.
+
+@pytest.mark.parametrize("name", ["learned", "independent"])
+def test_run_writes_every_output(runs, name):
+    folder, stdout = runs[name]
+    assert f"coupling {name}" in stdout and "device cpu" in stdout
+    config = json.loads((folder / "config.json").read_text())
+    assert config["coupling"] == name and config["iterations"] == ITERATIONS and config["eval_N"] == [1, 128]
+    stats = [json.loads(line) for line in (folder / "stats.jsonl").read_text().splitlines()]
+    assert [s["iter"] for s in stats] == [100, 200, 300]
+    assert all(math.isfinite(s["loss"]) and math.isfinite(s["loss_fm"]) for s in stats)
+    assert all((s["kl"] is not None) == (name == "learned") for s in stats)
+    for figure in FIGURES:
+        assert (folder / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+    flow_model = VelocityMLP()
+    flow_model.load_state_dict(torch.load(folder / f"flow_model_{ITERATIONS}.pth", weights_only=True))
+    forward = folder / f"forward_model_{ITERATIONS}.pth"
+    if name == "learned":
+        EncoderMLP().load_state_dict(torch.load(forward, weights_only=True))
+    else:
+        assert not forward.exists()
+    for steps in (1, 128):
+        samples = np.load(folder / f"samples_N{steps}.npy")
+        assert samples.shape == (4096, 2) and samples.dtype == np.float32 and np.isfinite(samples).all()
+    metrics = read_metrics(folder)
+    assert {"straightness", "energy_distance", "iterations", "straightness_N"} <= set(metrics)
+    assert metrics["iterations"] == ITERATIONS and metrics["straightness_N"] == 128
+    assert set(metrics["energy_distance"]) == {"1", "128"}
+
+
+def test_metrics_match_the_saved_samples_and_checkpoint(runs):
+    folder, _ = runs["learned"]
+    metrics = read_metrics(folder)
+    # The same prior noise and reference that the script draws from --seed 0.
+    variances = toy2d.prior_variances(True)
+    noise = toy2d.sample_prior(4096, variances, toy2d.make_generator(0, toy2d.STREAM_EVAL))
+    reference = toy2d.sample_mixture(4096, toy2d.make_generator(0, toy2d.STREAM_REFERENCE))
+    flow_model = VelocityMLP()
+    flow_model.load_state_dict(torch.load(folder / f"flow_model_{ITERATIONS}.pth", weights_only=True))
+    one_step = flowlib.euler(flow_model, noise, N=1).x
+    torch.testing.assert_close(torch.from_numpy(np.load(folder / "samples_N1.npy")), one_step, rtol=1e-5, atol=1e-5)
+    assert toy2d.energy_distance(one_step, reference) == pytest.approx(metrics["energy_distance"]["1"], rel=1e-4)
+    traj = flowlib.euler(flow_model, noise, N=128, return_traj=True).traj
+    assert flowlib.straightness(traj).item() == pytest.approx(metrics["straightness"], rel=1e-4)
+
+
+def test_learned_coupling_is_straighter_than_independent(runs):
+    # At 300 iterations, seeds 0-3 gave 0.15-0.29 (learned) against 4.2-4.8 (independent).
+    learned, independent = read_metrics(runs["learned"][0]), read_metrics(runs["independent"][0])
+    assert learned["straightness"] < 0.25 * independent["straightness"]
+    assert learned["energy_distance"]["1"] < independent["energy_distance"]["1"]
+
+
+def test_same_seed_gives_identical_results_and_ot_has_no_encoder(tmp_path):
+    # In-process (the subprocess runs above cover the command line); main() pins one thread on CPU.
+    threads = torch.get_num_threads()
+    try:
+        for name in ("a", "b"):
+            script.main(["--dir", str(tmp_path / name), "--coupling", "ot", "--iterations", "30", "--eval_N", "1",
+                         "--seed", "3"])
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(np.load(tmp_path / "a" / "samples_N1.npy"), np.load(tmp_path / "b" / "samples_N1.npy"))
+    a = torch.load(tmp_path / "a" / "flow_model_30.pth", weights_only=True)
+    b = torch.load(tmp_path / "b" / "flow_model_30.pth", weights_only=True)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert not list((tmp_path / "a").glob("forward_model_*.pth"))
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["mixed_batches"] is True
+
+
+def test_bad_arguments_stop_with_one_line(tmp_path):
+    process = start(tmp_path / "run", "--independent", "--coupling", "ot")
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert stderr.strip().count("\n") == 0 and stderr.startswith("error: ") and "--independent" in stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--eval_N", "1,x"], "--eval_N"),
+    (["--eval_N", "0,4"], "--eval_N"),
+    (["--N", "0"], "--N"),
+    (["--iterations", "0"], "--iterations"),
+    (["--lr", "0"], "--lr"),
+    (["--gpu", "0,1"], "one CUDA device"),
+    (["--gpu", "x"], "--gpu"),
+])
+def test_argument_checks(options, words):
+    with pytest.raises(UserError, match=words):
+        script.resolve(script.parse_args(options))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_without_cuda_is_a_clear_error():
+    with pytest.raises(UserError, match="omit --gpu"):
+        script.resolve(script.parse_args(["--gpu", "0"]))
+
+
+def test_independent_flag_and_defaults():
+    coupling, eval_N, device = script.resolve(script.parse_args(["--independent"]))
+    assert (coupling, eval_N, device.type) == ("independent", [1, 2, 4, 8, 128], "cpu")
+    assert script.resolve(script.parse_args([]))[0] == "learned"
+    args = script.parse_args([])
+    assert (args.N, args.lr, args.weight_prior, args.batchsize, args.seed) == (20, 1e-3, 10.0, 512, 0)
+    assert (args.iterations, args.dir, args.ot_batch) == (5000, "runs/2d", toy2d.OT_BATCH)
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "stats.jsonl").write_text("kept\n")
+    with pytest.raises(UserError, match="--overwrite"):
+        script.prepare_dir(str(tmp_path), overwrite=False)
+    assert (tmp_path / "stats.jsonl").read_text() == "kept\n"
+
+
+# ----------------------------------------------------------------------------
+# models/toy2d.py.
+
+def test_energy_distance_exact_values():
+    # Point masses at distance 5: 2 * 5 - 0 - 0.
+    a, b = torch.zeros(7, 2), torch.tensor([[3.0, 4.0]]).repeat(9, 1)
+    assert toy2d.energy_distance(a, b) == pytest.approx(10.0)
+    assert toy2d.energy_distance(b, b) == pytest.approx(0.0)
+    # Two points each: X in {0, 1}, Y in {0, 3} on a line: E|X-Y| = (0 + 3 + 1 + 2) / 4 = 1.5,
+    # E|X-X'| over i != j = 1, E|Y-Y'| = 3, so 2 * 1.5 - 1 - 3 = -1 (the unbiased estimate).
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    y = torch.tensor([[0.0, 0.0], [3.0, 0.0]])
+    assert toy2d.energy_distance(x, y) == pytest.approx(-1.0)
+    assert toy2d.energy_distance(x, y, within_reference=3.0) == pytest.approx(-1.0)
+
+
+def test_energy_distance_of_two_draws_of_the_mixture_is_near_zero():
+    first = toy2d.sample_mixture(2048, toy2d.make_generator(0, 1))
+    second = toy2d.sample_mixture(2048, toy2d.make_generator(0, 2))
+    shifted = second + torch.tensor([1.0, 0.0])
+    assert abs(toy2d.energy_distance(first, second)) < 0.02
+    assert toy2d.energy_distance(first, shifted) > 0.1
+
+
+def test_kl_matches_torch_distributions_and_the_papers_normalisation():
+    generator = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(16, 2, generator=generator) * 3, torch.randn(16, 2, generator=generator)
+    for wide in (True, False):
+        variances = toy2d.prior_variances(wide)
+        q = torch.distributions.Normal(mu, (logvar / 2).exp())
+        p = torch.distributions.Normal(torch.zeros(2), variances.sqrt())
+        expected = torch.distributions.kl_divergence(q, p).sum(dim=1)
+        torch.testing.assert_close(toy2d.kl_to_prior(mu, logvar, variances), expected)
+        assert toy2d.prior_loss(mu, logvar, variances).item() == pytest.approx(expected.mean().item() / 2, rel=1e-5)
+    # The paper's get_kl_2d (wide prior) differs from ours by the constant log(36) / 4: same gradients.
+    variances = toy2d.prior_variances(True)
+    paper = (0.5 * (-1 + math.log(36) - logvar + mu.square() / variances + logvar.exp() / variances).sum(1)).mean() / 2
+    assert (paper - toy2d.prior_loss(mu, logvar, variances)).item() == pytest.approx(math.log(36) / 4, rel=1e-5)
+    assert toy2d.kl_to_prior(torch.zeros(1, 2), variances.log()[None], variances).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_data_alternates_between_modes_and_matches_its_moments():
+    data = toy2d.TwoModeData(toy2d.make_generator(0, 0), points_per_mode=20_000)
+    generator = toy2d.make_generator(0, 1)
+    for mode in (0, 1):
+        points = data.modes[mode]
+        torch.testing.assert_close(points.mean(0), torch.tensor(toy2d.MODE_MEANS[mode]), atol=0.05, rtol=0)
+        torch.testing.assert_close(points.var(0), torch.tensor(toy2d.MODE_VARIANCES), atol=0.1, rtol=0.03)
+    odd, even = data.batch(1, 256, generator), data.batch(2, 256, generator)
+    assert (odd[:, 0] < 0).all() and (even[:, 0] > 0).all()
+    mixed = data.batch(1, 256, generator, mixed=True)
+    assert (mixed[:128, 0] < 0).all() and (mixed[128:, 0] > 0).all()
+    mixture = toy2d.sample_mixture(20_000, generator)
+    assert (mixture[:, 0] < 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_prior_and_streams():
+    noise = toy2d.sample_prior(50_000, toy2d.prior_variances(True), toy2d.make_generator(0, 2))
+    torch.testing.assert_close(noise.var(0), torch.tensor([36.0, 1.0]), rtol=0.03, atol=0)
+    a, b = toy2d.make_generator(0, 1), toy2d.make_generator(0, 1)
+    assert torch.equal(torch.rand(5, generator=a), torch.rand(5, generator=b))
+    assert not torch.equal(torch.rand(5, generator=toy2d.make_generator(0, 2)),
+                           torch.rand(5, generator=toy2d.make_generator(1, 1)))
+
+
+def test_couplings():
+    generator = toy2d.make_generator(0, 3)
+    variances = toy2d.prior_variances(True)
+    x = toy2d.sample_mixture(64, generator)
+    independent, mu, logvar = toy2d.pair_noise("independent", x, variances, toy2d.make_generator(0, 4))
+    assert mu is None and logvar is None
+    ot, _, _ = toy2d.pair_noise("ot", x, variances, toy2d.make_generator(0, 4))
+    # The OT coupling permutes the same noise and lowers the transport cost.
+    assert sorted(ot[:, 0].tolist()) == sorted(independent[:, 0].tolist())
+    assert (x - ot).square().sum() < (x - independent).square().sum()
+    encoder = EncoderMLP()
+    z, mu, logvar = toy2d.pair_noise("learned", x, variances, toy2d.make_generator(0, 4), encoder)
+    noise = torch.randn(x.shape, generator=toy2d.make_generator(0, 4))
+    torch.testing.assert_close(z, mu + noise * (logvar / 2).exp())
+    with pytest.raises(ValueError, match="independent"):
+        toy2d.pair_noise("diagonal", x, variances, generator)
+
+
+def test_training_step_lowers_the_loss_on_a_fixed_batch():
+    flow_model, encoder = toy2d.build_models("learned", 0, "cpu")
+    optimizer = torch.optim.Adam(list(flow_model.parameters()) + list(encoder.parameters()), lr=1e-2)
+    variances = toy2d.prior_variances(True)
+    x = toy2d.sample_mixture(128, toy2d.make_generator(0, 5))
+    losses = []
+    for step in range(60):
+        z, mu, logvar = toy2d.pair_noise("learned", x, variances, toy2d.make_generator(0, 6), encoder)
+        losses.append(toy2d.training_step(flow_model, optimizer, x, z, toy2d.make_generator(0, 7), mu, logvar,
+                                          variances, weight_prior=10.0))
+    assert set(losses[0]) == {"loss", "loss_fm", "kl"}
+    assert losses[-1]["loss"] < 0.5 * losses[0]["loss"]
+    assert losses[0]["loss"] == pytest.approx(losses[0]["loss_fm"] + 10.0 * losses[0]["kl"], rel=1e-5)
