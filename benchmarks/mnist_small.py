@@ -29,6 +29,7 @@ from utils.data import write_mnist_pngs  # noqa: E402
 from utils.io import save_json  # noqa: E402
 
 COUPLINGS = ("independent", "learned", "ot")
+THREADS = [1]  # OMP threads of each subprocess, set from --threads
 
 
 def parse_args(argv=None):
@@ -52,12 +53,16 @@ def parse_args(argv=None):
     parser.add_argument("--test_pairs", type=int, default=200, help="held-out pairs for the distillation test loss")
     parser.add_argument("--pair_nfe", type=int, default=32, help="Euler NFE used to make the distillation pairs")
     parser.add_argument("--distill_iterations", type=int, default=2000, help="distillation iterations")
+    parser.add_argument("--ref_images", type=int, default=5000,
+                        help="digits (of the 5,000) whose Inception statistics are the FID reference")
+    parser.add_argument("--threads", type=int, default=1, help="OMP threads per subprocess (1 is fastest on 2 cores)")
     parser.add_argument("--detector", default="fid-helper", help="fid.py --detector (offline by default)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run in a few minutes")
     args = parser.parse_args(argv)
     if args.quick:
         args.iterations, args.num_samples, args.pairs, args.test_pairs = 60, 64, 64, 16
         args.euler_nfe, args.heun_nfe, args.distill_iterations, args.pair_nfe = "1,4", "3", 30, 4
+        args.ref_images = 64
         args.out = args.out.rstrip("/") + "_quick"
     return args
 
@@ -68,7 +73,8 @@ def run(command, log):
     with open(log, "a") as handle:
         handle.write("$ " + " ".join(command) + "\n")
         handle.flush()
-        result = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+        environment = dict(os.environ, OMP_NUM_THREADS=str(THREADS[0]))
+        result = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=environment)
     if result.returncode != 0:
         raise SystemExit(f"step failed (exit {result.returncode}): {' '.join(command)}; see {log}")
 
@@ -93,14 +99,18 @@ def generate(ckpt, out, args, solver, nfe, log, seed=0, count=None, extra=()):
 
 def main(argv=None):
     args = parse_args(argv)
+    THREADS[0] = args.threads
     os.makedirs(args.out, exist_ok=True)
     log = os.path.join(args.out, "log.txt")
     digits = os.path.join(args.out, "digits")
     if not os.path.isdir(digits) or len(os.listdir(digits)) < 5000:
         write_mnist_pngs(digits, 5000)
-    ref = os.path.join(args.out, "mnist5k_ref.npz")
+    ref_digits = os.path.join(args.out, f"digits-ref{args.ref_images}")
+    if not os.path.isdir(ref_digits) or len(os.listdir(ref_digits)) < args.ref_images:
+        write_mnist_pngs(ref_digits, args.ref_images)
+    ref = os.path.join(args.out, f"mnist_ref{args.ref_images}.npz")
     if not os.path.isfile(ref):
-        run([sys.executable, "fid.py", "ref", f"--data={digits}", f"--dest={ref}", f"--detector={args.detector}",
+        run([sys.executable, "fid.py", "ref", f"--data={ref_digits}", f"--dest={ref}", f"--detector={args.detector}",
              "--device=cpu"], log)
 
     rows = []
@@ -160,7 +170,7 @@ def main(argv=None):
 
 def write_table(rows, args, path):
     lines = [f"MNIST-small: {args.iterations} training iterations at batch {args.batchsize}, "
-             f"FID of {args.num_samples} samples vs the 5,000 bundled digits (offline Inception weights; "
+             f"FID of {args.num_samples} samples vs {args.ref_images} of the bundled digits (offline Inception weights; "
              f"small-sample FID is biased upwards, compare within this table only).", "",
              "| coupling | solver | NFE | FID | straightness | train s |", "|---|---|---:|---:|---:|---:|"]
     for row in rows:
