@@ -33,7 +33,6 @@ SIGINT). ``--resume auto`` continues from it.
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 import re
@@ -45,6 +44,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from models import build_network, load_config
+from models.config import resolve_image_options
 from models import flow as flowlib
 from utils import dist
 from utils import train as plumbing
@@ -307,13 +307,7 @@ def check_args(args):
     if args.config_de is None:
         raise UserError("--config_de is required: the teacher flow's config, e.g. configs/mnist_de.json")
     config = load_config(args.config_de, "--config_de")
-    for option, key in (("res", "img_resolution"), ("input_nc", "in_channels")):
-        given = getattr(args, option)
-        if given is None:
-            setattr(args, option, config[key])
-        elif given != config[key]:
-            raise UserError(f"--{option} {given} disagrees with {key} = {config[key]} in --config_de "
-                            f"{args.config_de}; omit --{option} or use a matching config")
+    resolve_image_options(args, config, args.config_de)
     if args.input_nc not in IMAGE_MODES:
         raise UserError(f"distill.py reads grayscale or RGB images (1 or 3 channels); --config_de "
                         f"{args.config_de} has in_channels = {args.input_nc}")
@@ -391,26 +385,6 @@ def check_state(state, path, args, config):
 # ----------------------------------------------------------------------------
 # Files.
 
-def truncate_stats(folder, iteration):
-    """Keep only the stats.jsonl records up to ``iteration``: a resumed run redoes the later ones."""
-    path = os.path.join(folder, "stats.jsonl")
-    if not os.path.isfile(path):
-        return
-    with open(path) as handle:
-        lines = handle.readlines()
-
-    def record_iteration(line):
-        try:
-            return int(json.loads(line)["iter"])
-        except (ValueError, KeyError, TypeError):
-            return math.inf   # a line cut short by a kill
-
-    kept = [line for line in lines if record_iteration(line) <= iteration]
-    if len(kept) != len(lines):
-        with atomic_write(path, "w") as handle:
-            handle.writelines(kept)
-
-
 def model_path(args, iteration):
     return os.path.join(args.dir, f"flow_model_{'distilled' if args.mode == 'distill' else 'reflow'}_{iteration}.pth")
 
@@ -442,7 +416,7 @@ def train(args, plan):
             log.line("warning: the pairs, --batchsize or --seed changed since the state was saved: the data order "
                      "continues but differs from an uninterrupted run")
         plumbing.restore_rng_state(state["rng"], device)
-        truncate_stats(args.dir, start)
+        plumbing.truncate_stats(args.dir, start)
         log.line(f"resumed from {plan['state_path']} at iteration {start}")
     plan["state"] = state = None
     student.train()

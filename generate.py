@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from models import build_encoder, build_network, check_encoder_decoder, load_config
 from models import flow as flowlib
+from models.config import resolve_image_options
 from utils import dist
 from utils.checkpoint import load_weights, resolve_weights_path
 from utils.data import DATASETS, build_dataset, check_dataset_config
@@ -143,13 +144,7 @@ def check_args(args):
     if args.ckpt is None:
         raise UserError("--ckpt is required: a flow_model_*_ema.pth file, a training state or a run folder")
     config_de = load_config(args.config_de, "--config_de")
-    for option, key in (("res", "img_resolution"), ("input_nc", "in_channels")):
-        given = getattr(args, option)
-        if given is None:
-            setattr(args, option, config_de[key])
-        elif given != config_de[key]:
-            raise UserError(f"--{option} {given} disagrees with {key} = {config_de[key]} in --config_de "
-                            f"{args.config_de}; omit --{option} or use a matching config")
+    resolve_image_options(args, config_de, args.config_de)
     plan = {"config_de": config_de, "config_en": None, "ckpt_file": resolve_weights_path(args.ckpt, "flow"),
             "encoder_file": None}
 

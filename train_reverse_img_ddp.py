@@ -28,8 +28,6 @@ end, and on SIGTERM / SIGINT). ``--resume auto`` continues from the latter.
 import argparse
 import contextlib
 import glob
-import json
-import math
 import os
 import sys
 import time
@@ -443,7 +441,7 @@ class Trainer:
         if not rng_restored:
             plumbing.seed_everything(plumbing.rank_seed(self.args.seed + state["iter"], info.rank))
         if info.is_main:
-            truncate_stats(self.args.dir, state["iter"])
+            plumbing.truncate_stats(self.args.dir, state["iter"])
         self.log.line(f"resumed from {path} at iteration {state['iter']}")
         return batches_consumed, nonfinite_total
 
@@ -636,27 +634,6 @@ def check_data_order(data_order, dataset_size, args, log):
                  f"{data_order['global_batch']}, seed {data_order['seed']}; this run has {dataset_size}, "
                  f"{args.batchsize}, {args.seed}: the order continues but is not the same as an uninterrupted run")
     return data_order["batches_consumed"]
-
-
-def truncate_stats(folder, iteration):
-    """Keep only the stats.jsonl records up to ``iteration``: the resumed run redoes the later ones."""
-    path = os.path.join(folder, "stats.jsonl")
-    if not os.path.isfile(path):
-        return
-    with open(path) as handle:
-        lines = handle.readlines()
-    kept = [line for line in lines if record_iteration(line) <= iteration]
-    if len(kept) != len(lines):
-        with atomic_write(path, "w") as handle:
-            handle.writelines(kept)
-
-
-def record_iteration(line):
-    """The ``iter`` of one stats.jsonl line; infinity for a line cut short by a kill (so it is dropped)."""
-    try:
-        return int(json.loads(line)["iter"])
-    except (ValueError, KeyError, TypeError):
-        return math.inf
 
 
 def spawned_worker(info, args, plan):

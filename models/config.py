@@ -108,3 +108,14 @@ def check_encoder_decoder(config_de, config_en, names=("--config_de", "--config_
     if config_de["out_channels"] != config_de["in_channels"]:
         raise ConfigError(f"{names[0]}: the velocity network needs out_channels = in_channels "
                           f"({config_de['in_channels']}), got {config_de['out_channels']}")
+
+
+def resolve_image_options(args, config, config_path):
+    """``--res`` / ``--input_nc`` default to the config's values and must agree with it when given."""
+    for option, key in (("res", "img_resolution"), ("input_nc", "in_channels")):
+        given = getattr(args, option)
+        if given is None:
+            setattr(args, option, config[key])
+        elif given != config[key]:
+            raise ConfigError(f"--{option} {given} disagrees with {key} = {config[key]} in --config_de "
+                              f"{config_path}; omit --{option} or use a matching config")

@@ -9,6 +9,7 @@ import copy
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -433,3 +434,24 @@ def check_writable(folder):
     except OSError as error:
         raise UserError(f"output folder --dir {folder} is not writable ({error.strerror or error}); "
                         f"choose another --dir") from None
+
+
+def truncate_stats(folder, iteration):
+    """Keep only the stats.jsonl records up to ``iteration``: the resumed run redoes the later ones."""
+    path = os.path.join(folder, "stats.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        lines = handle.readlines()
+    kept = [line for line in lines if record_iteration(line) <= iteration]
+    if len(kept) != len(lines):
+        with atomic_write(path, "w") as handle:
+            handle.writelines(kept)
+
+
+def record_iteration(line):
+    """The ``iter`` of one stats.jsonl line; infinity for a line cut short by a kill (so it is dropped)."""
+    try:
+        return int(json.loads(line)["iter"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
