@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -57,6 +56,8 @@ def parse_args(argv=None):
                         help="digits (of the 5,000) whose Inception statistics are the FID reference")
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per subprocess (1 is fastest on 2 cores)")
     parser.add_argument("--detector", default="fid-helper", help="fid.py --detector (offline by default)")
+    parser.add_argument("--report_only", action="store_true",
+                        help="run nothing: tabulate the steps that already finished in --out (e.g. after a stop)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run in a few minutes")
     args = parser.parse_args(argv)
     if args.quick:
@@ -67,8 +68,17 @@ def parse_args(argv=None):
     return args
 
 
+class StepMissing(Exception):
+    """With --report_only: a step's output does not exist yet."""
+
+
+REPORT_ONLY = [False]
+
+
 def run(command, log):
     """Run one CLI step; its output goes to ``log``; a failure stops the benchmark with the step named."""
+    if REPORT_ONLY[0]:
+        raise StepMissing(" ".join(command))
     print("$ " + " ".join(command), flush=True)
     with open(log, "a") as handle:
         handle.write("$ " + " ".join(command) + "\n")
@@ -77,6 +87,17 @@ def run(command, log):
         result = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=environment)
     if result.returncode != 0:
         raise SystemExit(f"step failed (exit {result.returncode}): {' '.join(command)}; see {log}")
+
+
+def training_seconds(run_dir, iterations):
+    """Training wall time from the run's own log: the mean seconds per iteration x iterations."""
+    path = os.path.join(run_dir, "stats.jsonl")
+    if not os.path.isfile(path):
+        return float("nan")
+    with open(path) as handle:
+        rates = [json.loads(line).get("sec_per_iter") for line in handle if line.strip()]
+    rates = [rate for rate in rates if rate]
+    return sum(rates) / len(rates) * iterations if rates else float("nan")
 
 
 def fid_of(folder, ref, args, log):
@@ -100,6 +121,7 @@ def generate(ckpt, out, args, solver, nfe, log, seed=0, count=None, extra=()):
 def main(argv=None):
     args = parse_args(argv)
     THREADS[0] = args.threads
+    REPORT_ONLY[0] = args.report_only
     os.makedirs(args.out, exist_ok=True)
     log = os.path.join(args.out, "log.txt")
     digits = os.path.join(args.out, "digits")
@@ -109,6 +131,8 @@ def main(argv=None):
     if not os.path.isdir(ref_digits) or len(os.listdir(ref_digits)) < args.ref_images:
         write_mnist_pngs(ref_digits, args.ref_images)
     ref = os.path.join(args.out, f"mnist_ref{args.ref_images}.npz")
+    if not os.path.isfile(ref) and args.report_only:
+        raise SystemExit(f"--report_only: no reference statistics {ref} yet; nothing to report")
     if not os.path.isfile(ref):
         run([sys.executable, "fid.py", "ref", f"--data={ref_digits}", f"--dest={ref}", f"--detector={args.detector}",
              "--device=cpu"], log)
@@ -116,7 +140,6 @@ def main(argv=None):
     rows = []
     for coupling in args.couplings.split(","):
         run_dir = os.path.join(args.out, f"run-{coupling}")
-        start = time.time()
         command = [sys.executable, "train_reverse_img_ddp.py", "--dir", run_dir, "--dataset", "folder",
                    "--data_path", digits, "--config_de", args.config_de, "--coupling", coupling,
                    "--iterations", str(args.iterations), "--batchsize", str(args.batchsize),
@@ -128,44 +151,58 @@ def main(argv=None):
             command += ["--config_en", args.config_en, "--weight_prior", str(args.weight_prior)]
         ckpt = os.path.join(run_dir, f"flow_model_{args.iterations}_ema.pth")
         if not os.path.isfile(ckpt):
-            run(command, log)
-        train_seconds = time.time() - start
+            try:
+                run(command, log)
+            except StepMissing:
+                continue
+        train_seconds = training_seconds(run_dir, args.iterations)
         base = dict(coupling=coupling, weight_prior=args.weight_prior if coupling == "learned" else None,
                     iterations=args.iterations, train_seconds=round(train_seconds, 1))
         for solver, nfes in (("euler", args.euler_nfe), ("heun", args.heun_nfe)):
             for nfe in [int(n) for n in nfes.split(",") if n]:
                 out = os.path.join(run_dir, f"{solver}-N{nfe}")
-                result = generate(ckpt, out, args, solver, nfe, log)
-                rows.append(dict(base, solver=solver, nfe=result["nfes_mean"],
-                                 straightness=result.get("straightness_mean"),
-                                 fid=fid_of(os.path.join(out, "samples"), ref, args, log)))
+                try:
+                    result = generate(ckpt, out, args, solver, nfe, log)
+                    rows.append(dict(base, solver=solver, nfe=result["nfes_mean"],
+                                     straightness=result.get("straightness_mean"),
+                                     fid=fid_of(os.path.join(out, "samples"), ref, args, log)))
+                except StepMissing:
+                    continue
                 print(json.dumps(rows[-1]), flush=True)
 
         # One-step distillation from (z, x) pairs of this flow: train pairs seeds 0.., test pairs seeds 10^6..
-        pairs = os.path.join(run_dir, f"pairs-N{args.pair_nfe}")
-        tests = os.path.join(run_dir, f"pairs-test-N{args.pair_nfe}")
-        generate(ckpt, pairs, args, "euler", args.pair_nfe, log, count=args.pairs, extra=("--save_z",))
-        generate(ckpt, tests, args, "euler", args.pair_nfe, log, seed=10 ** 6, count=args.test_pairs,
-                 extra=("--save_z",))
-        distill_dir = os.path.join(run_dir, "distill")
-        student = os.path.join(distill_dir, f"flow_model_distilled_{args.distill_iterations}.pth")
-        if not os.path.isfile(student):
-            run([sys.executable, "distill.py", "--dir", distill_dir, "--config_de", args.config_de, "--ckpt", ckpt,
-                 "--im_dir", os.path.join(pairs, "samples"), "--z_dir", os.path.join(pairs, "zs"),
-                 "--im_dir_test", os.path.join(tests, "samples"), "--z_dir_test", os.path.join(tests, "zs"),
-                 "--iterations", str(args.distill_iterations), "--batchsize", "32", "--learning_rate", "1e-4",
-                 "--eval_every", str(max(1, args.distill_iterations // 4)),
-                 "--save_every", str(args.distill_iterations)], log)
-        out = os.path.join(run_dir, "distilled-N1")
-        result = generate(student, out, args, "euler", 1, log, seed=2 * 10 ** 6)
-        rows.append(dict(base, solver="distilled", nfe=result["nfes_mean"], straightness=None,
-                         fid=fid_of(os.path.join(out, "samples"), ref, args, log)))
+        try:
+            rows.append(distilled_row(ckpt, run_dir, ref, base, args, log))
+        except StepMissing:
+            continue
         print(json.dumps(rows[-1]), flush=True)
 
     save_json(dict(args=vars(args), rows=rows), os.path.join(args.out, "results.json"))
     write_table(rows, args, os.path.join(args.out, "results.md"))
     plot(rows, os.path.join(args.out, "quality_vs_nfe.png"))
     print(f"wrote {args.out}/results.json, results.md, quality_vs_nfe.png")
+
+
+def distilled_row(ckpt, run_dir, ref, base, args, log):
+    """Pairs from the flow, one-step distillation, and the FID of the student's one-step samples."""
+    pairs = os.path.join(run_dir, f"pairs-N{args.pair_nfe}")
+    tests = os.path.join(run_dir, f"pairs-test-N{args.pair_nfe}")
+    generate(ckpt, pairs, args, "euler", args.pair_nfe, log, count=args.pairs, extra=("--save_z",))
+    generate(ckpt, tests, args, "euler", args.pair_nfe, log, seed=10 ** 6, count=args.test_pairs,
+             extra=("--save_z",))
+    distill_dir = os.path.join(run_dir, "distill")
+    student = os.path.join(distill_dir, f"flow_model_distilled_{args.distill_iterations}.pth")
+    if not os.path.isfile(student):
+        run([sys.executable, "distill.py", "--dir", distill_dir, "--config_de", args.config_de, "--ckpt", ckpt,
+             "--im_dir", os.path.join(pairs, "samples"), "--z_dir", os.path.join(pairs, "zs"),
+             "--im_dir_test", os.path.join(tests, "samples"), "--z_dir_test", os.path.join(tests, "zs"),
+             "--iterations", str(args.distill_iterations), "--batchsize", "32", "--learning_rate", "1e-4",
+             "--eval_every", str(max(1, args.distill_iterations // 4)),
+             "--save_every", str(args.distill_iterations)], log)
+    out = os.path.join(run_dir, "distilled-N1")
+    result = generate(student, out, args, "euler", 1, log, seed=2 * 10 ** 6)
+    return dict(base, solver="distilled", nfe=result["nfes_mean"], straightness=None,
+                fid=fid_of(os.path.join(out, "samples"), ref, args, log))
 
 
 def write_table(rows, args, path):
