@@ -2,8 +2,12 @@
 import os
 import sys
 
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning: the suite starts several processes (torchrun tests) on
+# few cores, where spinning threads steal the CPU from the ones with work (see docs/speed.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
