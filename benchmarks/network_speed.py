@@ -12,23 +12,31 @@ FLOPs are counted once per measured function with
 attention, forward and backward; elementwise work and the Adam update count as
 zero). The headline figure is ``train GFLOP/s / matmul GFLOP/s``: since both
 are measured in the same run, the load other processes put on the machine
-partly cancels out. Each figure is the median over ``--repeats`` repeats of
-``--iters`` timed calls, after ``--warmup`` untimed calls.
+partly cancels out. The three measurements take turns for ``--repeats``
+rounds of ``--iters`` timed calls each (after ``--warmup`` untimed calls in
+the first round); each figure is the median over rounds. ``OMP_WAIT_POLICY``
+defaults to PASSIVE (see below and docs/speed.md).
 
 Example (issue 2's target, >= 0.65 on CPU):
 
     python benchmarks/network_speed.py --config configs/mnist_de.json --batch 32 --device cpu
 """
-import argparse
-import json
 import os
-import platform
-import statistics
-import sys
-import time
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+# libgomp (PyTorch's OpenMP) reads OMP_WAIT_POLICY once, when torch is imported. Its default lets idle
+# threads spin, which on a CPU shared with other jobs starves the thread doing the work: on this project's
+# 2-core machine under load, a training step ran about 5x slower than with PASSIVE. Set the variable
+# yourself (e.g. OMP_WAIT_POLICY=ACTIVE) to measure something else; the value used is reported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,15 +46,22 @@ from utils.errors import UserError, cli_main  # noqa: E402
 from utils.io import load_json, save_json  # noqa: E402
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except ``None`` ones (their help says what happens instead)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--config", default="configs/mnist_de.json", help="network config (JSON) of the U-Net to time")
     parser.add_argument("--batch", type=int, default=32, help="images per training step / forward")
     parser.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
-    parser.add_argument("--iters", type=int, default=10, help="timed calls per repeat")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (allocator, autotuning)")
-    parser.add_argument("--repeats", type=int, default=5, help="repeats of --iters calls; the median is reported")
+    parser.add_argument("--iters", type=int, default=2, help="timed calls per repeat")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (allocator, autotuning)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="repeats of (matmul, training step, forward), interleaved; medians are reported")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for every measurement (0: the number of physical cores)")
     parser.add_argument("--matmul_size", type=int, default=0,
@@ -58,6 +73,9 @@ def parse_args(argv):
                         help="attention kernel of the U-Net (numerically equivalent)")
     parser.add_argument("--tf32", action="store_true",
                         help="on CUDA, allow TF32 in matmuls and convolutions (off by default: fp32 figures)")
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="diagnostic: override the config's dropout (e.g. 0 to see what dropout costs; "
+                             "on CPU its random mask is drawn serially)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -78,11 +96,10 @@ def physical_cores():
         allowed = set(range(os.cpu_count() or 1))
     cores = set()
     for cpu in allowed:
-        path = f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id"
-        package = f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id"
         try:
-            with open(path) as handle, open(package) as handle2:
-                cores.add((handle2.read().strip(), handle.read().strip()))
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id") as core, \
+                    open(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id") as package:
+                cores.add((package.read().strip(), core.read().strip()))
         except OSError:
             cores.add(("0", str(cpu)))
     return max(1, len(cores))
@@ -102,19 +119,21 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn, device, iters, warmup, repeats):
-    """Seconds per call: the median over ``repeats`` of (time of ``iters`` calls) / ``iters``, and all repeats."""
+def time_calls(fn, device, iters, warmup):
+    """(wall seconds, process CPU seconds) per call of ``fn``, over ``iters`` calls after ``warmup`` calls.
+
+    Wall time (``perf_counter``) is the figure the benchmark reports; CPU time
+    (``process_time``) is kept beside it because on a machine shared with other
+    jobs it shows how much of the wall time this process actually ran.
+    """
     for _ in range(warmup):
         fn()
     synchronize(device)
-    per_call = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        synchronize(device)
-        per_call.append((time.perf_counter() - start) / iters)
-    return statistics.median(per_call), per_call
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(iters):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - wall) / iters, (time.process_time() - cpu) / iters
 
 
 def count_flops(fn):
@@ -124,32 +143,24 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def matmul_benchmark(size, device, iters, warmup, repeats):
-    """GFLOP/s of an fp32 [size, size] @ [size, size] matmul (2 * size^3 FLOPs per call)."""
+def build_matmul(size, device):
+    """An fp32 [size, size] @ [size, size] matmul (2 * size^3 FLOPs) as a zero-argument function."""
     generator = torch.Generator(device="cpu").manual_seed(1)
     a = torch.randn(size, size, generator=generator).to(device)
     b = torch.randn(size, size, generator=generator).to(device)
     out = torch.empty(size, size, device=device)
-
-    def call():
-        torch.mm(a, b, out=out)
-
-    seconds, per_call = time_calls(call, device, iters, warmup, repeats)
-    flops = 2.0 * size ** 3
-    return {"size": size, "seconds": seconds, "gflops": flops / seconds / 1e9,
-            "gflops_repeats": [flops / s / 1e9 for s in per_call]}
+    return lambda: torch.mm(a, b, out=out)
 
 
 def build_step(net, batch, device, channels_last, in_shape, seed):
-    """A training step and a no-grad forward as zero-argument functions on fixed random inputs."""
+    """A training step and a no-grad eval-mode forward, as zero-argument functions on fixed random inputs."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, *in_shape, generator=generator).to(device).contiguous(memory_format=memory_format)
     noise = torch.randn(batch, *in_shape, generator=generator).to(device).contiguous(memory_format=memory_format)
     t = sample_time(batch, generator=generator).to(device)
-    # foreach is the default multi-tensor Adam on both CPU and CUDA; fused=True exists for CPU too but
-    # measured no faster here, and foreach keeps the same update as the training scripts.
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+    # fused Adam, as the training script uses (utils.train)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
     def train_step():
         z_t = interpolate(x, noise, t)
@@ -159,14 +170,17 @@ def build_step(net, batch, device, channels_last, in_shape, seed):
         optimizer.step()
 
     def forward():
+        net.eval()  # what sampling runs: no dropout, no autograd
         with torch.no_grad():
             net(x, t)
+        net.train()
 
     return train_step, forward
 
 
 def machine_summary(device, threads):
     summary = {"device": str(device), "threads": threads, "torch": torch.__version__,
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                "python": platform.python_version(), "cpu": platform.processor() or platform.machine()}
     try:
         with open("/proc/cpuinfo") as handle:
@@ -197,6 +211,10 @@ def main(argv):
     matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
 
     config = load_json(args.config, "network config")
+    if args.dropout is not None:
+        if not 0 <= args.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+        config = dict(config, dropout=args.dropout)
     torch.manual_seed(args.seed)
     net = build_network(config, args.config).to(device)
     net.set_sdpa(args.attention == "sdpa")
@@ -206,61 +224,65 @@ def main(argv):
     in_shape = (net.in_channels, net.img_resolution, net.img_resolution)
     params = sum(p.numel() for p in net.parameters())
     summary = machine_summary(device, threads)
-    print(f"network_speed: {args.config} ({params / 1e6:.2f}M params), batch {args.batch}, {device}, "
-          f"{threads} threads, channels_last {'on' if channels_last else 'off'}, attention {args.attention}, "
+    print(f"network_speed: {args.config} ({params / 1e6:.2f}M params, dropout {config['dropout']}), "
+          f"batch {args.batch}, {device}, {threads} threads, channels_last {'on' if channels_last else 'off'}, "
+          f"attention {args.attention}, OMP_WAIT_POLICY {summary['omp_wait_policy']}, "
           f"load average {summary.get('load_average_1min', 'n/a')}", flush=True)
 
     train_step, forward = build_step(net, args.batch, device, channels_last, in_shape, args.seed)
-    train_flops = count_flops(train_step)
-    forward_flops = count_flops(forward)
+    matmul = build_matmul(matmul_size, device)
+    flops = {"train": count_flops(train_step), "forward": count_flops(forward), "matmul": 2.0 * matmul_size ** 3}
 
-    # The three measurements interleave (matmul, train, forward, matmul, ...) so that a burst of load from
-    # other processes hits them alike; each entry of a list is one repeat.
-    matmul_runs, train_runs, forward_runs = [], [], []
+    # The three measurements interleave (matmul, train, forward, matmul, ...) so that load from other
+    # processes hits them alike; the ratio is taken within each repeat, then the median over repeats.
+    runs = {name: {"wall": [], "cpu": []} for name in flops}
+    functions = {"matmul": matmul, "train": train_step, "forward": forward}
     for repeat in range(args.repeats):
-        warmup = args.warmup if repeat == 0 else 1
-        matmul_runs.append(matmul_benchmark(matmul_size, device, args.iters, warmup, 1)["seconds"])
-        train_runs.append(time_calls(train_step, device, args.iters, warmup, 1)[0])
-        forward_runs.append(time_calls(forward, device, args.iters, warmup, 1)[0])
-    matmul_flops = 2.0 * matmul_size ** 3
-    matmul_gflops = [matmul_flops / s / 1e9 for s in matmul_runs]
-    train_gflops = [train_flops / s / 1e9 for s in train_runs]
-    ratios = [tr / mm for tr, mm in zip(train_gflops, matmul_gflops)]
+        for name, fn in functions.items():
+            wall, cpu = time_calls(fn, device, args.iters, args.warmup if repeat == 0 else 0)
+            runs[name]["wall"].append(wall)
+            runs[name]["cpu"].append(cpu)
 
+    def gflops(name, clock):
+        return [flops[name] / seconds / 1e9 for seconds in runs[name][clock]]
+
+    ratio = [tr / mm for tr, mm in zip(gflops("train", "wall"), gflops("matmul", "wall"))]
+    ratio_cpu = [tr / mm for tr, mm in zip(gflops("train", "cpu"), gflops("matmul", "cpu"))]
+    median = statistics.median
     result = {
-        "config": args.config, "batch": args.batch, "params": params,
-        "channels_last": channels_last, "attention": args.attention, "tf32": bool(args.tf32 and device.type == "cuda"),
-        "machine": summary,
-        "train_step": {
-            "seconds": statistics.median(train_runs),
-            "images_per_s": args.batch / statistics.median(train_runs),
-            "gflop_per_step": train_flops / 1e9,
-            "gflops": statistics.median(train_gflops),
-        },
-        "forward": {
-            "seconds": statistics.median(forward_runs),
-            "images_per_s": args.batch / statistics.median(forward_runs),
-            "gflop_per_call": forward_flops / 1e9,
-            "gflops": forward_flops / statistics.median(forward_runs) / 1e9,
-        },
-        "matmul": {"size": matmul_size, "gflops": statistics.median(matmul_gflops)},
-        "train_over_matmul": statistics.median(ratios),
-        "train_over_matmul_repeats": [round(r, 4) for r in ratios],
-        "forward_over_matmul": (forward_flops / statistics.median(forward_runs) / 1e9) / statistics.median(matmul_gflops),
-        "repeats": args.repeats, "iters": args.iters, "warmup": args.warmup,
+        "config": args.config, "batch": args.batch, "params": params, "dropout": config["dropout"],
+        "channels_last": channels_last, "attention": args.attention,
+        "tf32": bool(args.tf32 and device.type == "cuda"), "machine": summary,
+        "iters": args.iters, "warmup": args.warmup, "repeats": args.repeats,
     }
-    result["machine"]["load_average_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    for name, per in (("train_step", "train"), ("forward", "forward")):
+        seconds = median(runs[per]["wall"])
+        result[name] = {"seconds": seconds, "images_per_s": args.batch / seconds, "gflop": flops[per] / 1e9,
+                        "gflops": median(gflops(per, "wall")), "cpu_seconds": median(runs[per]["cpu"])}
+    result["matmul"] = {"size": matmul_size, "gflops": median(gflops("matmul", "wall")),
+                        "gflops_repeats": [round(g, 2) for g in gflops("matmul", "wall")]}
+    result["train_over_matmul"] = median(ratio)
+    result["train_over_matmul_repeats"] = [round(r, 4) for r in ratio]
+    result["forward_over_matmul"] = median(
+        [fw / mm for fw, mm in zip(gflops("forward", "wall"), gflops("matmul", "wall"))])
+    result["train_over_matmul_cpu_time"] = median(ratio_cpu)
+    if hasattr(os, "getloadavg"):
+        result["machine"]["load_average_1min_end"] = round(os.getloadavg()[0], 2)
 
     train, fwd = result["train_step"], result["forward"]
-    print(f"train step : {train['seconds'] * 1e3:8.1f} ms  {train['images_per_s']:9.1f} images/s  "
-          f"{train['gflop_per_step']:7.2f} GFLOP  {train['gflops']:8.1f} GFLOP/s")
-    print(f"forward    : {fwd['seconds'] * 1e3:8.1f} ms  {fwd['images_per_s']:9.1f} images/s  "
-          f"{fwd['gflop_per_call']:7.2f} GFLOP  {fwd['gflops']:8.1f} GFLOP/s")
-    print(f"matmul     : fp32 {matmul_size}x{matmul_size}  {result['matmul']['gflops']:8.1f} GFLOP/s")
+    print(f"train step : {train['seconds'] * 1e3:9.1f} ms  {train['images_per_s']:9.1f} images/s  "
+          f"{train['gflop']:8.2f} GFLOP  {train['gflops']:8.1f} GFLOP/s")
+    print(f"forward    : {fwd['seconds'] * 1e3:9.1f} ms  {fwd['images_per_s']:9.1f} images/s  "
+          f"{fwd['gflop']:8.2f} GFLOP  {fwd['gflops']:8.1f} GFLOP/s  (eval mode, no grad)")
+    print(f"matmul     : fp32 {matmul_size}x{matmul_size}, {result['matmul']['gflops']:.1f} GFLOP/s "
+          f"(repeats: {', '.join(f'{g:.1f}' for g in gflops('matmul', 'wall'))})")
     print(f"train GFLOP/s / matmul GFLOP/s = {result['train_over_matmul']:.3f} "
-          f"(repeats: {', '.join(f'{r:.3f}' for r in ratios)}); forward / matmul = {result['forward_over_matmul']:.3f}")
-    print(f"load average (1 min) at start {summary.get('load_average_1min', 'n/a')}, "
-          f"at end {result['machine']['load_average_1min_end']}")
+          f"(repeats: {', '.join(f'{r:.3f}' for r in ratio)}); forward / matmul = "
+          f"{result['forward_over_matmul']:.3f}")
+    print(f"same ratio from process CPU time = {result['train_over_matmul_cpu_time']:.3f} "
+          f"(less sensitive to other jobs; with several threads it also counts their spin-waiting)")
+    print(f"load average (1 min): {summary.get('load_average_1min', 'n/a')} at start, "
+          f"{result['machine'].get('load_average_1min_end', 'n/a')} at end, on {os.cpu_count()} CPUs")
     if args.json:
         save_json(result, args.json)
         print(f"wrote {args.json}")
