@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import build_network  # noqa: E402
 from models.flow import flow_matching_loss, interpolate, sample_time  # noqa: E402
+from utils.dist import physical_cores  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402
 from utils.io import load_json, save_json  # noqa: E402
 
@@ -86,23 +87,6 @@ def parse_args(argv):
     if args.warmup < 0 or args.threads < 0 or args.matmul_size < 0:
         raise UserError("--warmup, --threads and --matmul_size must be >= 0")
     return args
-
-
-def physical_cores():
-    """Physical CPU cores available to this process (hyper-threads count once)."""
-    try:
-        allowed = os.sched_getaffinity(0)
-    except AttributeError:
-        allowed = set(range(os.cpu_count() or 1))
-    cores = set()
-    for cpu in allowed:
-        try:
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id") as core, \
-                    open(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id") as package:
-                cores.add((package.read().strip(), core.read().strip()))
-        except OSError:
-            cores.add(("0", str(cpu)))
-    return max(1, len(cores))
 
 
 def resolve_device(name):

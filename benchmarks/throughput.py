@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import build_encoder, build_network, kl_per_dim  # noqa: E402
 from models.flow import euler, flow_matching_loss, interpolate, sample_time  # noqa: E402
+from utils.dist import physical_cores  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402
 from utils.io import atomic_write, load_json, save_json  # noqa: E402
 
@@ -112,23 +113,6 @@ def parse_args(argv):
     if args.quick:
         args.config_de, args.config_en = QUICK_CONFIGS
     return args
-
-
-def physical_cores():
-    """Physical CPU cores available to this process (hyper-threads count once)."""
-    try:
-        allowed = os.sched_getaffinity(0)
-    except AttributeError:
-        allowed = set(range(os.cpu_count() or 1))
-    cores = set()
-    for cpu in allowed:
-        try:
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id") as core, \
-                    open(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id") as package:
-                cores.add((package.read().strip(), core.read().strip()))
-        except OSError:
-            cores.add(("0", str(cpu)))
-    return max(1, len(cores))
 
 
 def resolve_settings(args):

@@ -161,3 +161,20 @@ def any_rank(flag, device):
     """True on every rank when ``flag`` is true on at least one (e.g. a stop request)."""
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     return bool(all_reduce_sum(value).item() > 0)
+
+
+def physical_cores():
+    """Physical CPU cores available to this process (hyper-threads count once)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:
+        allowed = set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id") as core, \
+                    open(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id") as package:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:
+            cores.add(("0", str(cpu)))
+    return max(1, len(cores))
