@@ -41,13 +41,7 @@ TRAIN_SEED, TEST_SEED = 0, 1000      # generate.py's --seed of each set: sample 
 TEACHER_STEPS, TEACHER_N = 30, 8     # teacher training steps (a young flow: curved); Euler steps of its samples
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: faster than two on a shared, loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def starting_noise(seed, count):

@@ -26,13 +26,7 @@ CONFIG_EN = os.path.join(ROOT, "configs", "tiny28_en.json")
 CONFIG_OTHER = os.path.join(ROOT, "configs", "tiny32_de.json")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: on a few shared cores, more threads make the tiny U-Net many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturbed(network, seed, scale=0.05):

@@ -25,13 +25,7 @@ CONFIG_DE = os.path.join(ROOT, "configs", "tiny28_de.json")
 CONFIG_EN = os.path.join(ROOT, "configs", "tiny28_en.json")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two loaded cores: one thread per process is much faster than two competing ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -77,22 +77,12 @@ def load_torch(path, what="checkpoint", map_location="cpu"):
                         f"use another file") from None
 
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
 def strip_wrapper_prefixes(state_dict):
-    """Remove DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) prefixes from keys."""
+    """Remove DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) wrappers from keys, wherever they sit."""
     cleaned = {}
     for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key = key[len(prefix):]
-                    changed = True
-            key = key.replace("._orig_mod.", ".").replace(".module.", ".") if key.count(".") else key
-        cleaned[key] = value
+        parts = [part for part in key.split(".") if part not in ("module", "_orig_mod")]
+        cleaned[".".join(parts)] = value
     return cleaned
 
 
