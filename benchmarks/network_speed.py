@@ -12,33 +12,42 @@ FLOPs are counted once per measured function with
 attention, forward and backward; elementwise work and the Adam update count as
 zero). The headline figure is ``train GFLOP/s / matmul GFLOP/s``: since both
 are measured in the same run, the load other processes put on the machine
-partly cancels out. The three measurements take turns for ``--repeats``
-rounds of ``--iters`` timed calls each (after ``--warmup`` untimed calls in
-the first round); each figure is the median over rounds. ``OMP_WAIT_POLICY``
-defaults to PASSIVE (see below and docs/speed.md).
+partly cancels out. The measurements take turns for ``--repeats`` rounds,
+after ``--warmup`` untimed calls of each; a round times ``--iters`` training
+steps and, of each other measurement, as many calls as fill about the same
+time. Each figure is the median over rounds.
+
+A fourth measurement replays, in isolation, every convolution of the training
+step (forward and backward, with the step's shapes) on random tensors: the
+convolution kernels' own GFLOP/s, which bounds what the whole step can reach
+(convolutions are nearly all of its FLOPs). ``OMP_WAIT_POLICY``: libgomp's
+default when the machine is idle, PASSIVE when other jobs keep its CPUs busy,
+unless set in the environment (``utils/threads.py``, docs/speed.md).
 
 Example (issue 2's target, >= 0.65 on CPU):
 
     python benchmarks/network_speed.py --config configs/mnist_de.json --batch 32 --device cpu
 """
 import os
+import sys
 
-# libgomp (PyTorch's OpenMP) reads OMP_WAIT_POLICY once, when torch is imported. Its default lets idle
-# threads spin, which on a CPU shared with other jobs starves the thread doing the work: on this project's
-# 2-core machine under load, a training step ran about 5x slower than with PASSIVE. Set the variable
-# yourself (e.g. OMP_WAIT_POLICY=ACTIVE) to measure something else; the value used is reported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Before torch is imported (libgomp reads it once): libgomp's default on an idle machine, PASSIVE when
+# other jobs keep the CPUs busy (see utils/threads.py and docs/speed.md). Set OMP_WAIT_POLICY to override.
+from utils.threads import choose_omp_wait_policy  # noqa: E402
+
+OMP_POLICY = choose_omp_wait_policy()
 
 import argparse  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import build_network  # noqa: E402
 from models.flow import flow_matching_loss, interpolate, sample_time  # noqa: E402
@@ -59,10 +68,13 @@ def parse_args(argv):
     parser.add_argument("--config", default="configs/mnist_de.json", help="network config (JSON) of the U-Net to time")
     parser.add_argument("--batch", type=int, default=32, help="images per training step / forward")
     parser.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
-    parser.add_argument("--iters", type=int, default=2, help="timed calls per repeat")
+    parser.add_argument("--iters", type=int, default=2,
+                        help="timed training steps per repeat; the other measurements make as many calls as "
+                             "fill about the same time (a short matmul window is at the mercy of noise)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (allocator, autotuning)")
     parser.add_argument("--repeats", type=int, default=5,
-                        help="repeats of (matmul, training step, forward), interleaved; medians are reported")
+                        help="repeats of (matmul, training step, forward, convolutions), interleaved; "
+                             "medians are reported")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for every measurement (0: the number of physical cores)")
     parser.add_argument("--matmul_size", type=int, default=0,
@@ -77,6 +89,8 @@ def parse_args(argv):
     parser.add_argument("--dropout", type=float, default=None,
                         help="diagnostic: override the config's dropout (e.g. 0 to see what dropout costs; "
                              "on CPU its random mask is drawn serially)")
+    parser.add_argument("--no_convolutions", action="store_true",
+                        help="skip the fourth measurement (the step's convolutions replayed alone)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -136,6 +150,76 @@ def build_matmul(size, device):
     return lambda: torch.mm(a, b, out=out)
 
 
+CONVOLUTIONS = (F.conv2d, torch.conv2d, F.conv_transpose2d, torch.conv_transpose2d)
+
+
+class RecordConvolutions(TorchFunctionMode):
+    """Records the shapes and arguments of every 2D (transposed) convolution called inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in CONVOLUTIONS:
+            def spec(value):  # tensors by shape / grad / layout; everything else as it is
+                if not isinstance(value, torch.Tensor):
+                    return value
+                channels_last = (value.dim() == 4 and not value.is_contiguous()
+                                 and value.is_contiguous(memory_format=torch.channels_last))
+                return TensorSpec(tuple(value.shape), value.dtype, value.requires_grad, channels_last)
+            self.calls.append((func, [spec(a) for a in args], {k: spec(v) for k, v in kwargs.items()}))
+        return func(*args, **kwargs)
+
+
+class TensorSpec:
+    """What a replay needs to recreate a tensor argument: shape, dtype, requires_grad, layout."""
+
+    def __init__(self, shape, dtype, requires_grad, channels_last):
+        self.shape, self.dtype, self.requires_grad, self.channels_last = shape, dtype, requires_grad, channels_last
+
+    def make(self, generator, device):
+        t = torch.randn(self.shape, generator=generator, dtype=self.dtype).to(device)
+        if self.channels_last:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t.requires_grad_(self.requires_grad)
+
+
+def build_convolution_replay(step, device, seed):
+    """A zero-argument function running, in isolation, the forward and backward of every convolution
+    that one call of ``step`` makes (same shapes, arguments and memory format; random values).
+    Returns it and the number of convolutions."""
+    recorder = RecordConvolutions()
+    with recorder:
+        step()
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def build(value):
+        return value.make(generator, device) if isinstance(value, TensorSpec) else value
+
+    replays = []
+    for func, args, kwargs in recorder.calls:
+        args = [build(a) for a in args]
+        kwargs = {k: build(v) for k, v in kwargs.items()}
+        with torch.no_grad():
+            out = func(*args, **kwargs)
+        channels_last = isinstance(args[0], torch.Tensor) and not args[0].is_contiguous()
+        grad_out = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(device)
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        leaves = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor) and v.requires_grad]
+        replays.append((func, args, kwargs, grad_out, leaves))
+
+    def replay():
+        for func, args, kwargs, grad_out, leaves in replays:
+            if leaves:
+                torch.autograd.grad(func(*args, **kwargs), leaves, grad_out)
+            else:
+                func(*args, **kwargs)
+
+    return replay, len(replays)
+
+
 def build_step(net, batch, device, channels_last, in_shape, seed):
     """A training step and a no-grad eval-mode forward, as zero-argument functions on fixed random inputs."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -164,7 +248,7 @@ def build_step(net, batch, device, channels_last, in_shape, seed):
 
 def machine_summary(device, threads):
     summary = {"device": str(device), "threads": threads, "torch": torch.__version__,
-               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+               "omp_wait_policy": OMP_POLICY[0], "omp_wait_policy_reason": OMP_POLICY[1],
                "python": platform.python_version(), "cpu": platform.processor() or platform.machine()}
     try:
         with open("/proc/cpuinfo") as handle:
@@ -212,18 +296,26 @@ def main(argv):
           f"batch {args.batch}, {device}, {threads} threads, channels_last {'on' if channels_last else 'off'}, "
           f"attention {args.attention}, OMP_WAIT_POLICY {summary['omp_wait_policy']}, "
           f"load average {summary.get('load_average_1min', 'n/a')}", flush=True)
+    print(f"OMP_WAIT_POLICY {OMP_POLICY[0]}: {OMP_POLICY[1]}", flush=True)
 
     train_step, forward = build_step(net, args.batch, device, channels_last, in_shape, args.seed)
     matmul = build_matmul(matmul_size, device)
     flops = {"train": count_flops(train_step), "forward": count_flops(forward), "matmul": 2.0 * matmul_size ** 3}
-
-    # The three measurements interleave (matmul, train, forward, matmul, ...) so that load from other
-    # processes hits them alike; the ratio is taken within each repeat, then the median over repeats.
-    runs = {name: {"wall": [], "cpu": []} for name in flops}
     functions = {"matmul": matmul, "train": train_step, "forward": forward}
+    if not args.no_convolutions:
+        functions["convolutions"], n_convolutions = build_convolution_replay(train_step, device, args.seed)
+        flops["convolutions"] = count_flops(functions["convolutions"])
+
+    # The measurements interleave (matmul, train, forward, [convolutions,] matmul, ...) so that load from
+    # other processes hits them alike; ratios are taken within each repeat, then the median over repeats.
+    # Warm-up, then one timed call of each sets how many calls fill about the training step's window.
+    single = {name: time_calls(fn, device, 1, args.warmup)[0] for name, fn in functions.items()}
+    calls = {name: args.iters if name == "train" else
+             max(1, round(args.iters * single["train"] / max(single[name], 1e-9))) for name in functions}
+    runs = {name: {"wall": [], "cpu": []} for name in flops}
     for repeat in range(args.repeats):
         for name, fn in functions.items():
-            wall, cpu = time_calls(fn, device, args.iters, args.warmup if repeat == 0 else 0)
+            wall, cpu = time_calls(fn, device, calls[name], 0)
             runs[name]["wall"].append(wall)
             runs[name]["cpu"].append(cpu)
 
@@ -237,7 +329,7 @@ def main(argv):
         "config": args.config, "batch": args.batch, "params": params, "dropout": config["dropout"],
         "channels_last": channels_last, "attention": args.attention,
         "tf32": bool(args.tf32 and device.type == "cuda"), "machine": summary,
-        "iters": args.iters, "warmup": args.warmup, "repeats": args.repeats,
+        "iters": args.iters, "calls_per_repeat": calls, "warmup": args.warmup, "repeats": args.repeats,
     }
     for name, per in (("train_step", "train"), ("forward", "forward")):
         seconds = median(runs[per]["wall"])
@@ -250,6 +342,16 @@ def main(argv):
     result["forward_over_matmul"] = median(
         [fw / mm for fw, mm in zip(gflops("forward", "wall"), gflops("matmul", "wall"))])
     result["train_over_matmul_cpu_time"] = median(ratio_cpu)
+    if "convolutions" in flops:
+        result["convolutions"] = {
+            "count": n_convolutions, "gflop": flops["convolutions"] / 1e9,
+            "share_of_train_flops": flops["convolutions"] / flops["train"],
+            "seconds": median(runs["convolutions"]["wall"]), "gflops": median(gflops("convolutions", "wall")),
+            "over_matmul": median([cv / mm for cv, mm in zip(gflops("convolutions", "wall"),
+                                                            gflops("matmul", "wall"))]),
+            # the step's FLOPs in the convolutions' time: train/matmul if all other work were free
+            "train_over_matmul_ceiling": median([flops["train"] / sec / 1e9 / mm for sec, mm in zip(
+                runs["convolutions"]["wall"], gflops("matmul", "wall"))])}
     if hasattr(os, "getloadavg"):
         result["machine"]["load_average_1min_end"] = round(os.getloadavg()[0], 2)
 
@@ -265,6 +367,12 @@ def main(argv):
           f"{result['forward_over_matmul']:.3f}")
     print(f"same ratio from process CPU time = {result['train_over_matmul_cpu_time']:.3f} "
           f"(less sensitive to other jobs; with several threads it also counts their spin-waiting)")
+    if "convolutions" in result:
+        conv = result["convolutions"]
+        print(f"convolutions: the step's {conv['count']} alone (forward + backward, same shapes): "
+              f"{conv['seconds'] * 1e3:.1f} ms, {conv['gflop']:.2f} GFLOP ({conv['share_of_train_flops']:.1%} of "
+              f"the step's), {conv['gflops']:.1f} GFLOP/s = {conv['over_matmul']:.3f} of matmul; "
+              f"train / matmul if everything else took no time: {conv['train_over_matmul_ceiling']:.3f}")
     print(f"load average (1 min): {summary.get('load_average_1min', 'n/a')} at start, "
           f"{result['machine'].get('load_average_1min_end', 'n/a')} at end, on {os.cpu_count()} CPUs")
     if args.json:

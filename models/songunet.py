@@ -101,6 +101,41 @@ class GroupNorm(nn.Module):
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
+def dropout(x, p, training=True):
+    """``F.dropout``, with a faster random mask on CPU.
+
+    On CPU, ``F.dropout`` draws its mask with ``bernoulli_``, one serial
+    Mersenne-Twister draw per element: about 8% of a training step of
+    ``configs/mnist_de.json`` on 2 cores. Here one 64-bit draw gives the
+    random bits of four elements: element i is kept when its 16-bit word is
+    below ``round((1 - p) * 65536)``, and kept elements are scaled by
+    ``65536 / round((1 - p) * 65536)`` so that the output's expectation is
+    ``x`` exactly (the keep probability is ``1 - p`` rounded to a multiple of
+    1/65536, at most 7.7e-6 away). Same seed, same mask. CUDA, and code being
+    compiled, use ``F.dropout`` (a fused kernel there).
+    """
+    if not training or p == 0:
+        return x
+    if x.device.type != "cpu" or not 0 < p < 1 or torch.compiler.is_compiling():
+        return F.dropout(x, p=p, training=training)
+    if x.is_contiguous():
+        shape, order = x.shape, None
+    elif x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        (n, c, h, w), order = x.shape, (0, 3, 1, 2)
+        shape = (n, h, w, c)
+    else:
+        return F.dropout(x, p=p, training=training)
+    numel = x.numel()
+    words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((numel + 3) // 4,), dtype=torch.int64)
+    bits = words.view(torch.int16)[:numel].view(shape)
+    if order is not None:
+        bits = bits.permute(order)  # same memory layout as x
+    kept = round((1 - p) * 65536)
+    scale = torch.tensor(65536 / max(kept, 1), dtype=x.dtype)
+    mask = torch.where(bits < kept - 32768, scale, torch.zeros((), dtype=x.dtype))
+    return x * mask
+
+
 def attention(q, k, v, use_sdpa=True):
     """Single-head attention over spatial positions.
 
@@ -152,7 +187,7 @@ class UNetBlock(nn.Module):
         x = self.conv0(F.silu(self.norm0(x)))
         x = x.add_(self.affine(emb)[:, :, None, None].to(x.dtype))
         x = F.silu(self.norm1(x))
-        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
+        x = self.conv1(dropout(x, self.dropout, self.training))
         x = x.add_(self.skip(orig) if self.skip is not None else orig).mul_(self.skip_scale)
         if self.attention:
             batch, channels, height, width = x.shape

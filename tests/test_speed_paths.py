@@ -3,7 +3,8 @@
 Covers: bf16 autocast (close to fp32 within a stated tolerance), SDPA vs
 einsum attention, channels_last, the avg-pool downsampling and in-place
 residual arithmetic of ``models/songunet.py`` (checked against the plain
-formulas and by gradcheck), ``torch.compile`` (marked ``slow``: a cold
+formulas and by gradcheck), its CPU dropout (mask statistics, seeding,
+gradient), the convolution replay of ``benchmarks/network_speed.py``, ``torch.compile`` (marked ``slow``: a cold
 compile takes minutes on a 2-core CPU), and the same checks on a GPU (marked
 ``cuda``, skipped without one; ``benchmarks/gpu_check.sh`` runs them).
 
@@ -223,6 +224,98 @@ def test_training_mode_does_not_change_its_input():
         assert (net(x, data["t"]) - data["y"]).abs().max().item() < 1e-4
 
 
+# ----------------------------------------------------------------------------
+# The CPU dropout of models.songunet: a random 16-bit word per element, four words per 64-bit draw.
+
+def dropout_of_ones(p, numel=1 << 20, seed=0):
+    torch.manual_seed(seed)
+    return songunet.dropout(torch.ones(numel), p)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.13, 0.5])
+def test_cpu_dropout_keeps_with_probability_one_minus_p_in_every_lane(p):
+    """Dropped elements are exactly 0, kept ones exactly 65536 / round((1 - p) 65536) (so E[mask] = 1), and
+    each of the four 16-bit lanes of a 64-bit draw drops a fraction p: within 6 binomial standard deviations
+    (deterministic, seeded). A lane with a biased bit (e.g. a sign bit that is always 0) is off by ~p."""
+    y = dropout_of_ones(p)
+    kept = round((1 - p) * 65536)
+    scale = torch.tensor(65536 / kept, dtype=torch.float32)
+    assert bool(((y == 0) | (y == scale)).all())
+    assert abs(kept / 65536 * (65536 / kept) - 1) < 1e-12    # the expectation of the mask is exactly 1
+    assert abs(kept / 65536 - (1 - p)) <= 0.5 / 65536         # the keep probability, rounded
+    dropped = (y == 0).double().reshape(-1, 4)
+    tolerance = 6 * (p * (1 - p) / dropped.shape[0]) ** 0.5
+    for lane in range(4):
+        assert abs(dropped[:, lane].mean().item() - p) < tolerance, lane
+    # neighbours are independent: both dropped with probability p^2 (within a draw and across draws)
+    flat = (y == 0).double()
+    for shift in (1, 4):
+        both = (flat[:-shift] * flat[shift:]).mean().item()
+        assert abs(both - p * p) < 6 * (p * p * (1 - p * p) / flat.numel()) ** 0.5
+
+
+def test_cpu_dropout_is_seeded_and_its_gradient_is_the_mask():
+    assert torch.equal(dropout_of_ones(0.2, seed=3), dropout_of_ones(0.2, seed=3))
+    assert not torch.equal(dropout_of_ones(0.2, seed=3), dropout_of_ones(0.2, seed=4))
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 5, 7, requires_grad=True)
+    weights = torch.randn(2, 3, 5, 7)
+    y = songunet.dropout(x, 0.3)
+    (y * weights).sum().backward()
+    scale = torch.tensor(65536 / round(0.7 * 65536), dtype=torch.float32)
+    mask = (y.detach() != 0).float() * scale
+    assert torch.equal(y.detach(), x.detach() * mask)
+    assert torch.equal(x.grad, weights * mask)
+    assert x.grad.dtype == torch.float32
+
+
+def test_cpu_dropout_identity_layouts_and_dtypes():
+    x = torch.randn(2, 4, 6, 6)
+    assert songunet.dropout(x, 0.2, training=False) is x
+    assert songunet.dropout(x, 0.0) is x
+    cl = x.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    out = songunet.dropout(cl, 0.5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert bool(((out == 0) | (out == 2 * cl)).all())
+    half = songunet.dropout(x.to(torch.bfloat16), 0.5)
+    assert half.dtype == torch.bfloat16
+    assert bool(((half == 0) | (half == 2 * x.to(torch.bfloat16))).all())
+    strided = x[:, :, ::2]  # neither layout: PyTorch's own dropout
+    torch.manual_seed(0)
+    expected = F.dropout(strided, 0.5)
+    torch.manual_seed(0)
+    assert torch.equal(songunet.dropout(strided, 0.5), expected)
+
+
+def test_network_speed_replays_exactly_the_steps_convolutions(tmp_path):
+    """benchmarks/network_speed.py: its convolution replay has the training step's convolutions: the same
+    number (every weighted conv plus the transposed-conv upsamplings) and the same FLOPs as FlopCounterMode
+    counts for convolution forward and backward inside a real training step."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("network_speed", os.path.join(ROOT, "benchmarks", "network_speed.py"))
+    network_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(network_speed)
+    config = os.path.join(ROOT, "configs", "tiny28_de.json")
+    result = network_speed.main(["--config", config, "--batch", "2", "--iters", "1", "--repeats", "1",
+                                 "--warmup", "0", "--matmul_size", "128", "--json", str(tmp_path / "speed.json")])
+    assert json.loads((tmp_path / "speed.json").read_text())["convolutions"]["count"] == result["convolutions"]["count"]
+
+    torch.manual_seed(0)
+    net = build_network(load_config("tiny28_de.json")).train()
+    convs = [m for m in net.modules() if isinstance(m, Conv2d)]
+    expected_count = sum(m.weight is not None for m in convs) + sum(m.up for m in convs)
+    assert result["convolutions"]["count"] == expected_count
+    x, noise, t = torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28), torch.rand(2)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        flow_matching_loss(net(interpolate(x, noise, t), t), x, noise).backward()
+    per_op = counter.get_flop_counts()["Global"]
+    conv_flops = sum(n for op, n in per_op.items() if "convolution" in str(op))
+    assert conv_flops > 0
+    assert result["convolutions"]["gflop"] * 1e9 == conv_flops
+    assert result["train_step"]["gflop"] * 1e9 == counter.get_total_flops()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("FAST_ODE_SLOW_TESTS") != "1",
                     reason="a cold inductor compile takes minutes on 2 CPU cores; set FAST_ODE_SLOW_TESTS=1")
@@ -320,3 +413,14 @@ def test_cuda_torch_compile_matches_eager(no_tf32):
         expected = reference(x, t)
     assert (output - expected).abs().max().item() < 1e-4
     assert (output.cpu() - data["y"]).abs().max().item() < 1e-4
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_dropout_is_pytorchs():
+    """On CUDA the model's dropout is F.dropout's fused kernel: the same mask for the same seed."""
+    x = torch.randn(4, 8, 16, 16, device="cuda")
+    torch.manual_seed(0)
+    expected = F.dropout(x, 0.13)
+    torch.manual_seed(0)
+    assert torch.equal(songunet.dropout(x, 0.13), expected)
