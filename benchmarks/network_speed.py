@@ -13,14 +13,17 @@ attention, forward and backward; elementwise work and the Adam update count as
 zero). The headline figure is ``train GFLOP/s / matmul GFLOP/s``: since both
 are measured in the same run, the load other processes put on the machine
 partly cancels out. The measurements take turns for ``--repeats`` rounds,
-after ``--warmup`` untimed calls of each; a round times ``--iters`` training
-steps and, of each other measurement, as many calls as fill about the same
-time. Each figure is the median over rounds.
+after ``--warmup`` untimed calls of each; in a round, each measurement makes
+``--round_warmup`` untimed calls (the one before it, e.g. the matmul, has
+evicted its data from the caches; in training, steps follow each other) and
+then the timed ones: ``--iters`` training steps, and of each other
+measurement as many calls as fill about the same time. Each figure is the
+median over rounds.
 
-A fourth measurement replays, in isolation, every convolution of the training
-step (forward and backward, with the step's shapes) on random tensors: the
-convolution kernels' own GFLOP/s, which bounds what the whole step can reach
-(convolutions are nearly all of its FLOPs). ``OMP_WAIT_POLICY``: libgomp's
+A fourth measurement replays, in isolation, every convolution layer of the
+training step (forward and backward, the step's shapes and code path) on
+random tensors: the convolutions' own GFLOP/s, which bounds what the whole step
+can reach (convolutions are nearly all of its FLOPs). ``OMP_WAIT_POLICY``: libgomp's
 default when the machine is idle, PASSIVE when other jobs keep its CPUs busy,
 unless set in the environment (``utils/threads.py``, docs/speed.md).
 
@@ -45,11 +48,10 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from models import build_network  # noqa: E402
+from models.songunet import Conv2d  # noqa: E402
 from models.flow import flow_matching_loss, interpolate, sample_time  # noqa: E402
 from utils.dist import physical_cores  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402
@@ -72,6 +74,8 @@ def parse_args(argv):
                         help="timed training steps per repeat; the other measurements make as many calls as "
                              "fill about the same time (a short matmul window is at the mercy of noise)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (allocator, autotuning)")
+    parser.add_argument("--round_warmup", type=int, default=1,
+                        help="untimed calls of each measurement at the start of every round (steady state)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="repeats of (matmul, training step, forward, convolutions), interleaved; "
                              "medians are reported")
@@ -98,8 +102,8 @@ def parse_args(argv):
     for name in ("batch", "iters", "repeats"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0 or args.threads < 0 or args.matmul_size < 0:
-        raise UserError("--warmup, --threads and --matmul_size must be >= 0")
+    if args.warmup < 0 or args.round_warmup < 0 or args.threads < 0 or args.matmul_size < 0:
+        raise UserError("--warmup, --round_warmup, --threads and --matmul_size must be >= 0")
     return args
 
 
@@ -150,72 +154,45 @@ def build_matmul(size, device):
     return lambda: torch.mm(a, b, out=out)
 
 
-CONVOLUTIONS = (F.conv2d, torch.conv2d, F.conv_transpose2d, torch.conv_transpose2d)
-
-
-class RecordConvolutions(TorchFunctionMode):
-    """Records the shapes and arguments of every 2D (transposed) convolution called inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in CONVOLUTIONS:
-            def spec(value):  # tensors by shape / grad / layout; everything else as it is
-                if not isinstance(value, torch.Tensor):
-                    return value
-                channels_last = (value.dim() == 4 and not value.is_contiguous()
-                                 and value.is_contiguous(memory_format=torch.channels_last))
-                return TensorSpec(tuple(value.shape), value.dtype, value.requires_grad, channels_last)
-            self.calls.append((func, [spec(a) for a in args], {k: spec(v) for k, v in kwargs.items()}))
-        return func(*args, **kwargs)
-
-
-class TensorSpec:
-    """What a replay needs to recreate a tensor argument: shape, dtype, requires_grad, layout."""
-
-    def __init__(self, shape, dtype, requires_grad, channels_last):
-        self.shape, self.dtype, self.requires_grad, self.channels_last = shape, dtype, requires_grad, channels_last
-
-    def make(self, generator, device):
-        t = torch.randn(self.shape, generator=generator, dtype=self.dtype).to(device)
-        if self.channels_last:
-            t = t.contiguous(memory_format=torch.channels_last)
-        return t.requires_grad_(self.requires_grad)
-
-
-def build_convolution_replay(step, device, seed):
+def build_convolution_replay(net, step, device, seed):
     """A zero-argument function running, in isolation, the forward and backward of every convolution
-    that one call of ``step`` makes (same shapes, arguments and memory format; random values).
-    Returns it and the number of convolutions."""
-    recorder = RecordConvolutions()
-    with recorder:
+    layer (``models.songunet.Conv2d``: resampling and convolution) that one call of ``step`` runs: same
+    shapes, memory format and code path, random inputs. Returns it and the number of layer calls."""
+    calls = []
+
+    def record(module, inputs):
+        x = inputs[0]
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        calls.append((module, tuple(x.shape), x.dtype, x.requires_grad, channels_last))
+
+    hooks = [m.register_forward_pre_hook(record) for m in net.modules() if isinstance(m, Conv2d)]
+    try:
         step()
+    finally:
+        for hook in hooks:
+            hook.remove()
     generator = torch.Generator(device="cpu").manual_seed(seed)
-
-    def build(value):
-        return value.make(generator, device) if isinstance(value, TensorSpec) else value
-
     replays = []
-    for func, args, kwargs in recorder.calls:
-        args = [build(a) for a in args]
-        kwargs = {k: build(v) for k, v in kwargs.items()}
+    for module, shape, dtype, needs_grad, channels_last in calls:
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.randn(shape, generator=generator, dtype=dtype).to(device).contiguous(memory_format=memory_format)
+        x.requires_grad_(needs_grad)
         with torch.no_grad():
-            out = func(*args, **kwargs)
-        channels_last = isinstance(args[0], torch.Tensor) and not args[0].is_contiguous()
+            out = module(x)
         grad_out = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(device)
-        grad_out = grad_out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        leaves = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor) and v.requires_grad]
-        replays.append((func, args, kwargs, grad_out, leaves))
+        grad_out = grad_out.contiguous(memory_format=memory_format)
+        leaves = ([x] if needs_grad else []) + [p for p in module.parameters() if p.requires_grad]
+        replays.append((module, x, grad_out, leaves))
 
     def replay():
-        for func, args, kwargs, grad_out, leaves in replays:
+        for module, x, grad_out, leaves in replays:
             if leaves:
-                torch.autograd.grad(func(*args, **kwargs), leaves, grad_out)
+                # backward() rather than autograd.grad(): FlopCounterMode's module hooks need it
+                torch.autograd.backward(module(x), grad_out, inputs=leaves)
+                for leaf in leaves:
+                    leaf.grad = None
             else:
-                func(*args, **kwargs)
+                module(x)
 
     return replay, len(replays)
 
@@ -303,7 +280,7 @@ def main(argv):
     flops = {"train": count_flops(train_step), "forward": count_flops(forward), "matmul": 2.0 * matmul_size ** 3}
     functions = {"matmul": matmul, "train": train_step, "forward": forward}
     if not args.no_convolutions:
-        functions["convolutions"], n_convolutions = build_convolution_replay(train_step, device, args.seed)
+        functions["convolutions"], n_convolutions = build_convolution_replay(net, train_step, device, args.seed)
         flops["convolutions"] = count_flops(functions["convolutions"])
 
     # The measurements interleave (matmul, train, forward, [convolutions,] matmul, ...) so that load from
@@ -315,7 +292,7 @@ def main(argv):
     runs = {name: {"wall": [], "cpu": []} for name in flops}
     for repeat in range(args.repeats):
         for name, fn in functions.items():
-            wall, cpu = time_calls(fn, device, calls[name], 0)
+            wall, cpu = time_calls(fn, device, calls[name], args.round_warmup)
             runs[name]["wall"].append(wall)
             runs[name]["cpu"].append(cpu)
 
@@ -329,7 +306,8 @@ def main(argv):
         "config": args.config, "batch": args.batch, "params": params, "dropout": config["dropout"],
         "channels_last": channels_last, "attention": args.attention,
         "tf32": bool(args.tf32 and device.type == "cuda"), "machine": summary,
-        "iters": args.iters, "calls_per_repeat": calls, "warmup": args.warmup, "repeats": args.repeats,
+        "iters": args.iters, "calls_per_repeat": calls, "warmup": args.warmup,
+        "round_warmup": args.round_warmup, "repeats": args.repeats,
     }
     for name, per in (("train_step", "train"), ("forward", "forward")):
         seconds = median(runs[per]["wall"])
