@@ -38,20 +38,26 @@ import os
 import re
 import time
 
-import numpy as np
-import torch
-from PIL import Image
-from tqdm import tqdm
+from utils.threads import choose_omp_wait_policy
 
-from models import build_network, load_config
-from models.config import resolve_image_options
-from models import flow as flowlib
-from utils import dist
-from utils import train as plumbing
-from utils.checkpoint import load_weights
-from utils.errors import UserError, cli_main
-from utils.images import save_grid
-from utils.io import atomic_write, load_state_dict_strict, load_torch, save_json, save_torch
+# Before torch is imported (libgomp reads it once): PASSIVE when other jobs keep the CPUs busy, libgomp's
+# default otherwise, unless OMP_WAIT_POLICY is already set (utils/threads.py, docs/speed.md).
+OMP_WAIT_POLICY = choose_omp_wait_policy()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from models import build_network, load_config  # noqa: E402
+from models.config import resolve_image_options  # noqa: E402
+from models import flow as flowlib  # noqa: E402
+from utils import dist  # noqa: E402
+from utils import train as plumbing  # noqa: E402
+from utils.checkpoint import load_weights  # noqa: E402
+from utils.errors import UserError, cli_main  # noqa: E402
+from utils.images import save_grid  # noqa: E402
+from utils.io import atomic_write, load_state_dict_strict, load_torch, save_json, save_torch  # noqa: E402
 
 MODES = ("distill", "reflow")
 STATE_FORMAT = "fast-ode-distill-state-v1"

@@ -26,19 +26,25 @@ import os
 import tempfile
 import time
 
-import numpy as np
-import torch
-from tqdm import tqdm
+from utils.threads import choose_omp_wait_policy
 
-from models import build_encoder, build_network, check_encoder_decoder, load_config
-from models import flow as flowlib
-from models.config import resolve_image_options
-from utils import dist
-from utils.checkpoint import load_weights, resolve_weights_path
-from utils.data import DATASETS, build_dataset, check_dataset_config
-from utils.errors import UserError, cli_main
-from utils.images import save_png, to_uint8
-from utils.io import atomic_write, load_json, load_state_dict_strict, save_json
+# Before torch is imported (libgomp reads it once): PASSIVE when other jobs keep the CPUs busy, libgomp's
+# default otherwise, unless OMP_WAIT_POLICY is already set (utils/threads.py, docs/speed.md).
+OMP_WAIT_POLICY = choose_omp_wait_policy()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from models import build_encoder, build_network, check_encoder_decoder, load_config  # noqa: E402
+from models import flow as flowlib  # noqa: E402
+from models.config import resolve_image_options  # noqa: E402
+from utils import dist  # noqa: E402
+from utils.checkpoint import load_weights, resolve_weights_path  # noqa: E402
+from utils.data import DATASETS, build_dataset, check_dataset_config  # noqa: E402
+from utils.errors import UserError, cli_main  # noqa: E402
+from utils.images import save_png, to_uint8  # noqa: E402
+from utils.io import atomic_write, load_json, load_state_dict_strict, save_json  # noqa: E402
 
 SOLVER_NAMES = ("euler", "heun", "rk45", "dopri5")
 FIXED_STEP_SOLVERS = ("euler", "heun")

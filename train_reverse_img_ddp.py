@@ -33,19 +33,25 @@ import sys
 import time
 import traceback
 
-import torch
-from torch import nn
-from tqdm import tqdm
+from utils.threads import choose_omp_wait_policy
 
-from models import build_encoder, build_network, check_encoder_decoder, kl_per_dim, load_config
-from models import flow as flowlib
-from utils import dist
-from utils.checkpoint import TRAINING_STATE_FORMAT
-from utils.data import DATASETS, FOLDER_DATASETS, build_dataset, check_dataset_config
-from utils.errors import UserError, cli_main
-from utils.images import save_grid
-from utils.io import atomic_write, load_json, load_state_dict_strict, save_json, save_torch
-from utils import train as plumbing
+# Before torch is imported (libgomp reads it once): PASSIVE when other jobs keep the CPUs busy, libgomp's
+# default otherwise, unless OMP_WAIT_POLICY is already set (utils/threads.py, docs/speed.md).
+OMP_WAIT_POLICY = choose_omp_wait_policy()
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from models import build_encoder, build_network, check_encoder_decoder, kl_per_dim, load_config  # noqa: E402
+from models import flow as flowlib  # noqa: E402
+from utils import dist  # noqa: E402
+from utils.checkpoint import TRAINING_STATE_FORMAT  # noqa: E402
+from utils.data import DATASETS, FOLDER_DATASETS, build_dataset, check_dataset_config  # noqa: E402
+from utils.errors import UserError, cli_main  # noqa: E402
+from utils.images import save_grid  # noqa: E402
+from utils.io import atomic_write, load_json, load_state_dict_strict, save_json, save_torch  # noqa: E402
+from utils import train as plumbing  # noqa: E402
 
 COUPLINGS = ("learned", "independent", "ot")
 SAMPLE_COUNT = 4          # images per sample grid, as in the paper
@@ -193,6 +199,7 @@ def run_record(args, plan):
     record = dict(vars(args))
     record["resolved_config_de"] = plan["config_de"]
     record["resolved_config_en"] = plan["config_en"]
+    record["omp_wait_policy"] = list(OMP_WAIT_POLICY)  # (value, why): it changes CPU speed several-fold
     return record
 
 

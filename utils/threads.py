@@ -12,7 +12,7 @@ import os
 import time
 
 
-def busy_cpus(interval=0.5):
+def busy_cpus(interval=0.3):
     """How many CPUs' worth of work other processes ran during ``interval`` seconds (from /proc/stat).
 
     Falls back to the 1-minute load average where /proc/stat does not exist.
