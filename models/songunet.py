@@ -126,13 +126,13 @@ def dropout(x, p, training=True):
     else:
         return F.dropout(x, p=p, training=training)
     numel = x.numel()
-    words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((numel + 3) // 4,), dtype=torch.int64)
+    words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((numel + 3) // 4,), dtype=torch.int64, device=x.device)
     bits = words.view(torch.int16)[:numel].view(shape)
     if order is not None:
         bits = bits.permute(order)  # same memory layout as x
     kept = round((1 - p) * 65536)
-    scale = torch.tensor(65536 / max(kept, 1), dtype=x.dtype)
-    mask = torch.where(bits < kept - 32768, scale, torch.zeros((), dtype=x.dtype))
+    scale = torch.tensor(65536 / max(kept, 1), dtype=x.dtype, device=x.device)
+    mask = torch.where(bits < kept - 32768, scale, torch.zeros((), dtype=x.dtype, device=x.device))
     return x * mask
 
 
