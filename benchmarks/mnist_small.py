@@ -12,7 +12,7 @@ already exists is skipped, so re-running the command continues. Writes
 ``results.json`` (one row per coupling x solver x NFE), ``results.md`` and
 ``quality_vs_nfe.png`` into ``--out``.
 
-    python benchmarks/mnist_small.py                 # the full run (about an hour on 2 CPU cores)
+    python benchmarks/mnist_small.py                 # the full run (about 5 hours on 2 CPU cores, mostly FID)
     python benchmarks/mnist_small.py --quick         # a smoke run in a few minutes
 """
 import argparse
