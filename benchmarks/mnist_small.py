@@ -224,18 +224,20 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for coupling in dict.fromkeys(row["coupling"] for row in rows):
+    for index, coupling in enumerate(dict.fromkeys(row["coupling"] for row in rows)):
+        color = f"C{index}"  # one colour per coupling, in both panels
         for solver, style in (("euler", "-o"), ("heun", "--s")):
             mine = sorted((r for r in rows if r["coupling"] == coupling and r["solver"] == solver),
                           key=lambda r: r["nfe"])
             if mine:
-                left.plot([r["nfe"] for r in mine], [r["fid"] for r in mine], style, label=f"{coupling} {solver}")
+                left.plot([r["nfe"] for r in mine], [r["fid"] for r in mine], style, color=color,
+                          label=f"{coupling} {solver}")
         distilled = [r for r in rows if r["coupling"] == coupling and r["solver"] == "distilled"]
         if distilled:
-            left.scatter([1], [distilled[0]["fid"]], marker="*", s=120, label=f"{coupling} distilled")
+            left.scatter([1], [distilled[0]["fid"]], marker="*", s=120, color=color, label=f"{coupling} distilled")
         euler = sorted((r for r in rows if r["coupling"] == coupling and r["solver"] == "euler"
                         and r["straightness"] is not None), key=lambda r: r["nfe"])
-        right.plot([r["nfe"] for r in euler], [r["straightness"] for r in euler], "-o", label=coupling)
+        right.plot([r["nfe"] for r in euler], [r["straightness"] for r in euler], "-o", color=color, label=coupling)
     left.set(xscale="log", yscale="log", xlabel="NFE", ylabel="FID (lower is better)", title="Quality vs NFE")
     right.set(xscale="log", xlabel="NFE (Euler)", ylabel="straightness (lower is straighter)", title="Curvature")
     left.legend(fontsize=7)
