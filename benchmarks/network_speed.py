@@ -54,15 +54,8 @@ from models import build_network  # noqa: E402
 from models.songunet import Conv2d  # noqa: E402
 from models.flow import flow_matching_loss, interpolate, sample_time  # noqa: E402
 from utils.dist import physical_cores  # noqa: E402
-from utils.errors import UserError, cli_main  # noqa: E402
+from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
 from utils.io import load_json, save_json  # noqa: E402
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except ``None`` ones (their help says what happens instead)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def parse_args(argv):

@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import build_encoder, build_network, kl_per_dim  # noqa: E402
 from models.flow import euler, flow_matching_loss, interpolate, sample_time  # noqa: E402
 from utils.dist import physical_cores  # noqa: E402
-from utils.errors import UserError, cli_main  # noqa: E402
+from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
 from utils.io import atomic_write, load_json, save_json  # noqa: E402
 
 MODES = {  # name: (bf16 autocast, torch.compile)
@@ -66,13 +66,6 @@ PEAK_TFLOPS = (
 )
 
 QUICK_CONFIGS = ("configs/tiny28_de.json", "configs/tiny28_en.json")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except ``None`` ones (their help says what happens instead)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def parse_args(argv):

@@ -6,8 +6,16 @@ problem and the fix. :func:`cli_main` turns it, and any other exception, into a
 single line on stderr and a non-zero exit; ``--debug`` on the command line
 shows the full traceback instead.
 """
+import argparse
 import sys
 import traceback
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse help that shows defaults, except ``None`` ones (their help says what happens instead)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class UserError(Exception):
