@@ -2,7 +2,10 @@
 
 Times, for one network config and batch size, on CPU or one GPU:
 
-- a training step: forward, flow-matching loss, backward, Adam step;
+- a training step: forward, flow-matching loss, backward, Adam step; on a CPU, as the training script
+  runs it: the batch split into one shard per thread, each shard's forward and backward in its own
+  thread with one intra-op thread (``utils/cpu_shards.py``; ``--cpu_shards 1``: PyTorch's intra-op
+  threads only);
 - a no-grad forward (what sampling costs per function evaluation);
 - a large square fp32 ``torch.mm``, timed the same way in the same run and
   with the same thread count: the machine's practical fp32 peak.
@@ -21,9 +24,9 @@ measurement as many calls as fill about the same time. Each figure is the
 median over rounds.
 
 A fourth measurement replays, in isolation, every convolution layer of the
-training step (forward and backward, the step's shapes and code path) on
-random tensors: the convolutions' own GFLOP/s, which bounds what the whole step
-can reach (convolutions are nearly all of its FLOPs). ``OMP_WAIT_POLICY``: libgomp's
+training step (forward and backward, the full batch's shapes and code path, intra-op
+threads) on random tensors: the convolutions' own GFLOP/s, which bounds what the
+whole step can reach without shards (convolutions are nearly all of its FLOPs). ``OMP_WAIT_POLICY``: libgomp's
 default when the machine is idle, PASSIVE when other jobs keep its CPUs busy,
 unless set in the environment (``utils/threads.py``, docs/speed.md).
 
@@ -53,6 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from models import build_network  # noqa: E402
 from models.songunet import Conv2d  # noqa: E402
 from models.flow import flow_matching_loss, interpolate, sample_time  # noqa: E402
+from utils.cpu_shards import ThreadShards, auto_shards  # noqa: E402
 from utils.dist import physical_cores  # noqa: E402
 from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
 from utils.io import load_json, save_json  # noqa: E402
@@ -76,6 +80,10 @@ def parse_args(argv):
                         help="CPU threads for every measurement (0: the number of physical cores)")
     parser.add_argument("--matmul_size", type=int, default=0,
                         help="side of the square fp32 matmul that measures the machine (0: 2048 on CPU, 8192 on GPU)")
+    parser.add_argument("--cpu_shards", type=int, default=0,
+                        help="CPU training step: split the batch into this many shards that run in as many threads, "
+                             "one intra-op thread each, as the training script does (0: its default, the thread "
+                             "count on a CPU, 1 on a GPU; 1: PyTorch's intra-op threads only)")
     parser.add_argument("--channels_last", choices=("auto", "on", "off"), default="auto",
                         help="memory format of the U-Net and its input; 'auto': on for CUDA, off for CPU "
                              "(on this project's CPU measurements channels_last was slower)")
@@ -95,8 +103,8 @@ def parse_args(argv):
     for name in ("batch", "iters", "repeats"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0 or args.round_warmup < 0 or args.threads < 0 or args.matmul_size < 0:
-        raise UserError("--warmup, --round_warmup, --threads and --matmul_size must be >= 0")
+    if args.warmup < 0 or args.round_warmup < 0 or args.threads < 0 or args.matmul_size < 0 or args.cpu_shards < 0:
+        raise UserError("--warmup, --round_warmup, --threads, --matmul_size and --cpu_shards must be >= 0")
     return args
 
 
@@ -190,8 +198,10 @@ def build_convolution_replay(net, step, device, seed):
     return replay, len(replays)
 
 
-def build_step(net, batch, device, channels_last, in_shape, seed):
-    """A training step and a no-grad eval-mode forward, as zero-argument functions on fixed random inputs."""
+def build_step(net, batch, device, channels_last, in_shape, seed, shards=None):
+    """A training step and a no-grad eval-mode forward, as zero-argument functions on fixed random inputs.
+    ``shards``: a ``utils.cpu_shards.ThreadShards`` that runs the step's forward and backward (None: in
+    this thread)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, *in_shape, generator=generator).to(device).contiguous(memory_format=memory_format)
@@ -200,11 +210,15 @@ def build_step(net, batch, device, channels_last, in_shape, seed):
     # fused Adam, as the training script uses (utils.train)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
+    def losses(x, noise, t):
+        return (flow_matching_loss(net(interpolate(x, noise, t), t), x, noise),)
+
     def train_step():
-        z_t = interpolate(x, noise, t)
-        loss = flow_matching_loss(net(z_t, t), x, noise)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if shards is None:
+            losses(x, noise, t)[0].backward()
+        else:
+            shards.step(losses, (x, noise, t), net.parameters())
         optimizer.step()
 
     def forward():
@@ -268,12 +282,25 @@ def main(argv):
           f"load average {summary.get('load_average_1min', 'n/a')}", flush=True)
     print(f"OMP_WAIT_POLICY {OMP_POLICY[0]}: {OMP_POLICY[1]}", flush=True)
 
-    train_step, forward = build_step(net, args.batch, device, channels_last, in_shape, args.seed)
+    shards = args.cpu_shards or auto_shards(device)
+    if shards > args.batch:
+        raise UserError(f"--cpu_shards {shards} is more than the batch ({args.batch})")
+    if shards > 1 and device.type != "cpu":
+        raise UserError("--cpu_shards above 1 is for CPU training steps")
+    # FLOPs are counted on the step without shards (the same computation: FlopCounterMode only sees the
+    # operations of its own thread), and the replay records that step's convolutions.
+    plain_step, forward = build_step(net, args.batch, device, channels_last, in_shape, args.seed)
+    train_step = plain_step
+    if shards > 1:
+        train_step, _ = build_step(net, args.batch, device, channels_last, in_shape, args.seed, ThreadShards(shards))
+    layout = (f"{shards} shards in {shards} threads, 1 intra-op thread each" if shards > 1
+              else f"{threads} intra-op threads, no shards")
+    print(f"training step: {layout}", flush=True)
     matmul = build_matmul(matmul_size, device)
-    flops = {"train": count_flops(train_step), "forward": count_flops(forward), "matmul": 2.0 * matmul_size ** 3}
+    flops = {"train": count_flops(plain_step), "forward": count_flops(forward), "matmul": 2.0 * matmul_size ** 3}
     functions = {"matmul": matmul, "train": train_step, "forward": forward}
     if not args.no_convolutions:
-        functions["convolutions"], n_convolutions = build_convolution_replay(net, train_step, device, args.seed)
+        functions["convolutions"], n_convolutions = build_convolution_replay(net, plain_step, device, args.seed)
         flops["convolutions"] = count_flops(functions["convolutions"])
 
     # The measurements interleave (matmul, train, forward, [convolutions,] matmul, ...) so that load from
@@ -296,7 +323,7 @@ def main(argv):
     ratio_cpu = [tr / mm for tr, mm in zip(gflops("train", "cpu"), gflops("matmul", "cpu"))]
     median = statistics.median
     result = {
-        "config": args.config, "batch": args.batch, "params": params, "dropout": config["dropout"],
+        "config": args.config, "batch": args.batch, "cpu_shards": shards, "params": params, "dropout": config["dropout"],
         "channels_last": channels_last, "attention": args.attention,
         "tf32": bool(args.tf32 and device.type == "cuda"), "machine": summary,
         "iters": args.iters, "calls_per_repeat": calls, "warmup": args.warmup,
@@ -320,7 +347,7 @@ def main(argv):
             "seconds": median(runs["convolutions"]["wall"]), "gflops": median(gflops("convolutions", "wall")),
             "over_matmul": median([cv / mm for cv, mm in zip(gflops("convolutions", "wall"),
                                                             gflops("matmul", "wall"))]),
-            # the step's FLOPs in the convolutions' time: train/matmul if all other work were free
+            # the step's FLOPs in the convolutions' time: train/matmul without shards if all other work were free
             "train_over_matmul_ceiling": median([flops["train"] / sec / 1e9 / mm for sec, mm in zip(
                 runs["convolutions"]["wall"], gflops("matmul", "wall"))])}
     if hasattr(os, "getloadavg"):
@@ -340,10 +367,10 @@ def main(argv):
           f"(less sensitive to other jobs; with several threads it also counts their spin-waiting)")
     if "convolutions" in result:
         conv = result["convolutions"]
-        print(f"convolutions: the step's {conv['count']} alone (forward + backward, same shapes): "
-              f"{conv['seconds'] * 1e3:.1f} ms, {conv['gflop']:.2f} GFLOP ({conv['share_of_train_flops']:.1%} of "
-              f"the step's), {conv['gflops']:.1f} GFLOP/s = {conv['over_matmul']:.3f} of matmul; "
-              f"train / matmul if everything else took no time: {conv['train_over_matmul_ceiling']:.3f}")
+        print(f"convolutions: the step's {conv['count']} alone (forward + backward, full batch, {threads} intra-op "
+              f"threads): {conv['seconds'] * 1e3:.1f} ms, {conv['gflop']:.2f} GFLOP ({conv['share_of_train_flops']:.1%} "
+              f"of the step's), {conv['gflops']:.1f} GFLOP/s = {conv['over_matmul']:.3f} of matmul; train / matmul "
+              f"without shards if everything else took no time: {conv['train_over_matmul_ceiling']:.3f}")
     print(f"load average (1 min): {summary.get('load_average_1min', 'n/a')} at start, "
           f"{result['machine'].get('load_average_1min_end', 'n/a')} at end, on {os.cpu_count()} CPUs")
     if args.json:

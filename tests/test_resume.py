@@ -96,6 +96,39 @@ def test_resume_matches_uninterrupted_run(digits, tmp_path):
     assert stats_iterations(halves) == stats_iterations(straight) == [5, 10, 15, 20, 25, 30]
 
 
+def test_resume_with_cpu_shards_matches_uninterrupted_run(digits, tmp_path):
+    # the batch in 2 shards run by 2 threads (utils/cpu_shards.py), with dropout: each shard's dropout
+    # stream is seeded from the global generator, which the training state restores
+    config = str(tmp_path / "tiny28_de_dropout.json")
+    with open(CONFIG_DE) as handle:
+        dropped = dict(json.load(handle), dropout=0.2)
+    with open(config, "w") as handle:
+        json.dump(dropped, handle)
+    options = ["--cpu_shards", 2, "--config_de", config, "--ema_after_steps", 0, "--ema_decay", 0.9,
+               "--snapshot_every", 3, "--save_every", 1000, "--log_every", 3]
+    straight, halves = str(tmp_path / "straight"), str(tmp_path / "halves")
+    train(base_args(digits, straight, "--iterations", 12, *options))
+    train(base_args(digits, halves, "--iterations", 6, *options))
+    train(base_args(digits, halves, "--iterations", 12, "--resume", "auto", *options))
+    for name in ("flow_model_12_ema.pth", "forward_model_12_ema.pth"):
+        difference = max_difference(load(os.path.join(straight, name)), load(os.path.join(halves, name)))
+        assert difference < 1e-6, (name, difference)
+    with open(os.path.join(straight, "config.json")) as handle:
+        assert json.load(handle)["cpu_shards_used"] == 2
+    with open(os.path.join(straight, "log.txt")) as handle:
+        assert "2 batch shards in threads" in handle.read()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cpu_shards", -1], "--cpu_shards must be >= 0"),
+    (["--cpu_shards", 2, "--compile"], "--cpu_shards above 1 is for training on a CPU in one process"),
+])
+def test_bad_cpu_shards_is_one_line(digits, tmp_path, capsys, extra, message):
+    code, _, stderr = train(base_args(digits, str(tmp_path / "run"), "--iterations", 2, *extra), capsys)
+    lines = error_lines(stderr)
+    assert code == 1 and len(lines) == 1 and message in lines[0], stderr
+
+
 # ----------------------------------------------------------------------------
 # Preemption.
 

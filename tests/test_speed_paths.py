@@ -177,15 +177,22 @@ def test_bf16_training_step_gradients_follow_fp32():
     assert F.cosine_similarity(grad16, grad32, dim=0).item() > 0.99
 
 
-def test_avg_pool_downsampling_is_the_box_filter():
-    """The [1, 1] filter's downsampling path (avg_pool2d) equals the depthwise strided conv it replaces."""
+def test_avg_pool_downsampling_is_the_box_filter(monkeypatch):
+    """The [1, 1] filter's downsampling: channels_last takes avg_pool2d, NCHW the depthwise strided conv;
+    both give the box filter's numbers."""
     torch.manual_seed(0)
     layer = Conv2d(8, 8, kernel=0, down=True, resample_filter=[1, 1])
     assert layer.box_down
     x = torch.randn(2, 8, 14, 14)
-    filt = layer.resample_filter.tile([8, 1, 1, 1])
-    expected = F.conv2d(x, filt, groups=8, stride=2)
+    expected = (x[:, :, 0::2, 0::2] + x[:, :, 1::2, 0::2] + x[:, :, 0::2, 1::2] + x[:, :, 1::2, 1::2]) / 4
+    pooled = []
+    real_pool = F.avg_pool2d
+    monkeypatch.setattr(F, "avg_pool2d", lambda *a, **k: pooled.append(1) or real_pool(*a, **k))
     assert (layer(x) - expected).abs().max().item() < 1e-6
+    assert not pooled
+    out = layer(x.contiguous(memory_format=torch.channels_last))
+    assert (out - expected).abs().max().item() < 1e-6
+    assert pooled == [1]
     general = Conv2d(8, 8, kernel=0, down=True, resample_filter=[1, 3, 3, 1])
     assert not general.box_down  # other filters keep the convolution
 

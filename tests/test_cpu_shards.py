@@ -1,0 +1,158 @@
+"""utils/cpu_shards.py: a CPU training step split into shards that run in threads gives the full batch's
+gradients, reproducibly, each shard with one intra-op thread and its own dropout stream."""
+import json
+import os
+import threading
+
+import pytest
+import torch
+
+from models import build_network
+from models.flow import flow_matching_loss, interpolate
+from models.songunet import dropout, dropout_generator
+from utils.cpu_shards import ThreadShards, auto_shards, shard_sizes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_net(dropout_rate, seed=0):
+    with open(os.path.join(ROOT, "configs", "tiny28_de.json")) as handle:
+        config = dict(json.load(handle), dropout=dropout_rate)
+    torch.manual_seed(seed)
+    return build_network(config)
+
+
+def flow_losses(net):
+    def losses(x, t, noise):
+        loss = flow_matching_loss(net(interpolate(x, noise, t), t), x, noise)
+        return loss, 2 * loss
+    return losses
+
+
+def batch(size, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(size, 1, 28, 28, generator=generator), torch.rand(size, generator=generator),
+            torch.randn(size, 1, 28, 28, generator=generator))
+
+
+def test_shard_sizes_add_up_and_differ_by_at_most_one():
+    assert shard_sizes(7, 2) == [4, 3]
+    assert shard_sizes(7, 3) == [3, 2, 2]
+    assert shard_sizes(32, 2) == [16, 16]
+    assert shard_sizes(2, 4) == [1, 1]          # never an empty shard
+    with pytest.raises(ValueError):
+        shard_sizes(0, 2)
+    with pytest.raises(ValueError):
+        ThreadShards(0)
+
+
+def test_auto_shards_only_for_one_cpu_process():
+    assert auto_shards("cpu") == torch.get_num_threads()
+    assert auto_shards("cuda") == 1
+    assert auto_shards("cpu", world_size=2) == 1
+    assert auto_shards("cpu", compiled=True) == 1
+
+
+def test_linear_model_gradient_matches_the_closed_form():
+    # loss = mean_i (w . x_i - y_i)^2  =>  grad = 2 / N * sum_i (w . x_i - y_i) x_i, whatever the shards
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 5, generator=generator, dtype=torch.float64)
+    y = torch.randn(9, generator=generator, dtype=torch.float64)
+    w = torch.randn(5, generator=generator, dtype=torch.float64, requires_grad=True)
+    expected = 2.0 / 9 * ((x @ w.detach() - y)[:, None] * x).sum(0)
+    for shards in (1, 2, 3, 4):
+        with ThreadShards(shards) as runner:
+            (loss,) = runner.step(lambda xs, ys: ((xs @ w - ys).square().mean(),), (x, y), [w])
+        assert torch.allclose(w.grad, expected, rtol=1e-12, atol=1e-14), shards
+        assert abs(loss.item() - (x @ w.detach() - y).square().mean().item()) < 1e-12
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_unet_gradients_equal_the_full_batch_ones(shards):
+    net = tiny_net(0.0)   # no dropout: the same function of the batch
+    params = list(net.parameters())
+    x, t, noise = batch(7)   # unequal shards: 4 + 3, 3 + 2 + 2
+    full = flow_losses(net)(x, t, noise)
+    expected = torch.autograd.grad(full[0], params)
+    with ThreadShards(shards) as runner:
+        values = runner.step(flow_losses(net), (x, t, noise), params)
+    assert abs(values[0].item() - full[0].item()) < 1e-6 * full[0].item()
+    assert abs(values[1].item() - full[1].item()) < 1e-6 * full[1].item()
+    # float32 sums in another order: equal to ~1e-7 of the gradient's scale
+    got = torch.cat([p.grad.flatten() for p in params])
+    want = torch.cat([g.flatten() for g in expected])
+    assert (got - want).abs().max().item() < 1e-5 * want.abs().max().item()
+    assert torch.nn.functional.cosine_similarity(got, want, dim=0).item() > 1 - 1e-6
+
+
+def test_each_shard_runs_in_its_own_thread_with_one_intra_op_thread():
+    seen = []
+    w = torch.ones(3, requires_grad=True)
+
+    def losses(xs):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return ((xs @ w).sum(),)
+
+    before = torch.get_num_threads()
+    with ThreadShards(2) as runner:
+        runner.step(losses, (torch.ones(4, 3),), [w])
+        torch.set_num_threads(before)   # a caller that sets its own count again ...
+        runner.step(losses, (torch.ones(4, 3),), [w])   # ... does not give the shards more
+    assert len(seen) == 4
+    assert all(name.startswith("shard") and threads == 1 for name, threads in seen)
+    assert torch.get_num_threads() == before
+
+
+def test_unused_parameters_get_no_gradient():
+    used = torch.ones(2, requires_grad=True)
+    unused = torch.ones(2, requires_grad=True)
+    with ThreadShards(2) as runner:
+        runner.step(lambda xs: ((xs * used).sum(),), (torch.ones(4, 2),), [used, unused])
+    assert unused.grad is None
+    # each shard (2 rows of ones) has gradient [2, 2]; shards are weighted by size (1/2 each)
+    assert torch.equal(used.grad, torch.full((2,), 2.0))
+
+
+def test_dropout_is_reproducible_and_differs_between_seeds():
+    def grads(seed):
+        net = tiny_net(0.3)
+        params = list(net.parameters())
+        torch.manual_seed(seed)   # the shards' dropout seeds come from the global generator
+        with ThreadShards(2) as runner:
+            runner.step(flow_losses(net), batch(6), params)
+        return torch.cat([p.grad.flatten() for p in params])
+
+    first, again, other = grads(5), grads(5), grads(6)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_context_is_entered_in_each_shard_thread():
+    dtypes = []
+    w = torch.ones(3, 3, requires_grad=True)
+
+    def losses(xs):
+        out = xs @ w
+        dtypes.append(out.dtype)
+        return (out.float().sum(),)
+
+    with ThreadShards(2) as runner:
+        runner.step(losses, (torch.ones(4, 3),), [w],
+                    context=lambda: torch.autocast(device_type="cpu", dtype=torch.bfloat16))
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
+
+
+def test_dropout_generator_replaces_the_global_stream_in_its_thread_only():
+    x = torch.ones(4, 64, 8, 8)
+    state = torch.get_rng_state()
+    with dropout_generator(torch.Generator().manual_seed(11)):
+        first = dropout(x, 0.5)
+    with dropout_generator(torch.Generator().manual_seed(11)):
+        second = dropout(x, 0.5)
+    assert torch.equal(first, second)
+    assert torch.equal(torch.get_rng_state(), state)   # the global generator was not used
+    kept = (first != 0).float().mean().item()
+    assert abs(kept - 0.5) < 0.02   # 16,384 elements: 6 standard deviations is 0.023
+    assert set(first.unique().tolist()) == {0.0, 2.0}
+    dropout(x, 0.5)   # outside: the global generator again
+    assert not torch.equal(torch.get_rng_state(), state)
