@@ -35,6 +35,7 @@ from models.encoder import kl_per_dim
 from models.flow import flow_matching_loss, interpolate
 from models import songunet
 from models.songunet import Conv2d, SongUNet
+from utils.errors import UserError
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -307,6 +308,9 @@ def test_network_speed_replays_exactly_the_steps_convolutions(tmp_path):
     result = network_speed.main(["--config", config, "--batch", "2", "--iters", "1", "--repeats", "1",
                                  "--warmup", "0", "--matmul_size", "128", "--json", str(tmp_path / "speed.json")])
     assert json.loads((tmp_path / "speed.json").read_text())["convolutions"]["count"] == result["convolutions"]["count"]
+    assert result["cpu_shards"] == min(2, torch.get_num_threads())   # the training script's default on a CPU
+    with pytest.raises(UserError, match="more than the batch"):
+        network_speed.main(["--config", config, "--batch", "2", "--cpu_shards", "3"])
 
     torch.manual_seed(0)
     net = build_network(load_config("tiny28_de.json")).train()
