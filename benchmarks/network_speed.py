@@ -5,7 +5,7 @@ Times, for one network config and batch size, on CPU or one GPU:
 - a training step: forward, flow-matching loss, backward, Adam step; on a CPU, as the training script
   runs it: the batch split into one shard per thread, each shard's forward and backward in its own
   thread with one intra-op thread (``utils/cpu_shards.py``; ``--cpu_shards 1``: PyTorch's intra-op
-  threads only);
+  threads only); with shards, the same step without them is timed in the same rounds too;
 - a no-grad forward (what sampling costs per function evaluation);
 - a large square fp32 ``torch.mm``, timed the same way in the same run and
   with the same thread count: the machine's practical fp32 peak.
@@ -74,7 +74,8 @@ def parse_args(argv):
     parser.add_argument("--round_warmup", type=int, default=1,
                         help="untimed calls of each measurement at the start of every round (steady state)")
     parser.add_argument("--repeats", type=int, default=5,
-                        help="repeats of (matmul, training step, forward, convolutions), interleaved; "
+                        help="repeats of (matmul, training step, forward, [training step without shards,] "
+                             "convolutions), interleaved; "
                              "medians are reported")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for every measurement (0: the number of physical cores)")
@@ -299,6 +300,9 @@ def main(argv):
     matmul = build_matmul(matmul_size, device)
     flops = {"train": count_flops(plain_step), "forward": count_flops(forward), "matmul": 2.0 * matmul_size ** 3}
     functions = {"matmul": matmul, "train": train_step, "forward": forward}
+    if shards > 1:   # the same step without shards, timed in the same rounds: what the shards gain
+        functions["train_intra_op"] = plain_step
+        flops["train_intra_op"] = flops["train"]
     if not args.no_convolutions:
         functions["convolutions"], n_convolutions = build_convolution_replay(net, plain_step, device, args.seed)
         flops["convolutions"] = count_flops(functions["convolutions"])
@@ -340,6 +344,12 @@ def main(argv):
     result["forward_over_matmul"] = median(
         [fw / mm for fw, mm in zip(gflops("forward", "wall"), gflops("matmul", "wall"))])
     result["train_over_matmul_cpu_time"] = median(ratio_cpu)
+    if "train_intra_op" in flops:
+        result["train_step_without_shards"] = {
+            "seconds": median(runs["train_intra_op"]["wall"]),
+            "over_matmul": median([tr / mm for tr, mm in zip(gflops("train_intra_op", "wall"), gflops("matmul", "wall"))]),
+            # per round: time with shards / time without (both in the same round)
+            "time_ratio_with_shards": median([a / b for a, b in zip(runs["train"]["wall"], runs["train_intra_op"]["wall"])])}
     if "convolutions" in flops:
         result["convolutions"] = {
             "count": n_convolutions, "gflop": flops["convolutions"] / 1e9,
@@ -365,6 +375,11 @@ def main(argv):
           f"{result['forward_over_matmul']:.3f}")
     print(f"same ratio from process CPU time = {result['train_over_matmul_cpu_time']:.3f} "
           f"(less sensitive to other jobs; with several threads it also counts their spin-waiting)")
+    if "train_step_without_shards" in result:
+        plain = result["train_step_without_shards"]
+        print(f"train step without shards ({threads} intra-op threads, same rounds): {plain['seconds'] * 1e3:.1f} ms, "
+              f"{plain['over_matmul']:.3f} of matmul; step time with / without shards = "
+              f"{plain['time_ratio_with_shards']:.3f} (median over rounds)")
     if "convolutions" in result:
         conv = result["convolutions"]
         print(f"convolutions: the step's {conv['count']} alone (forward + backward, full batch, {threads} intra-op "
