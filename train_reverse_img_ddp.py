@@ -185,11 +185,11 @@ def check_args(args):
         raise UserError("--coupling ot pairs images and noise within a batch: it needs at least 2 images per process")
     if args.cpu_shards < 0:
         raise UserError(f"--cpu_shards must be >= 0 (0: automatic), got {args.cpu_shards}")
-    on_cpu = not gpu_ids and not (dist.under_launcher() and torch.cuda.is_available())
-    if args.cpu_shards > 1 and not (on_cpu and world_size == 1 and not args.compile):
+    device_type = dist.device_type(gpu_ids)
+    if args.cpu_shards > 1 and not (device_type == "cpu" and world_size == 1 and not args.compile):
         raise UserError("--cpu_shards above 1 is for training on a CPU in one process without --compile")
-    shards = args.cpu_shards or auto_shards("cpu" if on_cpu else "cuda", world_size, args.compile)
-    cpu_shards = min(shards, args.batchsize // world_size)
+    cpu_shards = min(args.cpu_shards or auto_shards(device_type, world_size, args.compile),
+                     args.batchsize // world_size)
 
     if args.config_de is None:
         raise UserError("--config_de is required: the flow network's config, e.g. configs/cifar10_de.json")
@@ -423,8 +423,7 @@ class Trainer:
         self.stream = plumbing.DataStream(self.dataset, sampler, args.num_workers, pin_memory=device.type == "cuda",
                                           batches_consumed=batches_consumed)
         self.agreement = plumbing.RankAgreement(info.distributed)
-        shards = plan["cpu_shards"] if device.type == "cpu" and not info.distributed else 1
-        self.shards = ThreadShards(shards) if shards > 1 else None
+        self.shards = ThreadShards(plan["cpu_shards"]) if plan["cpu_shards"] > 1 else None
 
         # Running sums on the device, read by the host only at log and save steps.
         self.window = torch.zeros(5, device=device)   # loss, flow loss, KL, grad norm, finite steps
@@ -481,22 +480,19 @@ class Trainer:
         noise = torch.randn_like(x)
         if args.coupling == "ot":
             noise = flowlib.minibatch_ot_pairing(x, noise)
+        def losses(x, t, noise):
+            flow_loss, kl = self.train_model(x, t, noise)
+            return flow_loss + args.weight_prior * kl, flow_loss, kl
+
         self.optimizer.zero_grad(set_to_none=True)
         if self.shards is None:
-            with autocast:
-                flow_loss, kl = self.train_model(x, t, noise)
-            loss = flow_loss + args.weight_prior * kl
+            with autocast():
+                loss, flow_loss, kl = losses(x, t, noise)
             loss.backward()
         else:
             # CPU: shards of the batch in threads (utils/cpu_shards.py); autocast is per thread, so each
             # shard enters its own.
-            def losses(x, t, noise):
-                flow_loss, kl = self.train_model(x, t, noise)
-                return flow_loss + args.weight_prior * kl, flow_loss, kl
-
-            loss, flow_loss, kl = self.shards.step(
-                losses, (x, t, noise), self.params,
-                context=lambda: torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=args.amp == "bf16"))
+            loss, flow_loss, kl = self.shards.step(losses, (x, t, noise), self.params, context=autocast)
         if args.grad_clip > 0:
             grad_norm = nn.utils.clip_grad_norm_(self.params, args.grad_clip)
         else:
@@ -600,7 +596,10 @@ class Trainer:
             self.log.line(f"nothing to do: the state is at iteration {self.start_iteration - 1} and --iterations is "
                           f"{args.iterations}; raise --iterations to train longer")
             return
-        autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+
+        def autocast():   # a fresh context each time: the shards of a CPU step enter one per thread
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+
         progress = tqdm(total=args.iterations, initial=self.start_iteration - 1, disable=not is_main,
                         dynamic_ncols=True, desc="train")
         # the bar and the log close before an error is printed

@@ -16,7 +16,6 @@ generator, seeded from the global generator in the calling thread (so a run is r
 resumed run, which restores the global generator, continues the same random streams).
 """
 import contextlib
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -80,20 +79,23 @@ class ThreadShards:
         seeds = torch.randint(0, 2 ** 62, (len(sizes),)).tolist()
 
         def run(index):
-            if threading.current_thread() is not threading.main_thread() and torch.get_num_threads() != 1:
-                # One intra-op thread in each shard's thread. Checked at every call: a torch.set_num_threads
-                # in the calling thread can reach threads that already set theirs.
-                torch.set_num_threads(1)
             generator = torch.Generator(device=tensors[0].device).manual_seed(seeds[index])
             with dropout_generator(generator), (context() if context is not None else contextlib.nullcontext()):
                 values = loss_fn(*pieces[index])
             grads = torch.autograd.grad(values[0], params, allow_unused=True)
             return [value.detach() for value in values], grads
 
+        def run_in_pool(index):
+            # One intra-op thread in each shard's thread. Checked at every call: a torch.set_num_threads in
+            # the calling thread can reach threads that already set theirs.
+            if torch.get_num_threads() != 1:
+                torch.set_num_threads(1)
+            return run(index)
+
         if self.pool is None or len(sizes) == 1:
             results = [run(index) for index in range(len(sizes))]
         else:
-            results = [future.result() for future in [self.pool.submit(run, index) for index in range(len(sizes))]]
+            results = [future.result() for future in [self.pool.submit(run_in_pool, index) for index in range(len(sizes))]]
         weights = [size / batch for size in sizes]
         for position, param in enumerate(params):
             total = None

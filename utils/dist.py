@@ -78,6 +78,11 @@ def _init_group(backend, rank, world_size):
                                   timeout=datetime.timedelta(minutes=30))
 
 
+def device_type(gpu_ids):
+    """'cuda' or 'cpu': the kind of device :func:`setup` gives this process for ``gpu_ids``."""
+    return "cuda" if gpu_ids or (under_launcher() and torch.cuda.is_available()) else "cpu"
+
+
 def setup(gpu_ids, spawn_rank=None):
     """Initialise this process; returns its :class:`DistInfo`.
 
