@@ -188,6 +188,9 @@ def check_args(args):
     device_type = dist.device_type(gpu_ids)
     if args.cpu_shards > 1 and not (device_type == "cpu" and world_size == 1 and not args.compile):
         raise UserError("--cpu_shards above 1 is for training on a CPU in one process without --compile")
+    if args.cpu_shards > args.batchsize // world_size:
+        raise UserError(f"--cpu_shards {args.cpu_shards} is more than the batch per process "
+                        f"({args.batchsize // world_size}); every shard needs at least one image")
     cpu_shards = min(args.cpu_shards or auto_shards(device_type, world_size, args.compile),
                      args.batchsize // world_size)
 

@@ -122,6 +122,7 @@ def test_resume_with_cpu_shards_matches_uninterrupted_run(digits, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--cpu_shards", -1], "--cpu_shards must be >= 0"),
     (["--cpu_shards", 2, "--compile"], "--cpu_shards above 1 is for training on a CPU in one process"),
+    (["--cpu_shards", 3], "--cpu_shards 3 is more than the batch per process (2)"),
 ])
 def test_bad_cpu_shards_is_one_line(digits, tmp_path, capsys, extra, message):
     code, _, stderr = train(base_args(digits, str(tmp_path / "run"), "--iterations", 2, *extra), capsys)
