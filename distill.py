@@ -54,6 +54,7 @@ from models.config import resolve_image_options  # noqa: E402
 from models import flow as flowlib  # noqa: E402
 from utils import dist  # noqa: E402
 from utils import train as plumbing  # noqa: E402
+from utils.amp import AMP_CHOICES, AMP_HELP, autocast, autocast_velocity, resolve_amp  # noqa: E402
 from utils.checkpoint import load_weights  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402
 from utils.images import save_grid  # noqa: E402
@@ -102,6 +103,7 @@ def build_parser():
     add("--N", type=int, default=1,
         help="Euler steps of the test loss and sample grids; must be 1 in distill mode (the student is one-step)")
     add("--seed", type=int, default=0, help="seed of the data order, the training noise and the grid's fixed noise")
+    add("--amp", choices=AMP_CHOICES, default="auto", help=AMP_HELP)
     add("--num_workers", type=int, default=4, help="DataLoader worker processes (0: load in the loop)")
     add("--log_every", type=int, default=100, help="write a stats.jsonl / log.txt record every this many iterations")
     add("--eval_every", type=int, default=1000,
@@ -346,7 +348,8 @@ def check_args(args):
         warnings.append(f"warning: the first test pair starts from the same z as the first training pair "
                         f"({test_set.pairs[0][1]}): were both sets generated with the same --seed? The test loss "
                         f"is then not measured on unseen pairs")
-    return {"device": device, "config": config, "train_set": train_set, "test_set": test_set, "student": student,
+    amp, amp_reason = resolve_amp(args.amp, device)
+    return {"device": device, "amp": amp, "amp_reason": amp_reason, "config": config, "train_set": train_set, "test_set": test_set, "student": student,
             "teacher_path": teacher_path, "state_path": state_path, "state": state, "warnings": warnings}
 
 
@@ -438,12 +441,15 @@ def train(args, plan):
     grid_noise = torch.randn(min(GRID_SIZE, args.batchsize), args.input_nc, args.res, args.res,
                              generator=torch.Generator().manual_seed(args.seed)).to(device)
     loss_fn = LOSSES[args.mode]
-    save_json({**vars(args), "resolved_config_de": config}, os.path.join(args.dir, "config.json"))
+    amp = plan["amp"]
+    velocity = autocast_velocity(student, device, amp)   # evaluation and grids, under the same autocast
+    save_json({**vars(args), "resolved_config_de": config, "amp_used": amp, "amp_reason": plan["amp_reason"]},
+              os.path.join(args.dir, "config.json"))
     parameters = sum(p.numel() for p in student.parameters())
     log.line(f"distill: mode {args.mode}, {device}, {len(plan['train_set'])} training pairs, "
              f"{len(plan['test_set'])} test pairs, batch {args.batchsize}, lr {args.learning_rate:g}, iterations "
              f"{start + 1}..{args.iterations}, student {parameters / 1e6:.3f}M parameters from {plan['teacher_path']}, "
-             f"test loss with {args.N} Euler step(s) -> {args.dir}")
+             f"test loss with {args.N} Euler step(s), amp {amp} ({plan['amp_reason']}) -> {args.dir}")
     for warning in plan["warnings"]:
         log.line(warning)
     if start >= args.iterations:
@@ -462,8 +468,8 @@ def train(args, plan):
         """Test loss and the fixed-noise grid, with dropout off."""
         student.eval()
         with torch.random.fork_rng(devices=[]):
-            error = mean_sample_error(student, test_loader, args.N, device)
-        save_grid(sample(student, grid_noise, args.N), os.path.join(args.dir, f"pred_{iteration}.png"))
+            error = mean_sample_error(velocity, test_loader, args.N, device)
+        save_grid(sample(velocity, grid_noise, args.N), os.path.join(args.dir, f"pred_{iteration}.png"))
         student.train()
         log.line(f"Iteration {iteration}: test loss {error:.6f}")
         return error
@@ -489,7 +495,8 @@ def train(args, plan):
     with plumbing.StopSignals() as signals, progress, contextlib.closing(log):
         for iteration in range(start + 1, args.iterations + 1):
             x, z = next_batch()
-            loss = loss_fn(student, x, z)
+            with autocast(device, amp):
+                loss = loss_fn(student, x, z)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

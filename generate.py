@@ -40,6 +40,7 @@ from models import build_encoder, build_network, check_encoder_decoder, load_con
 from models import flow as flowlib  # noqa: E402
 from models.config import resolve_image_options  # noqa: E402
 from utils import dist  # noqa: E402
+from utils.amp import AMP_CHOICES, AMP_HELP, autocast, autocast_velocity, resolve_amp  # noqa: E402
 from utils.checkpoint import load_weights, resolve_weights_path  # noqa: E402
 from utils.data import DATASETS, build_dataset, check_dataset_config  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402
@@ -50,7 +51,7 @@ SOLVER_NAMES = ("euler", "heun", "rk45", "dopri5")
 FIXED_STEP_SOLVERS = ("euler", "heun")
 TRAJ_COLUMNS = 8  # x0 predictions drawn per trajectory strip (evenly spaced steps)
 # Arguments that change how a run is executed but not what it writes; a rerun may differ in them.
-RERUN_FREE_ARGS = ("gpu", "debug", "overwrite", "batchsize", "dir")
+RERUN_FREE_ARGS = ("gpu", "debug", "overwrite", "batchsize", "dir", "amp_used", "amp_reason")   # amp_*: derived from --amp
 # Arguments holding paths; compared as absolute paths so "./x" and "x" are the same run.
 PATH_ARGS = ("ckpt", "encoder", "config_de", "config_en", "data_path", "data_root")
 OUTPUT_PATTERNS = ("samples/*.png", "trajs/*.png", "zs/*.npy", "data/*.png", "result_sampling.json")
@@ -68,6 +69,7 @@ def build_parser():
                         help="comma-separated GPU ids, one process each (e.g. 0 or 0,1,2,3); omit to run on the CPU. "
                              "Under torchrun the launcher decides")
     parser.add_argument("--dir", type=str, required=True, help="output folder")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="auto", help=AMP_HELP)
     parser.add_argument("--ckpt", type=str, default=None,
                         help="flow network weights: a paper-format EMA state dict (flow_model_*_ema.pth), a "
                              "training state (its EMA weights are used) or a run folder (its newest EMA file)")
@@ -185,6 +187,8 @@ def run_record(args, plan):
     record = dict(vars(args))
     record["ckpt_file"] = os.path.abspath(plan["ckpt_file"])
     record["encoder_file"] = os.path.abspath(plan["encoder_file"]) if plan["encoder_file"] else None
+    if "amp" in plan:   # what --amp resolved to on this device, and why
+        record["amp_used"], record["amp_reason"] = plan["amp"], plan["amp_reason"]
     return record
 
 
@@ -269,7 +273,8 @@ def starting_points(indices,                # sample indices of this batch
                     args,                   # parsed arguments (seed, res, input_nc, no_scale)
                     device,                 # where the networks run
                     encoder=None,           # the learned coupling, or None to start from prior noise
-                    dataset=None):          # images to reconstruct (with ``encoder``)
+                    dataset=None,           # images to reconstruct (with ``encoder``)
+                    amp="none"):            # autocast of the encoder ("bf16" or "none")
     """z at t = 1 for a batch [B, C, H, W], and the real images encoded (or None)."""
     noise = starting_noise(indices, (args.input_nc, args.res, args.res), args.seed).to(device)
     if encoder is None:
@@ -277,8 +282,9 @@ def starting_points(indices,                # sample indices of this batch
     data = torch.stack([dataset[k][0] for k in indices]).to(device)
     if args.no_scale:
         data = data * 0.5 + 0.5
-    z, _, _ = encoder(data, noise=noise)
-    return z, data
+    with autocast(device, amp):
+        z, _, _ = encoder(data, noise=noise)
+    return z.float(), data
 
 
 def sample_batch(net,                       # velocity network, called as net(z, t) with t [B]
@@ -322,7 +328,10 @@ def clear_outputs(folder):
 def worker(info, args, plan):
     """Sample this process's share of the indices, write its files, combine the statistics on rank 0."""
     device = info.device
+    amp, amp_reason = resolve_amp(args.amp, device)
+    plan = dict(plan, amp=amp, amp_reason=amp_reason)
     net = load_flow_network(args, plan, device)
+    velocity = autocast_velocity(net, device, amp)
     encoder = dataset = None
     if args.encoder is not None:
         encoder = load_encoder(args, plan, device)
@@ -340,7 +349,8 @@ def worker(info, args, plan):
         nfe = f"NFE {args.N}" if args.solver in FIXED_STEP_SOLVERS else f"adaptive (rtol {args.rtol}, atol {args.atol})"
         print(f"generate: {device} x {info.world_size} process(es), global batch {args.batchsize}, "
               f"{args.num_samples} samples, solver {args.solver}, {nfe}, flow network {parameters:.2f}M "
-              f"parameters{extra}, start {'encoder(' + args.dataset + ')' if encoder is not None else 'noise'}",
+              f"parameters{extra}, start {'encoder(' + args.dataset + ')' if encoder is not None else 'noise'}, "
+              f"amp {amp} ({amp_reason})",
               flush=True)
     dist.barrier()
 
@@ -360,8 +370,8 @@ def worker(info, args, plan):
                     desc="sampling" if info.world_size == 1 else f"sampling (rank 0 of {info.world_size})")
     with torch.inference_mode():
         for batch_indices in batches:
-            z, data = starting_points(batch_indices, args, device, encoder, dataset)
-            result = sample_batch(net, z, args.solver, args.N, args.rtol, args.atol, return_traj=fixed_step)
+            z, data = starting_points(batch_indices, args, device, encoder, dataset, amp)
+            result = sample_batch(velocity, z, args.solver, args.N, args.rtol, args.atol, return_traj=fixed_step)
             slots = torch.as_tensor(batch_indices, device=device)
             z_norms[slots] = z.flatten(1).double().norm(dim=1)
             if fixed_step:

@@ -43,9 +43,12 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from models import build_encoder, build_network, check_encoder_decoder, kl_per_dim, load_config  # noqa: E402
+from models import build_encoder, build_network, check_encoder_decoder, load_config  # noqa: E402
+from models.coupling import FlowWithCoupling  # noqa: E402
 from models import flow as flowlib  # noqa: E402
 from utils import dist  # noqa: E402
+from utils.amp import AMP_CHOICES, AMP_HELP, autocast_velocity, resolve_amp  # noqa: E402
+from utils.amp import autocast as amp_autocast  # noqa: E402
 from utils.cpu_shards import ThreadShards, auto_shards  # noqa: E402
 from utils.checkpoint import TRAINING_STATE_FORMAT  # noqa: E402
 from utils.data import DATASETS, FOLDER_DATASETS, build_dataset, check_dataset_config  # noqa: E402
@@ -116,8 +119,7 @@ def build_parser():
     add("--sample_every", type=int, default=1000, help="write sample grids every this many iterations")
     add("--log_every", type=int, default=100, help="write a stats.jsonl / log.txt record every this many iterations")
     add("--num_workers", type=int, default=4, help="DataLoader worker processes per rank (0: load in the loop)")
-    add("--amp", type=str, default="none", choices=("none", "bf16"),
-        help="bf16: autocast the networks to bfloat16 (weights, optimizer and EMA stay float32)")
+    add("--amp", type=str, default="auto", choices=AMP_CHOICES, help=AMP_HELP)
     add("--compile", action="store_true", help="torch.compile the networks for training")
     add("--cpu_shards", type=int, default=0,
         help="CPU training: split each batch into this many shards whose forward and backward run concurrently "
@@ -193,6 +195,7 @@ def check_args(args):
                         f"({args.batchsize // world_size}); every shard needs at least one image")
     cpu_shards = min(args.cpu_shards or auto_shards(device_type, world_size, args.compile),
                      args.batchsize // world_size)
+    amp, amp_reason = resolve_amp(args.amp, "cuda" if device_type == "cuda" else "cpu")
 
     if args.config_de is None:
         raise UserError("--config_de is required: the flow network's config, e.g. configs/cifar10_de.json")
@@ -207,7 +210,7 @@ def check_args(args):
                               names=(f"--config_de {args.config_de}", f"--config_en {args.config_en}"))
     check_dataset_config(args.dataset, config_de)
     return {"config_de": config_de, "config_en": config_en, "gpu_ids": gpu_ids, "world_size": world_size,
-            "spawn": spawn, "is_main": is_main, "cpu_shards": cpu_shards}
+            "spawn": spawn, "is_main": is_main, "cpu_shards": cpu_shards, "amp": amp, "amp_reason": amp_reason}
 
 
 def run_record(args, plan):
@@ -216,6 +219,7 @@ def run_record(args, plan):
     record["resolved_config_de"] = plan["config_de"]
     record["resolved_config_en"] = plan["config_en"]
     record["cpu_shards_used"] = plan["cpu_shards"]
+    record["amp_used"], record["amp_reason"] = plan["amp"], plan["amp_reason"]   # what --amp resolved to, and why
     record["omp_wait_policy"] = list(OMP_WAIT_POLICY)  # (value, why): it changes CPU speed several-fold
     return record
 
@@ -316,38 +320,6 @@ def prepare(args):
 # ----------------------------------------------------------------------------
 # The networks and the loss.
 
-class FlowWithCoupling(nn.Module):
-    """The velocity network ``flow`` and, for the learned coupling, the ``encoder``; ``forward`` gives the losses.
-
-    One module, so that one DDP wrapper synchronises both networks' gradients.
-    """
-
-    def __init__(self, flow, encoder=None):
-        super().__init__()
-        self.flow = flow
-        self.encoder = encoder
-
-    def forward(self, x, t, noise):
-        """(flow-matching MSE, KL per dimension) for images ``x`` [B, C, H, W], times ``t`` [B] and
-        N(0, I) ``noise`` shaped like x (the prior sample itself, or the encoder's reparameterisation noise)."""
-        if self.encoder is not None:
-            z, mu, logvar = self.encoder(x, noise=noise)
-            kl = kl_per_dim(mu.float(), logvar.float())
-        else:
-            z, kl = noise, torch.zeros((), device=x.device)
-        velocity = self.flow(flowlib.interpolate(x, z, t), t)
-        return flowlib.flow_matching_loss(velocity, x, z), kl
-
-    def optimizer_params(self):
-        """Encoder parameters first, then the flow's: the paper's order, so optimizer states line up."""
-        encoder = list(self.encoder.parameters()) if self.encoder is not None else []
-        return encoder + list(self.flow.parameters())
-
-    def state_dicts(self):
-        return {"flow": self.flow.state_dict(),
-                "encoder": self.encoder.state_dict() if self.encoder is not None else None}
-
-
 def count(module):
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
@@ -356,7 +328,7 @@ def count(module):
 # Sample grids.
 
 @torch.no_grad()
-def sample_grids(nets, test_images, args, iteration, device):
+def sample_grids(nets, test_images, args, iteration, device, amp="none"):
     """The paper's grids from fixed noise (same at every call): trajectories and x0 predictions with N = --N
     and N = 4 from prior noise, and, for the learned coupling, from encoded test images. Returns statistics."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -364,7 +336,7 @@ def sample_grids(nets, test_images, args, iteration, device):
     stats = {}
 
     def grids(start, N, name, name_x0):
-        result = flowlib.euler(nets.flow, start, N=N, return_traj=True)
+        result = flowlib.euler(autocast_velocity(nets.flow, device, amp), start, N=N, return_traj=True)
         for images, grid_name in ((result.traj, name), (result.x0_preds, name_x0)):
             save_grid(torch.cat(images), os.path.join(args.dir, f"traj_{grid_name}_{iteration}.png"),
                       nrow=SAMPLE_COUNT)
@@ -375,7 +347,9 @@ def sample_grids(nets, test_images, args, iteration, device):
     grids(noise, 4, "uncond_N4", "uncond_x0_N4")
     if nets.encoder is not None:
         encoder_noise = torch.randn(test_images.shape, generator=generator, device=device)
-        z, _, _ = nets.encoder(test_images, noise=encoder_noise)
+        with amp_autocast(device, amp):
+            z, _, _ = nets.encoder(test_images, noise=encoder_noise)
+        z = z.float()
         result = grids(z, args.N, "reverse", "reverse_x0")
         stats["reconstruction_mse"] = (result.x - test_images).square().mean().item()
     return stats
@@ -444,7 +418,8 @@ class Trainer:
             f"coupling {args.coupling}, "
             f"{len(self.dataset)} images ({sampler.steps_per_epoch} steps per epoch), "
             f"{f'{self.shards.shards} batch shards in threads, ' if self.shards else ''}iterations "
-            f"{self.start_iteration}..{args.iterations}, amp {args.amp}{', compiled' if args.compile else ''} "
+            f"{self.start_iteration}..{args.iterations}, amp {plan['amp']} ({plan['amp_reason']})"
+            f"{', compiled' if args.compile else ''} "
             f"-> {args.dir}")
 
     def resume(self):
@@ -547,7 +522,7 @@ class Trainer:
     def sample(self, iteration):
         nets = self.ema.module if self.ema is not None else self.model
         self.model.eval()
-        self.pending_samples = sample_grids(nets, self.test_images, self.args, iteration, self.device)
+        self.pending_samples = sample_grids(nets, self.test_images, self.args, iteration, self.device, self.plan["amp"])
         self.model.train()
         self.log.line(f"iteration {iteration}: samples, " + ", ".join(
             f"{key} {value:.5g}" for key, value in self.pending_samples.items()))
@@ -601,7 +576,7 @@ class Trainer:
             return
 
         def autocast():   # a fresh context each time: the shards of a CPU step enter one per thread
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+            return amp_autocast(self.device, self.plan["amp"])
 
         progress = tqdm(total=args.iterations, initial=self.start_iteration - 1, disable=not is_main,
                         dynamic_ncols=True, desc="train")

@@ -7,8 +7,15 @@ Times, for one network config and batch size, on CPU or one GPU:
   thread with one intra-op thread (``utils/cpu_shards.py``; ``--cpu_shards 1``: PyTorch's intra-op
   threads only); with shards, the same step without them is timed in the same rounds too;
 - a no-grad forward (what sampling costs per function evaluation);
-- a large square fp32 ``torch.mm``, timed the same way in the same run and
-  with the same thread count: the machine's practical fp32 peak.
+- large square fp32 and bf16 ``torch.mm``, timed the same way in the same run and
+  with the same thread count: the machine's practical fp32 and bf16 peaks;
+- the plain PyTorch step and forward of the same network as a baseline: fp32, no autocast, no shards,
+  intra-op threads, ``torch.optim.Adam`` with its defaults (how the paper's code runs it); the report
+  says how many times faster the default step and forward are.
+
+``--amp`` (default ``auto``, as the training script: bf16 autocast on a CPU with AMX-BF16 or
+AVX512-BF16 and on CUDA with bf16, fp32 elsewhere; ``utils/amp.py``) sets the precision of the measured
+default step and forward.
 
 FLOPs are counted once per measured function with
 ``torch.utils.flop_counter.FlopCounterMode`` (convolutions, matmuls and
@@ -46,6 +53,7 @@ from utils.threads import choose_omp_wait_policy  # noqa: E402
 OMP_POLICY = choose_omp_wait_policy()
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -53,18 +61,26 @@ import time  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from models import build_network  # noqa: E402
+from models import build_encoder, build_network, check_encoder_decoder  # noqa: E402
+from models.coupling import FlowWithCoupling  # noqa: E402
 from models.songunet import Conv2d  # noqa: E402
-from models.flow import flow_matching_loss, interpolate, sample_time  # noqa: E402
+from models.flow import sample_time  # noqa: E402
+from utils.amp import AMP_CHOICES, AMP_HELP, autocast, resolve_amp  # noqa: E402
 from utils.cpu_shards import ThreadShards, auto_shards  # noqa: E402
 from utils.dist import physical_cores  # noqa: E402
 from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
 from utils.io import load_json, save_json  # noqa: E402
 
 
+WEIGHT_PRIOR = 20.0   # beta of the learned coupling's step (the paper's MNIST / CIFAR-10 value)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--config", default="configs/mnist_de.json", help="network config (JSON) of the U-Net to time")
+    parser.add_argument("--config_en", default=None,
+                        help="encoder config (JSON): time the learned coupling's step (encoder, KL, U-Net), as the "
+                             "training script runs it, e.g. configs/mnist_en.json; default: the U-Net alone")
     parser.add_argument("--batch", type=int, default=32, help="images per training step / forward")
     parser.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'cuda:N'")
     parser.add_argument("--iters", type=int, default=2,
@@ -88,6 +104,9 @@ def parse_args(argv):
     parser.add_argument("--channels_last", choices=("auto", "on", "off"), default="auto",
                         help="memory format of the U-Net and its input; 'auto': on for CUDA, off for CPU "
                              "(on this project's CPU measurements channels_last was slower)")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="auto", help=AMP_HELP)
+    parser.add_argument("--no_baseline", action="store_true",
+                        help="skip the plain fp32 PyTorch step and forward (the baseline of the speed-up figures)")
     parser.add_argument("--attention", choices=("sdpa", "einsum"), default="sdpa",
                         help="attention kernel of the U-Net (numerically equivalent)")
     parser.add_argument("--tf32", action="store_true",
@@ -147,12 +166,12 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def build_matmul(size, device):
-    """An fp32 [size, size] @ [size, size] matmul (2 * size^3 FLOPs) as a zero-argument function."""
+def build_matmul(size, device, dtype=torch.float32):
+    """A [size, size] @ [size, size] matmul in ``dtype`` (2 * size^3 FLOPs) as a zero-argument function."""
     generator = torch.Generator(device="cpu").manual_seed(1)
-    a = torch.randn(size, size, generator=generator).to(device)
-    b = torch.randn(size, size, generator=generator).to(device)
-    out = torch.empty(size, size, device=device)
+    a = torch.randn(size, size, generator=generator).to(device, dtype)
+    b = torch.randn(size, size, generator=generator).to(device, dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
     return lambda: torch.mm(a, b, out=out)
 
 
@@ -199,34 +218,39 @@ def build_convolution_replay(net, step, device, seed):
     return replay, len(replays)
 
 
-def build_step(net, batch, device, channels_last, in_shape, seed, shards=None):
+def build_step(model, batch, device, channels_last, in_shape, seed, shards=None, amp="none", plain=False):
     """A training step and a no-grad eval-mode forward, as zero-argument functions on fixed random inputs.
-    ``shards``: a ``utils.cpu_shards.ThreadShards`` that runs the step's forward and backward (None: in
-    this thread)."""
+    ``model``: a ``models.coupling.FlowWithCoupling`` (with an encoder: the learned coupling's step, KL
+    weight ``WEIGHT_PRIOR``; the forward is the flow's alone); ``shards``: a ``utils.cpu_shards.ThreadShards`` that runs the step's forward and backward (None: in
+    this thread); ``amp``: ``"bf16"`` autocasts the forward passes; ``plain``: ``torch.optim.Adam`` with
+    its defaults instead of the fused Adam of the training script."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, *in_shape, generator=generator).to(device).contiguous(memory_format=memory_format)
     noise = torch.randn(batch, *in_shape, generator=generator).to(device).contiguous(memory_format=memory_format)
     t = sample_time(batch, generator=generator).to(device)
     # fused Adam, as the training script uses (utils.train)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    params = model.optimizer_params()
+    optimizer = torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, fused=not plain)
 
     def losses(x, noise, t):
-        return (flow_matching_loss(net(interpolate(x, noise, t), t), x, noise),)
+        with autocast(device, amp):
+            flow_loss, kl = model(x, t, noise)
+        return (flow_loss + WEIGHT_PRIOR * kl,)
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
         if shards is None:
             losses(x, noise, t)[0].backward()
         else:
-            shards.step(losses, (x, noise, t), net.parameters())
+            shards.step(losses, (x, noise, t), params)
         optimizer.step()
 
     def forward():
-        net.eval()  # what sampling runs: no dropout, no autograd
-        with torch.no_grad():
-            net(x, t)
-        net.train()
+        model.flow.eval()  # what sampling runs: the flow alone, no dropout, no autograd
+        with torch.no_grad(), autocast(device, amp):
+            model.flow(x, t)
+        model.flow.train()
 
     return train_step, forward
 
@@ -269,20 +293,31 @@ def main(argv):
             raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
         config = dict(config, dropout=args.dropout)
     torch.manual_seed(args.seed)
-    net = build_network(config, args.config).to(device)
-    net.set_sdpa(args.attention == "sdpa")
+    net = build_network(config, args.config)
+    encoder = None
+    if args.config_en is not None:
+        config_en = load_json(args.config_en, "encoder config")
+        check_encoder_decoder(config, config_en, names=(f"--config {args.config}", f"--config_en {args.config_en}"))
+        encoder = build_encoder(config_en, args.config_en)
+    net = FlowWithCoupling(net, encoder).to(device)
+    for module in net.modules():
+        if hasattr(module, "set_sdpa"):
+            module.set_sdpa(args.attention == "sdpa")
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     net.train()
-    in_shape = (net.in_channels, net.img_resolution, net.img_resolution)
+    in_shape = (net.flow.in_channels, net.flow.img_resolution, net.flow.img_resolution)
     params = sum(p.numel() for p in net.parameters())
     summary = machine_summary(device, threads)
-    print(f"network_speed: {args.config} ({params / 1e6:.2f}M params, dropout {config['dropout']}), "
+    what = f"{args.config} + {args.config_en} (learned coupling)" if encoder is not None else args.config
+    print(f"network_speed: {what} ({params / 1e6:.2f}M params, dropout {config['dropout']}), "
           f"batch {args.batch}, {device}, {threads} threads, channels_last {'on' if channels_last else 'off'}, "
           f"attention {args.attention}, OMP_WAIT_POLICY {summary['omp_wait_policy']}, "
           f"load average {summary.get('load_average_1min', 'n/a')}", flush=True)
     print(f"OMP_WAIT_POLICY {OMP_POLICY[0]}: {OMP_POLICY[1]}", flush=True)
 
+    amp, amp_reason = resolve_amp(args.amp, device)
+    print(f"amp {amp} ({amp_reason})", flush=True)
     shards = args.cpu_shards or auto_shards(device)
     if shards > args.batch:
         raise UserError(f"--cpu_shards {shards} is more than the batch ({args.batch})")
@@ -290,16 +325,24 @@ def main(argv):
         raise UserError("--cpu_shards above 1 is for CPU training steps")
     # FLOPs are counted on the step without shards (the same computation: FlopCounterMode only sees the
     # operations of its own thread), and the replay records that step's convolutions.
-    plain_step, forward = build_step(net, args.batch, device, channels_last, in_shape, args.seed)
+    plain_step, forward = build_step(net, args.batch, device, channels_last, in_shape, args.seed, amp=amp)
     train_step = plain_step
     if shards > 1:
-        train_step, _ = build_step(net, args.batch, device, channels_last, in_shape, args.seed, ThreadShards(shards))
+        train_step, _ = build_step(net, args.batch, device, channels_last, in_shape, args.seed, ThreadShards(shards),
+                                   amp=amp)
     layout = (f"{shards} shards in {shards} threads, 1 intra-op thread each" if shards > 1
               else f"{threads} intra-op threads, no shards")
     print(f"training step: {layout}", flush=True)
     matmul = build_matmul(matmul_size, device)
-    flops = {"train": count_flops(plain_step), "forward": count_flops(forward), "matmul": 2.0 * matmul_size ** 3}
-    functions = {"matmul": matmul, "train": train_step, "forward": forward}
+    flops = {"train": count_flops(plain_step), "forward": count_flops(forward), "matmul": 2.0 * matmul_size ** 3,
+             "matmul_bf16": 2.0 * matmul_size ** 3}
+    functions = {"matmul": matmul, "matmul_bf16": build_matmul(matmul_size, device, torch.bfloat16),
+                 "train": train_step, "forward": forward}
+    if not args.no_baseline:   # the same network as plain PyTorch runs it: fp32, NCHW, no shards, default Adam
+        baseline = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+        functions["train_baseline"], functions["forward_baseline"] = build_step(
+            baseline, args.batch, device, False, in_shape, args.seed, plain=True)
+        flops["train_baseline"], flops["forward_baseline"] = flops["train"], flops["forward"]
     if shards > 1:   # the same step without shards, timed in the same rounds: what the shards gain
         functions["train_intra_op"] = plain_step
         flops["train_intra_op"] = flops["train"]
@@ -327,8 +370,8 @@ def main(argv):
     ratio_cpu = [tr / mm for tr, mm in zip(gflops("train", "cpu"), gflops("matmul", "cpu"))]
     median = statistics.median
     result = {
-        "config": args.config, "batch": args.batch, "cpu_shards": shards, "params": params, "dropout": config["dropout"],
-        "channels_last": channels_last, "attention": args.attention,
+        "config": args.config, "config_en": args.config_en, "batch": args.batch, "cpu_shards": shards, "params": params, "dropout": config["dropout"],
+        "channels_last": channels_last, "attention": args.attention, "cpu": summary["cpu"],
         "tf32": bool(args.tf32 and device.type == "cuda"), "machine": summary,
         "iters": args.iters, "calls_per_repeat": calls, "warmup": args.warmup,
         "round_warmup": args.round_warmup, "repeats": args.repeats,
@@ -344,6 +387,20 @@ def main(argv):
     result["forward_over_matmul"] = median(
         [fw / mm for fw, mm in zip(gflops("forward", "wall"), gflops("matmul", "wall"))])
     result["train_over_matmul_cpu_time"] = median(ratio_cpu)
+    result["amp"], result["amp_reason"] = amp, amp_reason
+    result["matmul_bf16"] = {"size": matmul_size, "gflops": median(gflops("matmul_bf16", "wall"))}
+    result["train_over_matmul_bf16"] = median(
+        [tr / mm for tr, mm in zip(gflops("train", "wall"), gflops("matmul_bf16", "wall"))])
+    result["forward_over_matmul_bf16"] = median(
+        [fw / mm for fw, mm in zip(gflops("forward", "wall"), gflops("matmul_bf16", "wall"))])
+    if "train_baseline" in flops:
+        # per round: plain fp32 time / default time (both in the same round)
+        result["baseline"] = {
+            "train_seconds": median(runs["train_baseline"]["wall"]),
+            "forward_seconds": median(runs["forward_baseline"]["wall"]),
+            "train_speedup": median([b / a for a, b in zip(runs["train"]["wall"], runs["train_baseline"]["wall"])]),
+            "forward_speedup": median([b / a for a, b in zip(runs["forward"]["wall"],
+                                                             runs["forward_baseline"]["wall"])])}
     if "train_intra_op" in flops:
         result["train_step_without_shards"] = {
             "seconds": median(runs["train_intra_op"]["wall"]),
@@ -370,7 +427,15 @@ def main(argv):
           f"{fwd['gflop']:8.2f} GFLOP  {fwd['gflops']:8.1f} GFLOP/s  (eval mode, no grad)")
     print(f"matmul     : fp32 {matmul_size}x{matmul_size}, {result['matmul']['gflops']:.1f} GFLOP/s "
           f"(repeats: {', '.join(f'{g:.1f}' for g in gflops('matmul', 'wall'))})")
-    print(f"train GFLOP/s / matmul GFLOP/s = {result['train_over_matmul']:.3f} "
+    print(f"matmul     : bf16 {matmul_size}x{matmul_size}, {result['matmul_bf16']['gflops']:.1f} GFLOP/s")
+    print(f"amp {amp}: train GFLOP/s / bf16 matmul GFLOP/s = {result['train_over_matmul_bf16']:.3f}; forward / bf16 "
+          f"matmul = {result['forward_over_matmul_bf16']:.3f}")
+    if "baseline" in result:
+        base = result["baseline"]
+        print(f"plain PyTorch fp32 step (NCHW, no shards, default Adam): {base['train_seconds'] * 1e3:.1f} ms, forward "
+              f"{base['forward_seconds'] * 1e3:.1f} ms; the default step is {base['train_speedup']:.2f}x as fast, the "
+              f"default forward {base['forward_speedup']:.2f}x (median over rounds)")
+    print(f"train GFLOP/s / fp32 matmul GFLOP/s = {result['train_over_matmul']:.3f} "
           f"(repeats: {', '.join(f'{r:.3f}' for r in ratio)}); forward / matmul = "
           f"{result['forward_over_matmul']:.3f}")
     print(f"same ratio from process CPU time = {result['train_over_matmul_cpu_time']:.3f} "

@@ -117,11 +117,12 @@ def pairs(tmp_path_factory):
 
 
 def command(pairs, out, *extra):
-    """The paper's README command (forward slashes), on the small config and CPU, plus ``extra``."""
+    """The paper's README command (forward slashes), on the small config and CPU, in fp32 (``--amp none``: the
+    tests compare with fp32 references), plus ``extra`` (which may override any of it)."""
     gen, gen_test = pairs["gen"], pairs["gen_test"]
     return ["--config_de", pairs["config_path"], "--dir", out, "--im_dir", f"{gen}/samples",
             "--im_dir_test", f"{gen_test}/samples", "--z_dir", f"{gen}/zs", "--z_dir_test", f"{gen_test}/zs",
-            "--batchsize", "16", "--ckpt", pairs["teacher_path"], "--num_workers", "0", *extra]
+            "--batchsize", "16", "--ckpt", pairs["teacher_path"], "--num_workers", "0", "--amp", "none", *extra]
 
 
 def read_stats(folder):

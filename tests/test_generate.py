@@ -51,8 +51,9 @@ def weights(tmp_path_factory):
 
 
 def sample(out, ckpt, *options):
-    """Run generate in this process on the tiny config; returns the output folder."""
-    generate.main(["--dir", str(out), "--ckpt", ckpt, "--config_de", CONFIG_DE, *map(str, options)])
+    """Run generate in this process on the tiny config; returns the output folder. fp32 (``--amp none``) unless
+    ``options`` say otherwise: the tests compare with fp32 reference solves."""
+    generate.main(["--dir", str(out), "--ckpt", ckpt, "--config_de", CONFIG_DE, "--amp", "none", *map(str, options)])
     return str(out)
 
 
@@ -253,7 +254,7 @@ def test_two_cpu_processes_match_one(tmp_path, weights):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "generate.py", "--dir", str(tmp_path / "two"), "--ckpt", weights["flow"], "--config_de", CONFIG_DE,
-               *map(str, options)]
+               "--amp", "none", *map(str, options)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     two = str(tmp_path / "two")

@@ -178,24 +178,43 @@ def test_bf16_training_step_gradients_follow_fp32():
     assert F.cosine_similarity(grad16, grad32, dim=0).item() > 0.99
 
 
-def test_avg_pool_downsampling_is_the_box_filter(monkeypatch):
-    """The [1, 1] filter's downsampling: channels_last takes avg_pool2d, NCHW the depthwise strided conv;
-    both give the box filter's numbers."""
+def box_down(x):
+    """The [1, 1] box filter going down, written out: the mean of each 2x2 block."""
+    return (x[:, :, 0::2, 0::2] + x[:, :, 1::2, 0::2] + x[:, :, 0::2, 1::2] + x[:, :, 1::2, 1::2]) / 4
+
+
+def box_up(x):
+    """The [1, 1] box filter going up (transposed, x4), written out: each pixel repeated into a 2x2 block."""
+    return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_box_resampling_paths_give_the_box_filter(monkeypatch, dtype, channels_last):
+    """The [1, 1] filter's resampling: avg_pool2d / nearest interpolation in bf16 and in channels_last, the
+    depthwise (transposed) convolutions in float32 NCHW; every path gives the box filter's numbers exactly
+    (up to float32 rounding), and a general filter keeps the convolutions."""
     torch.manual_seed(0)
-    layer = Conv2d(8, 8, kernel=0, down=True, resample_filter=[1, 1])
-    assert layer.box_down
-    x = torch.randn(2, 8, 14, 14)
-    expected = (x[:, :, 0::2, 0::2] + x[:, :, 1::2, 0::2] + x[:, :, 0::2, 1::2] + x[:, :, 1::2, 1::2]) / 4
-    pooled = []
-    real_pool = F.avg_pool2d
-    monkeypatch.setattr(F, "avg_pool2d", lambda *a, **k: pooled.append(1) or real_pool(*a, **k))
-    assert (layer(x) - expected).abs().max().item() < 1e-6
-    assert not pooled
-    out = layer(x.contiguous(memory_format=torch.channels_last))
-    assert (out - expected).abs().max().item() < 1e-6
-    assert pooled == [1]
+    down = Conv2d(8, 8, kernel=0, down=True, resample_filter=[1, 1])
+    up = Conv2d(8, 8, kernel=0, up=True, resample_filter=[1, 1])
+    x = torch.randn(2, 8, 14, 14).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    direct = []
+    real_pool, real_interpolate = F.avg_pool2d, F.interpolate
+    monkeypatch.setattr(F, "avg_pool2d", lambda *a, **k: direct.append("pool") or real_pool(*a, **k))
+    monkeypatch.setattr(F, "interpolate", lambda *a, **k: direct.append("nearest") or real_interpolate(*a, **k))
+    # float32 sums the four taps in another order than the formula (1 ulp); bfloat16 rounds once, exactly
+    tolerance = 1e-6 if dtype == torch.float32 else 0.0
+    torch.testing.assert_close(down(x).float(), box_down(x.float()).to(dtype).float(), atol=tolerance, rtol=0)
+    torch.testing.assert_close(up(x).float(), box_up(x.float()), atol=0.0, rtol=0)
+    expect_direct = dtype == torch.bfloat16 or channels_last
+    assert direct == (["pool", "nearest"] if expect_direct else [])
     general = Conv2d(8, 8, kernel=0, down=True, resample_filter=[1, 3, 3, 1])
-    assert not general.box_down  # other filters keep the convolution
+    assert not general.box  # other filters keep the convolution
+    direct.clear()
+    general(x)
+    assert direct == []
 
 
 def attention_in_input_dtype(q, k, v, use_sdpa=True):
@@ -305,7 +324,8 @@ def test_network_speed_replays_exactly_the_steps_convolutions(tmp_path):
     network_speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(network_speed)
     config = os.path.join(ROOT, "configs", "tiny28_de.json")
-    result = network_speed.main(["--config", config, "--batch", "2", "--iters", "1", "--repeats", "1",
+    # fp32 (--amp none): the step below is the fp32 eager step whose FLOPs the replay must match
+    result = network_speed.main(["--config", config, "--batch", "2", "--iters", "1", "--repeats", "1", "--amp", "none",
                                  "--warmup", "0", "--matmul_size", "128", "--json", str(tmp_path / "speed.json")])
     assert json.loads((tmp_path / "speed.json").read_text())["convolutions"]["count"] == result["convolutions"]["count"]
     assert result["cpu_shards"] == min(2, torch.get_num_threads())   # the training script's default on a CPU
