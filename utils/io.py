@@ -94,6 +94,19 @@ def load_json(path, what="JSON file"):
         raise UserError(f"{what} {path} is not valid JSON ({error})") from None
 
 
+def load_problem(error):
+    """The informative part of a torch.load error, in printable characters: for a refused pickle, the line after
+    torch's boilerplate about ``weights_only`` (which holds a terminal escape of its own)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    marker = "WeightsUnpickler error:"
+    for index, line in enumerate(lines):
+        if marker in line:
+            detail = line.split(marker, 1)[1].strip()
+            lines = [detail] if detail else lines[index + 1:index + 2]
+            break
+    return printable(lines[0][:120]) if lines else type(error).__name__
+
+
 def load_torch(path, what="checkpoint", map_location="cpu"):
     """Load a torch file (weights only); missing, truncated or corrupt files give one clear line."""
     path = os.fspath(path)
@@ -103,8 +116,7 @@ def load_torch(path, what="checkpoint", map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
             __import__("pickle").UnpicklingError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{what} {path} is truncated or corrupt and cannot be read ({printable(first[:120])}); "
+        raise UserError(f"{what} {path} is truncated or corrupt and cannot be read ({load_problem(error)}); "
                         f"use another file") from None
 
 
