@@ -598,7 +598,7 @@ def cli():
 @click.option("--num", "--num-images", "num_images", type=click.IntRange(min=2), default=50000, show_default=True,
               metavar="INT", help="Number of images to use; with more in --images, EDM's seeded choice of that many. "
                                   "Under torchrun write --num-images (torchrun takes --num for its --numa-binding)")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, metavar="INT",
+@click.option("--seed", type=int, default=0, show_default=True, metavar="INT",
               help="Seed of the choice of --num images when --images holds more")
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, metavar="INT",
               help="Images per batch per process")

@@ -144,9 +144,9 @@ def check_args(args):
     except ValueError as error:
         raise UserError(str(error)) from None
     plumbing.check_seed(args.seed)
+    plumbing.check_finite_number(args.rtol, "--rtol")
+    plumbing.check_finite_number(args.atol, "--atol")
     if args.solver not in FIXED_STEP_SOLVERS:
-        plumbing.check_finite_number(args.rtol, "--rtol")
-        plumbing.check_finite_number(args.atol, "--atol")
         if not (args.rtol > 0 and args.atol > 0):
             raise UserError(f"--rtol and --atol must be positive, got {args.rtol} and {args.atol}")
         if args.save_traj:

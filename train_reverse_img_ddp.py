@@ -167,6 +167,7 @@ def check_args(args):
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
     plumbing.check_finite_number(args.learning_rate, "--learning_rate")
     plumbing.check_finite_number(args.weight_prior, "--weight_prior")
+    plumbing.check_finite_number(args.grad_clip, "--grad_clip")
     if not args.learning_rate > 0:
         raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
     if not args.weight_prior >= 0:
