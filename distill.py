@@ -311,8 +311,11 @@ def check_args(args):
                         f"--N is for --mode reflow")
     if args.dir is None:
         raise UserError("--dir is required: the output folder")
-    # One owner per --dir, before anything in it is read (released in main).
-    runlock.acquire(args.dir)
+    runlock.check_folder_name(args.dir)
+    if os.path.isdir(args.dir):
+        # One owner per --dir, before anything in it is read (released in main). A folder that does not
+        # exist yet is created, and locked, only once the inputs are checked (main).
+        runlock.acquire(args.dir)
     gpu_ids = dist.parse_gpu_list(args.gpu)
     if len(gpu_ids) > 1:
         raise UserError(f"distill.py runs in one process on one GPU; give one id, e.g. --gpu {gpu_ids[0]}")
@@ -544,6 +547,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         plan = check_args(args)
+        runlock.acquire(args.dir)
         plumbing.check_writable(args.dir)
         train(args, plan)
     finally:

@@ -259,6 +259,11 @@ def check_output_dir(args, plan, resuming):
 
 def check_resume_state(state, path, args, plan, warn):
     """A training state must match this run's coupling and network configs (one line naming the difference)."""
+    for key in ("model_state_dict", "ema_model_state_dict", "forward_model_state_dict", "ema_forward_model_state_dict"):
+        bad = plumbing.first_nonfinite(state.get(key) or {})
+        if bad is not None:
+            raise UserError(f"--resume {path} holds inf or NaN weights ({key} {bad}); resume from an earlier "
+                            f"training_state_{{i}}.pth with --resume PATH")
     if state.get("format") is None:
         has_encoder = state.get("forward_model_state_dict") is not None
         if has_encoder != (args.coupling == "learned"):

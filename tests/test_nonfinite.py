@@ -76,6 +76,12 @@ def test_training_never_saves_nonfinite_weights(tmp_path, capsys):
         assert finite_file(os.path.join(folder, name)), name
     assert torch.load(os.path.join(folder, "training_state_latest.pth"), weights_only=True)["iter"] == 2
     assert {name: os.path.getmtime(os.path.join(folder, name)) for name in before} == before
+    # a state holding NaN (from elsewhere) is not resumed
+    state = torch.load(os.path.join(folder, "training_state_latest.pth"), weights_only=True)
+    next(iter(state["ema_model_state_dict"].values())).fill_(float("nan"))
+    torch.save(state, tmp_path / "diverged.pth")
+    code, lines, err = run(trainer.main, common + ["--iterations", 8, "--resume", tmp_path / "diverged.pth"], capsys)
+    assert code == 1 and len(lines) == 1 and "inf or NaN" in lines[0] and "ema_model_state_dict" in lines[0], err
 
 
 def write_pairs(folder, count, seed):
