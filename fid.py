@@ -47,7 +47,7 @@ import traceback
 import warnings
 import zipfile
 
-from utils.errors import UserError, exit_cleanly_on_signals, printable
+from utils.errors import UserError, exit_cleanly_on_signals, exit_interrupted, printable, stop_by_exception
 
 if __name__ == "__main__":
     exit_cleanly_on_signals()   # a signal during the imports below or a run is one line, not a traceback
@@ -682,14 +682,16 @@ def main(argv=None):
     """Run the CLI; every error is one line on stderr and exit status 1 (--debug: traceback too)."""
     argv = list(sys.argv[1:] if argv is None else argv) or ["--help"]
     debug = "--debug" in argv
+    stop_by_exception()
     try:
         status = cli.main(args=argv, prog_name="fid.py", standalone_mode=False)
     except PeerFailed:
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as error:
+        exit_interrupted(error)
     except (UserError, click.ClickException, click.Abort) as error:
+        if isinstance(error, click.Abort) and isinstance(error.__cause__, KeyboardInterrupt):
+            exit_interrupted(error.__cause__)   # click turns Ctrl-C and SIGTERM into Abort
         if debug:
             traceback.print_exc()
         if isinstance(error, click.UsageError):

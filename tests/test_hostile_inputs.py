@@ -194,6 +194,38 @@ def test_a_signal_during_start_up_is_a_clean_exit(tmp_path, script, number):
     assert len(lines) == 1 and lines[0].startswith(f"error: stopped by {signal.Signals(number).name}"), stderr
 
 
+def test_a_signal_after_the_imports_stops_cleanly_and_frees_the_folder(tmp_path, capsys, monkeypatch):
+    """In the checks after the imports (here: while the dataset is read) the signal raises where the program
+    is: one line, 143, no temporary file left, the lock released."""
+    from utils import errors, runlock
+    from utils.data import write_mnist_pngs
+    digits = write_mnist_pngs(str(tmp_path / "digits"), 4)
+    folder = tmp_path / "run"
+    real_build = trainer.build_dataset
+
+    def build_then_get_sigterm(*args, **kwargs):
+        dataset = real_build(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)   # the handler runs before this returns
+        return dataset
+    monkeypatch.setattr(trainer, "build_dataset", build_then_get_sigterm)
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    errors.exit_cleanly_on_signals()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(trainer.main, ["--dataset", "folder", "--data_path", digits, "--dir", str(folder),
+                                    "--config_de", CONFIG_DE, "--config_en", CONFIG_EN, "--batchsize", "2"])
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert len(lines) == 1 and lines[0].startswith("error: stopped by SIGTERM"), lines
+    assert not [name for name in os.listdir(folder) if name.endswith(".tmp")]
+    with runlock.locked(str(folder)):
+        pass
+
+
 # ----------------------------------------------------------------------------
 # torchrun: a bad --batchsize is printed once per node, not once per rank.
 

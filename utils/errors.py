@@ -7,6 +7,7 @@ single line on stderr and a non-zero exit; ``--debug`` on the command line
 shows the full traceback instead.
 """
 import argparse
+import os
 import signal
 import sys
 import traceback
@@ -29,34 +30,64 @@ def printable(text):
     return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in str(text))
 
 
-def _stop_on_signal(number, frame):
-    name = signal.Signals(number).name
-    print(f"error: stopped by {name} (files are written atomically: none is left half-written)", file=sys.stderr,
-          flush=True)
-    sys.exit(128 + number)
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived while a program was starting or running without its own handlers."""
+
+    def __init__(self, number):
+        super().__init__(signal.Signals(number).name)
+        self.number = number
+
+
+def _exit_now(number, frame):
+    # During the imports: an exception raised inside a module being imported can come out as an ImportError
+    # with a traceback, and nothing has been written yet, so end the process here and now.
+    print(f"error: stopped by {signal.Signals(number).name}", file=sys.stderr, flush=True)
+    os._exit(128 + number)
+
+
+def _raise_stopped(number, frame):
+    raise Stopped(number)
 
 
 def exit_cleanly_on_signals():
-    """From now on SIGINT and SIGTERM end the program with one line and exit status 128 + signal number.
+    """SIGINT and SIGTERM end the program with one line and exit status 128 + the signal number.
 
-    Called first thing by the entry scripts, before the slow imports: a signal during start-up (importing
-    torch, loading data, building networks) then raises ``SystemExit`` where the program is, so atomic
-    writes remove their temporary files, instead of a KeyboardInterrupt traceback or death by SIGTERM.
-    A training loop installs its own handlers (``utils.train.StopSignals``) and restores these after.
+    Called first thing by the entry scripts, before the slow imports; until the program's main function
+    starts the process ends at once. From then on (:func:`stop_by_exception`, called by :func:`cli_main`) the
+    signal raises :class:`Stopped` where the program is, so atomic writes remove their temporary files and
+    the lock is released, instead of a KeyboardInterrupt traceback or death by SIGTERM. A training loop
+    installs its own handlers (``utils.train.StopSignals``) and restores these after.
     """
     for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, _stop_on_signal)
+        signal.signal(number, _exit_now)
+
+
+def stop_by_exception():
+    """Once the imports are done: a signal that :func:`exit_cleanly_on_signals` handles raises :class:`Stopped`."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(number) is _exit_now:
+            signal.signal(number, _raise_stopped)
+
+
+def exit_interrupted(error):
+    """The one line and exit status for a KeyboardInterrupt (or :class:`Stopped`) that reached the top."""
+    if isinstance(error, Stopped):
+        print(f"error: stopped by {error} (files are written atomically: none is left half-written)",
+              file=sys.stderr, flush=True)
+        sys.exit(128 + error.number)
+    print("error: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 
 def cli_main(main, argv=None):
     """Run ``main(argv)`` and exit with 0, or with 1 and one line on stderr."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    stop_by_exception()
     try:
         main(argv)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as error:
+        exit_interrupted(error)
     except UserError as error:
         if debug:
             traceback.print_exc()
