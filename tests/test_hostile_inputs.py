@@ -3,6 +3,7 @@ signals during start-up, a bad --dest, torchrun ranks, seeds out of range. Each 
 nothing the user already has is damaged.
 """
 import contextlib
+import json
 import os
 import pickle
 import signal
@@ -89,21 +90,44 @@ def test_ref_checks_dest_before_the_statistics_pass(tmp_path, fid_inputs, capsys
 # ----------------------------------------------------------------------------
 # A full disk names the file, also when torch.save wraps the OSError; the previous file survives.
 
-@pytest.fixture
-def full_disk(tmp_path):
-    """A 64 KiB tmpfs (needs root and mount rights; skipped otherwise), unmounted afterwards."""
-    folder = tmp_path / "small"
+@contextlib.contextmanager
+def small_filesystem(folder, size):
+    """A tmpfs of ``size`` mounted on ``folder`` (needs root and mount rights; skipped otherwise)."""
     folder.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True,
-                             text=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
     try:
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], check=False)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    with small_filesystem(tmp_path / "small", "64k") as folder:
+        yield folder
+
+
+def test_a_real_full_disk_stops_training_in_one_line_naming_the_state(tmp_path, capsys):
+    """The issue's case: torch.save of a training state (about 7 MB here) into a 2 MiB filesystem."""
+    from utils.data import write_mnist_pngs
+    digits = write_mnist_pngs(str(tmp_path / "digits"), 4)
+    with small_filesystem(tmp_path / "small", "2m") as folder:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(trainer.main, ["--dataset", "folder", "--data_path", digits, "--dir", str(folder / "run"),
+                                    "--config_de", CONFIG_DE, "--config_en", CONFIG_EN, "--batchsize", "2",
+                                    "--num_workers", "0", "--iterations", "2", "--snapshot_every", "2",
+                                    "--save_every", "1000", "--sample_every", "1000"])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+        assert exit_info.value.code == 1 and len(lines) == 1, lines
+        assert f"no space left on device writing {folder / 'run' / 'training_state_latest.pth'}" in lines[0]
+        assert not [name for name in os.listdir(folder / "run") if name.endswith(".tmp")]
+        with open(folder / "run" / "config.json") as handle:
+            assert json.load(handle)["iterations"] == 2
 
 
 def test_a_real_full_disk_names_the_file_and_keeps_the_previous_one(full_disk):
