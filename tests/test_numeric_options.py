@@ -263,3 +263,24 @@ def test_distill_runs_cleanly_with_any_value(inputs, pairs):
 @given(pairs=typed_assignments([], ["--seed"]), solver=st.sampled_from(["euler", "heun"]))
 def test_generate_runs_cleanly_with_any_seed(inputs, pairs, solver):
     run_script(generate.main, generate_argv(inputs, fresh_dir(inputs)) + ["--solver", solver] + flatten(pairs))
+
+
+@pytest.mark.parametrize("script, options, expected_code", [
+    ("train_reverse_img_ddp.py", ["--learning_rate", "nan"], 1),
+    ("generate.py", ["--seed", str(2**64)], 1),
+    ("train_reverse_2d_joint.py", ["--lr=-inf"], 1),
+    ("train_reverse_2d_joint.py", ["--seed", "-1", "--iterations", "2", "--eval_N", "1"], 0),
+])
+def test_scripts_as_commands(inputs, script, options, expected_code):
+    """A few of the cases above as real commands: the exit status and the one line are what a user sees."""
+    import subprocess
+    import sys
+    folder = fresh_dir(inputs)
+    argv = {"train_reverse_img_ddp.py": train_argv(inputs, folder) + ["--iterations", "1"],
+            "generate.py": generate_argv(inputs, folder), "distill.py": distill_argv(inputs, folder),
+            "train_reverse_2d_joint.py": ["--dir", folder]}[script]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv, *options], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == expected_code and len(lines) == expected_code, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "--debug for the traceback" not in result.stderr
