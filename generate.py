@@ -26,7 +26,11 @@ import os
 import tempfile
 import time
 
+from utils.errors import exit_cleanly_on_signals
 from utils.threads import choose_omp_wait_policy
+
+if __name__ == "__main__":
+    exit_cleanly_on_signals()   # a signal during the imports and checks below is one line, not a traceback
 
 # Before torch is imported (libgomp reads it once): PASSIVE when other jobs keep the CPUs busy, libgomp's
 # default otherwise, unless OMP_WAIT_POLICY is already set (utils/threads.py, docs/speed.md).
@@ -41,6 +45,8 @@ from models import flow as flowlib  # noqa: E402
 from models.config import resolve_image_options  # noqa: E402
 from utils import dist  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, autocast, autocast_velocity, resolve_amp  # noqa: E402
+from utils import runlock  # noqa: E402
+from utils import train as plumbing  # noqa: E402
 from utils.checkpoint import load_weights, resolve_weights_path  # noqa: E402
 from utils.data import DATASETS, build_dataset, check_dataset_config  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402
@@ -139,6 +145,9 @@ def check_args(args):
         flowlib.check_nfe(args.solver, args.N)
     except ValueError as error:
         raise UserError(str(error)) from None
+    plumbing.check_seed(args.seed)
+    plumbing.check_finite_number(args.rtol, "--rtol")
+    plumbing.check_finite_number(args.atol, "--atol")
     if args.solver not in FIXED_STEP_SOLVERS:
         if not (args.rtol > 0 and args.atol > 0):
             raise UserError(f"--rtol and --atol must be positive, got {args.rtol} and {args.atol}")
@@ -207,6 +216,8 @@ def differences(previous, current):
 
 def check_output_dir(args, plan):
     """--dir must be writable and must not hold a different run's outputs (unless --overwrite)."""
+    if not dist.under_launcher() or int(os.environ["RANK"]) == 0:
+        runlock.acquire(args.dir)   # one writer per --dir (released in main); rank 0 writes it
     try:
         os.makedirs(args.dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=args.dir):
@@ -239,14 +250,24 @@ def load_flow_network(args, plan, device):
     """The velocity network v(z, t) with the --ckpt weights, in eval mode on ``device``."""
     net = build_network(plan["config_de"], name=f"--config_de {args.config_de}")
     state_dict, path = load_weights(plan["ckpt_file"], "flow")
+    refuse_nonfinite(state_dict, path, "--ckpt")
     load_state_dict_strict(net, state_dict, path, what="--ckpt")
     return net.eval().requires_grad_(False).to(device)
+
+
+def refuse_nonfinite(state_dict, path, option):
+    """Weights holding inf or NaN (a diverged run) cannot give images: one line naming a tensor."""
+    key = plumbing.first_nonfinite(state_dict)
+    if key is not None:
+        raise UserError(f"{option} {path} holds non-finite weights (inf or NaN, e.g. in {key}): the run it comes "
+                        f"from diverged; use a checkpoint of an earlier iteration")
 
 
 def load_encoder(args, plan, device):
     """The learned coupling q(z | x) with the --encoder weights, in eval mode on ``device``."""
     encoder = build_encoder(plan["config_en"], name=f"--config_en {args.config_en}")
     state_dict, path = load_weights(plan["encoder_file"], "forward")
+    refuse_nonfinite(state_dict, path, "--encoder")
     load_state_dict_strict(encoder, state_dict, path, what="--encoder")
     return encoder.eval().requires_grad_(False).to(device)
 
@@ -364,6 +385,7 @@ def worker(info, args, plan):
     z_norms = torch.zeros(args.num_samples, dtype=torch.float64, device=device)
     written = torch.zeros(args.num_samples, dtype=torch.float64, device=device)
     nfe_total = torch.zeros(2, dtype=torch.float64, device=device)  # velocity evaluations, batches
+    nonfinite = torch.zeros((), dtype=torch.float64, device=device)  # samples holding inf or NaN
 
     start = time.time()
     progress = tqdm(total=len(indices), disable=not info.is_main, unit="img",
@@ -378,6 +400,7 @@ def worker(info, args, plan):
                 straightness[slots] = flowlib.straightness(result.traj, per_sample=True).double()
             written[slots] += 1
             nfe_total += torch.tensor([result.nfe, 1.0], dtype=torch.float64, device=device)
+            nonfinite += (~torch.isfinite(result.x.flatten(1))).any(dim=1).sum()
 
             samples = to_images(result.x, args.no_scale)
             strips = to_images(trajectory_strip(result.x0_preds), args.no_scale) if args.save_traj else None
@@ -394,9 +417,14 @@ def worker(info, args, plan):
             progress.update(len(batch_indices))
     progress.close()
 
-    for tensor in (straightness, z_norms, written, nfe_total):
+    for tensor in (straightness, z_norms, written, nfe_total, nonfinite):
         dist.all_reduce_sum(tensor)
     seconds = time.time() - start
+    # The same sums on every rank, so every rank stops alike: no NaN is ever reported as a result.
+    if nonfinite.item() or not bool(torch.isfinite(straightness).all() & torch.isfinite(z_norms).all()):
+        raise UserError(f"{int(nonfinite.item())} of {args.num_samples} samples (or their statistics) are inf or "
+                        f"NaN: the network's outputs overflow; result_sampling.json was not written. Use a "
+                        f"checkpoint of an earlier iteration")
     if info.is_main:
         if not bool((written == 1).all()):
             raise RuntimeError("some sample indices were not written exactly once")
@@ -423,8 +451,11 @@ def worker(info, args, plan):
 
 def main(argv=None):
     args = parse_args(argv)
-    plan = check_args(args)
-    dist.launch(worker, dist.parse_gpu_list(args.gpu), args, plan)
+    try:
+        plan = check_args(args)
+        dist.launch(worker, dist.parse_gpu_list(args.gpu), args, plan)
+    finally:
+        runlock.release(args.dir)
 
 
 if __name__ == "__main__":

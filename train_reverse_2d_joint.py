@@ -18,15 +18,21 @@ import json
 import os
 import time
 
-import numpy as np
-import torch
-from tqdm import tqdm
+from utils.errors import UserError, cli_main, exit_cleanly_on_signals
 
-from models import flow as flowlib
-from models import toy2d
-from utils.dist import check_gpus, parse_gpu_list
-from utils.errors import UserError, cli_main
-from utils.io import atomic_write, save_json, save_torch
+if __name__ == "__main__":
+    exit_cleanly_on_signals()   # a signal during the imports below or a run is one line, not a traceback
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from models import flow as flowlib  # noqa: E402
+from models import toy2d  # noqa: E402
+from utils import runlock  # noqa: E402
+from utils.dist import check_gpus, parse_gpu_list  # noqa: E402
+from utils.io import append_text, atomic_write, save_json, save_torch  # noqa: E402
+from utils.train import all_finite, check_finite_number, check_seed  # noqa: E402
 
 LOG_EVERY = 100          # iterations per stats.jsonl line
 FIGURE_EVERY = 1000      # the paper refreshes its figures every 1000 iterations
@@ -86,10 +92,13 @@ def resolve(args):
         raise UserError("--coupling ot needs --batchsize of at least 2")
     if args.ot_batch < 0:
         raise UserError(f"--ot_batch must be >= 0 (0: the whole batch), got {args.ot_batch}")
+    check_finite_number(args.lr, "--lr")
+    check_finite_number(args.weight_prior, "--weight_prior")
     if not args.lr > 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if not args.weight_prior >= 0:
         raise UserError(f"--weight_prior must be >= 0, got {args.weight_prior}")
+    check_seed(args.seed)
     try:
         eval_N = [int(part) for part in args.eval_N.split(",") if part.strip()]
     except ValueError:
@@ -114,6 +123,7 @@ def resolve_device(gpu):
 def prepare_dir(path, overwrite):
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"--dir {path} exists and is not a folder; choose another --dir")
+    runlock.acquire(path)   # one owner per --dir, before it is read or written (released in main)
     if os.path.isfile(os.path.join(path, "config.json")) and not overwrite:
         raise UserError(f"--dir {path} already holds a run (config.json); choose another --dir "
                         f"or pass --overwrite to replace it")
@@ -242,6 +252,11 @@ class Figures:
 
 
 def save_checkpoints(folder, iteration, flow_model, encoder):
+    """The networks' state dicts; weights holding inf or NaN are never written (one line instead)."""
+    networks = [flow_model] + ([encoder] if encoder is not None else [])
+    if not all_finite([tensor for network in networks for tensor in network.state_dict().values()]):
+        raise UserError(f"stopped at iteration {iteration}: the weights hold inf or NaN, so nothing was saved "
+                        f"(the files of earlier iterations are kept); lower --lr")
     save_torch(flow_model.state_dict(), os.path.join(folder, f"flow_model_{iteration}.pth"))
     if encoder is not None:
         save_torch(encoder.state_dict(), os.path.join(folder, f"forward_model_{iteration}.pth"))
@@ -250,6 +265,13 @@ def save_checkpoints(folder, iteration, flow_model, encoder):
 def main(argv):
     args = parse_args(argv)
     coupling, eval_N, device = resolve(args)
+    try:
+        run(args, coupling, eval_N, device)
+    finally:
+        runlock.release(args.dir)
+
+
+def run(args, coupling, eval_N, device):
     prepare_dir(args.dir, args.overwrite)
     if device.type == "cpu":
         # These MLPs are tiny: one thread is faster than several (measured 6.6 vs 10.3 ms per step).
@@ -300,8 +322,7 @@ def main(argv):
             means = {key: value / count for key, value in sums.items()}
             record = {"iter": iteration, "loss": means["loss"], "loss_fm": means["loss_fm"],
                       "kl": means.get("kl"), "seconds": round(time.time() - start, 3)}
-            with open(stats_path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            append_text(stats_path, json.dumps(record) + "\n")
             progress.set_postfix(loss=f"{means['loss']:.3f}", refresh=False)
             sums, count = {}, 0
         if iteration % SAVE_EVERY == 0 and iteration != args.iterations:
@@ -315,6 +336,10 @@ def main(argv):
     metrics, samples = toy2d.evaluate(flow_model, eval_noise, eval_N, reference)
     floor = toy2d.energy_distance(
         toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(args.seed, toy2d.STREAM_FLOOR)), reference)
+    measured = [metrics["straightness"], floor, *metrics["energy_distance"].values()]
+    if not all(np.isfinite(measured)):
+        raise UserError(f"the trained flow's samples or straightness are inf or NaN (straightness "
+                        f"{metrics['straightness']}); metrics.json was not written. Lower --lr")
     for steps in eval_N:
         with atomic_write(os.path.join(args.dir, f"samples_N{steps}.npy")) as handle:
             np.save(handle, samples[steps].cpu().numpy().astype(np.float32))

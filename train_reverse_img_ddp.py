@@ -33,7 +33,11 @@ import sys
 import time
 import traceback
 
+from utils.errors import exit_cleanly_on_signals
 from utils.threads import choose_omp_wait_policy
+
+if __name__ == "__main__":
+    exit_cleanly_on_signals()   # a signal during the imports and checks below is one line, not a traceback
 
 # Before torch is imported (libgomp reads it once): PASSIVE when other jobs keep the CPUs busy, libgomp's
 # default otherwise, unless OMP_WAIT_POLICY is already set (utils/threads.py, docs/speed.md).
@@ -49,6 +53,7 @@ from models import flow as flowlib  # noqa: E402
 from utils import dist  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, autocast_velocity, resolve_amp  # noqa: E402
 from utils.amp import autocast as amp_autocast  # noqa: E402
+from utils import runlock  # noqa: E402
 from utils.cpu_shards import ThreadShards, auto_shards  # noqa: E402
 from utils.checkpoint import TRAINING_STATE_FORMAT  # noqa: E402
 from utils.data import DATASETS, FOLDER_DATASETS, build_dataset, check_dataset_config  # noqa: E402
@@ -162,10 +167,14 @@ def check_args(args):
     for name in ("warmup_steps", "ema_after_steps", "num_workers"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    plumbing.check_finite_number(args.learning_rate, "--learning_rate")
+    plumbing.check_finite_number(args.weight_prior, "--weight_prior")
+    plumbing.check_finite_number(args.grad_clip, "--grad_clip")
     if not args.learning_rate > 0:
         raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
     if not args.weight_prior >= 0:
         raise UserError(f"--weight_prior must be >= 0, got {args.weight_prior}")
+    plumbing.check_seed(args.seed)
     if not 0 <= args.ema_decay < 1:
         raise UserError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     if not args.grad_clip >= 0:
@@ -254,6 +263,11 @@ def check_output_dir(args, plan, resuming):
 
 def check_resume_state(state, path, args, plan, warn):
     """A training state must match this run's coupling and network configs (one line naming the difference)."""
+    for key in ("model_state_dict", "ema_model_state_dict", "forward_model_state_dict", "ema_forward_model_state_dict"):
+        bad = plumbing.first_nonfinite(state.get(key) or {})
+        if bad is not None:
+            raise UserError(f"--resume {path} holds inf or NaN weights ({key} {bad}); resume from an earlier "
+                            f"training_state_{{i}}.pth with --resume PATH")
     if state.get("format") is None:
         has_encoder = state.get("forward_model_state_dict") is not None
         if has_encoder != (args.coupling == "learned"):
@@ -282,11 +296,23 @@ def check_resume_state(state, path, args, plan, warn):
         warn(f"warning: resuming with changed arguments: {', '.join(changed)}")
 
 
+def check_args_once(args):
+    """:func:`check_args`; under torchrun only each node's first process prints a problem (all see the same)."""
+    try:
+        return check_args(args)
+    except UserError:
+        if dist.under_launcher() and int(os.environ.get("LOCAL_RANK", os.environ["RANK"])) != 0:
+            sys.exit(1)
+        raise
+
+
 def prepare(args):
     """Everything that can fail because of the user's input, before any process group or long work."""
-    plan = check_args(args)
+    plan = check_args_once(args)
     warn = print if plan["is_main"] else (lambda text: None)
     if plan["is_main"]:
+        # One owner per --dir: nothing in it is read or changed before the lock is held (released in main).
+        runlock.acquire(args.dir)
         plumbing.check_writable(args.dir)
     resume_path, state = plumbing.find_resume_state(args.dir, args.resume, warn=warn)
     if state is not None:
@@ -308,7 +334,8 @@ def prepare(args):
     # a spawned worker re-reads the file; in this process the loaded state is handed over as is
     plan["state"] = None if plan["spawn"] else state
     if plan["is_main"]:
-        for stale in glob.glob(os.path.join(args.dir, ".*.tmp")):   # left by a write that was killed
+        # left by a write that was killed: this process holds the lock, so no live writer owns them
+        for stale in glob.glob(os.path.join(args.dir, ".*.tmp")):
             os.unlink(stale)
         if state is None:   # a fresh run starts a fresh stats.jsonl
             with atomic_write(os.path.join(args.dir, "stats.jsonl"), "w"):
@@ -528,11 +555,22 @@ class Trainer:
             f"{key} {value:.5g}" for key, value in self.pending_samples.items()))
 
     def save(self, iteration, numbered, ema_files):
-        """Gather every rank's random state and weight checksum; rank 0 writes the files."""
+        """Gather every rank's random state and weight checksum; rank 0 writes the files.
+
+        Weights or an EMA that are not finite are never written: every rank (they hold the same weights)
+        stops with one line, and the files of earlier iterations stay as they are."""
         args, model, ema = self.args, self.model, self.ema
-        rng = plumbing.gather_objects(plumbing.capture_rng_state(self.device))
         weights = model.state_dicts()
         averaged = ema.module.state_dicts() if ema is not None else weights   # --no_ema: raw weights
+        if not plumbing.all_finite([tensor for d in (*weights.values(), *averaged.values()) if d is not None
+                                    for tensor in d.values()]):
+            latest = os.path.join(args.dir, plumbing.LATEST_NAME)
+            kept = (f"the files of earlier iterations are kept (latest state: {latest})" if os.path.isfile(latest)
+                    else "no state was saved before")
+            raise UserError(f"stopped at iteration {iteration}: the weights or their EMA hold inf or NaN after a "
+                            f"step with a finite gradient, so nothing was saved; {kept}. Lower --learning_rate or "
+                            f"set --grad_clip")
+        rng = plumbing.gather_objects(plumbing.capture_rng_state(self.device))
         checksums = plumbing.gather_objects(plumbing.state_checksum(
             [d for d in (*weights.values(), *averaged.values()) if d is not None]))
         if len(set(checksums)) > 1:
@@ -665,16 +703,19 @@ def spawned_worker(info, args, plan):
 
 def main(argv=None):
     args = parse_args(argv)
-    plan = prepare(args)
-    if not plan["spawn"]:
-        dist.launch(worker, plan["gpu_ids"], args, plan)
-        return
-    import torch.multiprocessing as mp
-    plumbing.forward_signals_to_children()
     try:
-        dist.launch(spawned_worker, plan["gpu_ids"], args, plan)
-    except mp.ProcessExitedException:
-        sys.exit(1)   # the worker has printed the error
+        plan = prepare(args)
+        if not plan["spawn"]:
+            dist.launch(worker, plan["gpu_ids"], args, plan)
+            return
+        import torch.multiprocessing as mp
+        plumbing.forward_signals_to_children()
+        try:
+            dist.launch(spawned_worker, plan["gpu_ids"], args, plan)
+        except mp.ProcessExitedException:
+            sys.exit(1)   # the worker has printed the error
+    finally:
+        runlock.release(args.dir)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ STREAM_DATA, STREAM_TRAIN, STREAM_EVAL, STREAM_REFERENCE, STREAM_FLOOR, STREAM_P
 
 def make_generator(seed, stream):
     """A CPU ``torch.Generator`` for (seed, stream); different pairs give unrelated streams."""
-    state = np.random.SeedSequence([int(seed), int(stream)]).generate_state(2, dtype=np.uint32)
+    # SeedSequence takes non-negative integers: a negative seed maps to its 64-bit two's complement
+    state = np.random.SeedSequence([int(seed) % 2**64, int(stream)]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 

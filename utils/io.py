@@ -6,6 +6,7 @@ renamed over the destination, so a crash or a full disk mid-write leaves the
 previous file intact.
 """
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -13,7 +14,34 @@ import zipfile
 
 import torch
 
-from utils.errors import UserError
+from utils.errors import UserError, printable
+
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def full_disk_error(error, path):
+    """A one-line :class:`UserError` naming ``path`` when ``error`` (or an exception it wraps, as torch.save's
+    ``RuntimeError: ... unexpected pos`` wraps the OSError) is a full disk or quota; otherwise None."""
+    seen = set()
+    while error is not None and id(error) not in seen and not isinstance(error, UserError):
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _FULL:
+            return UserError(f"{_FULL[error.errno]} writing {path}; the previous version of the file, if any, is "
+                             f"kept: free some space and run the command again")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def append_text(path, text):
+    """Append ``text`` to a log file; a full disk is one line naming the file."""
+    try:
+        with open(path, "a") as handle:
+            handle.write(text)
+    except OSError as error:
+        problem = full_disk_error(error, path)
+        if problem is None:
+            raise
+        raise problem from None
 
 
 @contextlib.contextmanager
@@ -33,10 +61,13 @@ def atomic_write(path, mode="wb"):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
+        problem = full_disk_error(error, path)
+        if problem is None:
+            raise
+        raise problem from None
 
 
 def save_torch(obj, path):
@@ -63,6 +94,19 @@ def load_json(path, what="JSON file"):
         raise UserError(f"{what} {path} is not valid JSON ({error})") from None
 
 
+def load_problem(error):
+    """The informative part of a torch.load error, in printable characters: for a refused pickle, the line after
+    torch's boilerplate about ``weights_only`` (which holds a terminal escape of its own)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    marker = "WeightsUnpickler error:"
+    for index, line in enumerate(lines):
+        if marker in line:
+            detail = line.split(marker, 1)[1].strip()
+            lines = [detail] if detail else lines[index + 1:index + 2]
+            break
+    return printable(lines[0][:120]) if lines else type(error).__name__
+
+
 def load_torch(path, what="checkpoint", map_location="cpu"):
     """Load a torch file (weights only); missing, truncated or corrupt files give one clear line."""
     path = os.fspath(path)
@@ -72,8 +116,7 @@ def load_torch(path, what="checkpoint", map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
             __import__("pickle").UnpicklingError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{what} {path} is truncated or corrupt and cannot be read ({first[:120]}); "
+        raise UserError(f"{what} {path} is truncated or corrupt and cannot be read ({load_problem(error)}); "
                         f"use another file") from None
 
 

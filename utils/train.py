@@ -22,7 +22,7 @@ import torch.distributed as torch_dist
 
 from utils.checkpoint import TRAINING_STATE_FORMAT
 from utils.errors import UserError
-from utils.io import atomic_write, load_torch
+from utils.io import append_text, atomic_write, load_torch
 
 # ----------------------------------------------------------------------------
 # Seeds and random states.
@@ -33,6 +33,36 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+SEED_LIMIT = 2**32   # |--seed| below this: every seed derived from it (ranks, epochs, items) fits torch's 64 bits
+
+
+def check_seed(seed, option="--seed"):
+    """A seed the scripts can use: an integer with ``|seed| < 2**32`` (negative seeds are fine)."""
+    if not -SEED_LIMIT < seed < SEED_LIMIT:
+        raise UserError(f"{option} must be an integer between -{SEED_LIMIT - 1} and {SEED_LIMIT - 1}, got {seed}")
+
+
+def check_finite_number(value, option):
+    """A float option must be a finite number (``inf`` and ``nan`` parse as floats)."""
+    if not math.isfinite(value):
+        raise UserError(f"{option} must be a finite number, got {value}")
+
+
+def all_finite(tensors):
+    """Whether every floating-point tensor in ``tensors`` holds only finite values: one reduction on their
+    device and one host read, cheap enough before every save."""
+    flags = [torch.isfinite(tensor).all() for tensor in tensors if tensor.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def first_nonfinite(state_dict):
+    """The first key of ``state_dict`` whose tensor holds inf or NaN, or None."""
+    for key, tensor in state_dict.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return key
+    return None
 
 
 def rank_seed(seed, rank):
@@ -394,14 +424,12 @@ class RunLog:
         if not self.enabled:
             return
         self.echo(text)
-        with open(os.path.join(self.folder, "log.txt"), "a") as handle:
-            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        append_text(os.path.join(self.folder, "log.txt"), f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
     def stats(self, record):
         if not self.enabled:
             return
-        with open(os.path.join(self.folder, "stats.jsonl"), "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_text(os.path.join(self.folder, "stats.jsonl"), json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
                 if key != "iter" and isinstance(value, (int, float)):

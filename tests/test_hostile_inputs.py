@@ -1,0 +1,282 @@
+"""Hostile files and hostile moments: a pickle that runs code, a really full disk, bytes with terminal escapes,
+signals during start-up, a bad --dest, torchrun ranks, seeds out of range. Each is one clean line, and
+nothing the user already has is damaged.
+"""
+import contextlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import fid
+import generate
+import train_reverse_2d_joint as script_2d
+import train_reverse_img_ddp as trainer
+from models import toy2d
+from tests.conftest import ROOT
+from tests.test_fid import ChannelMeans, assert_one_line_error, offline, run_fid, save_torchscript  # noqa: F401
+from tests.test_fid import write_constant_images
+from utils.errors import UserError, cli_main
+from utils.io import append_text, load_torch, save_json, save_torch
+
+CONFIG_DE = os.path.join(ROOT, "configs", "tiny28_de.json")
+CONFIG_EN = os.path.join(ROOT, "configs", "tiny28_en.json")
+
+
+# ----------------------------------------------------------------------------
+# fid.py never unpickles a detector.
+
+class MakesAFolder:
+    """Unpickling this object creates ``path``: what a hostile pickle would do, made visible."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+@pytest.fixture
+def fid_inputs(tmp_path):
+    images = write_constant_images(tmp_path / "images", np.random.default_rng(0).integers(20, 200, (4, 3)))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(3), sigma=np.eye(3))
+    return images, str(tmp_path / "ref.npz")
+
+
+@pytest.mark.parametrize("name", ["detector.pkl", "detector.pt"])
+def test_a_crafted_detector_pickle_never_runs(tmp_path, fid_inputs, capsys, name):
+    images, ref = fid_inputs
+    marker = tmp_path / "marker"
+    with open(tmp_path / name, "wb") as handle:
+        pickle.dump(MakesAFolder(str(marker)), handle)
+    for command in (["calc", f"--images={images}", f"--ref={ref}", "--num=4"],
+                    ["ref", f"--data={images}", f"--dest={tmp_path / 'out.npz'}"]):
+        status, _, err = run_fid(capsys, *command, f"--detector={tmp_path / name}", "--device=cpu")
+        assert_one_line_error(status, err, "pickle" if name.endswith(".pkl") else "not a TorchScript file")
+        assert not marker.exists()
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_a_pickle_url_is_refused_before_any_download(capsys, fid_inputs):
+    images, ref = fid_inputs
+    status, _, err = run_fid(capsys, "calc", f"--images={images}", f"--ref={ref}", "--num=4", "--device=cpu",
+                             "--detector=https://example.invalid/inception-2015-12-05.pkl")
+    assert_one_line_error(status, err, "is a pickle", fid.DETECTOR_URL)
+
+
+@pytest.mark.parametrize("kind", ["empty", "folder", "under a file"])
+def test_ref_checks_dest_before_the_statistics_pass(tmp_path, fid_inputs, capsys, monkeypatch, kind):
+    images, _ = fid_inputs
+    (tmp_path / "a-file").write_text("x")
+    dest = {"empty": "", "folder": str(tmp_path), "under a file": str(tmp_path / "a-file" / "ref.npz")}[kind]
+    standin = tmp_path / "means.pt"
+    save_torchscript(ChannelMeans(), standin)
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the statistics pass started first")
+    monkeypatch.setattr(fid, "compute_statistics", no_pass)
+    status, _, err = run_fid(capsys, "ref", f"--data={images}", f"--dest={dest}", f"--detector={standin}",
+                             "--device=cpu")
+    assert_one_line_error(status, err, "--dest")
+
+
+# ----------------------------------------------------------------------------
+# A full disk names the file, also when torch.save wraps the OSError; the previous file survives.
+
+@contextlib.contextmanager
+def small_filesystem(folder, size):
+    """A tmpfs of ``size`` mounted on ``folder`` (needs root and mount rights; skipped otherwise)."""
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    with small_filesystem(tmp_path / "small", "64k") as folder:
+        yield folder
+
+
+def test_a_real_full_disk_stops_training_in_one_line_naming_the_state(tmp_path, capsys):
+    """The issue's case: torch.save of a training state (about 7 MB here) into a 2 MiB filesystem."""
+    from utils.data import write_mnist_pngs
+    digits = write_mnist_pngs(str(tmp_path / "digits"), 4)
+    with small_filesystem(tmp_path / "small", "2m") as folder:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(trainer.main, ["--dataset", "folder", "--data_path", digits, "--dir", str(folder / "run"),
+                                    "--config_de", CONFIG_DE, "--config_en", CONFIG_EN, "--batchsize", "2",
+                                    "--num_workers", "0", "--iterations", "2", "--snapshot_every", "2",
+                                    "--save_every", "1000", "--sample_every", "1000"])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+        assert exit_info.value.code == 1 and len(lines) == 1, lines
+        assert f"no space left on device writing {folder / 'run' / 'training_state_latest.pth'}" in lines[0]
+        assert not [name for name in os.listdir(folder / "run") if name.endswith(".tmp")]
+        with open(folder / "run" / "config.json") as handle:
+            assert json.load(handle)["iterations"] == 2
+
+
+def test_a_real_full_disk_names_the_file_and_keeps_the_previous_one(full_disk):
+    path = full_disk / "state.pth"
+    save_torch({"weights": torch.arange(10.0)}, path)
+    with pytest.raises(UserError, match=f"no space left on device writing {path}"):
+        save_torch({"weights": torch.zeros(1 << 16)}, path)                  # 256 KiB into 64 KiB
+    with pytest.raises(UserError, match=f"no space left on device writing {full_disk / 'big.json'}"):
+        save_json(list(range(1 << 15)), full_disk / "big.json")
+    with pytest.raises(UserError, match=f"no space left on device writing {full_disk / 'log.txt'}"):
+        append_text(full_disk / "log.txt", "x" * (1 << 17))
+    assert torch.equal(load_torch(path)["weights"], torch.arange(10.0))
+    assert not [name for name in os.listdir(full_disk) if name.endswith(".tmp")]
+
+
+def test_a_simulated_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch):
+    """What torch.save raises on a real ENOSPC: a RuntimeError whose context is the OSError."""
+    path = tmp_path / "state.pth"
+
+    def save_and_fail(obj, handle, *args, **kwargs):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", save_and_fail)
+    with pytest.raises(UserError, match=f"no space left on device writing {path}"):
+        save_torch({"weights": torch.zeros(3)}, path)
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------
+# A corrupt checkpoint is one printable line.
+
+def test_a_corrupt_checkpoint_line_holds_no_terminal_escapes(tmp_path, capsys):
+    path = tmp_path / "flow_model_1_ema.pth"
+    # a pickle naming a "global" with a colour escape in it (torch's refusal adds bold escapes of its own),
+    # and random bytes
+    for content in (b"\x80\x02c\x1b[31mevil\nname\n.",
+                    bytes(np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8))):
+        path.write_bytes(content)
+        with pytest.raises(SystemExit):
+            cli_main(generate.main, ["--dir", str(tmp_path / "out"), "--ckpt", str(path), "--config_de", CONFIG_DE])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and "truncated or corrupt" in lines[0], err
+        assert all(char.isprintable() for char in lines[0]), repr(lines[0])
+        assert "weights_only" not in lines[0]    # the reason, not torch's advice to load it unsafely
+
+
+# ----------------------------------------------------------------------------
+# SIGTERM / SIGINT during start-up: one line and 128 + the signal number, never a traceback or -15.
+
+def catches_sigterm(pid):
+    """Whether process ``pid`` has a handler for SIGTERM (the SigCgt mask of /proc/<pid>/status)."""
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize("script, number", [("train_reverse_img_ddp.py", signal.SIGTERM),
+                                            ("train_reverse_img_ddp.py", signal.SIGINT),
+                                            ("generate.py", signal.SIGTERM), ("distill.py", signal.SIGTERM),
+                                            ("train_reverse_2d_joint.py", signal.SIGTERM),
+                                            ("fid.py", signal.SIGINT)])
+def test_a_signal_during_start_up_is_a_clean_exit(tmp_path, script, number):
+    argv = {"fid.py": ["calc", f"--images={tmp_path}", f"--ref={tmp_path / 'ref.npz'}"],
+            "train_reverse_2d_joint.py": ["--dir", str(tmp_path / "run")]}.get(script, ["--dir", str(tmp_path / "run")])
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        # the scripts install their handlers before the slow imports; signal them as soon as they have
+        while not catches_sigterm(process.pid):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.005)
+        process.send_signal(number)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=60)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert process.returncode == 128 + number, stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: stopped by {signal.Signals(number).name}"), stderr
+
+
+def test_a_signal_after_the_imports_stops_cleanly_and_frees_the_folder(tmp_path, capsys, monkeypatch):
+    """In the checks after the imports (here: while the dataset is read) the signal raises where the program
+    is: one line, 143, no temporary file left, the lock released."""
+    from utils import errors, runlock
+    from utils.data import write_mnist_pngs
+    digits = write_mnist_pngs(str(tmp_path / "digits"), 4)
+    folder = tmp_path / "run"
+    real_build = trainer.build_dataset
+
+    def build_then_get_sigterm(*args, **kwargs):
+        dataset = real_build(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)   # the handler runs before this returns
+        return dataset
+    monkeypatch.setattr(trainer, "build_dataset", build_then_get_sigterm)
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    errors.exit_cleanly_on_signals()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(trainer.main, ["--dataset", "folder", "--data_path", digits, "--dir", str(folder),
+                                    "--config_de", CONFIG_DE, "--config_en", CONFIG_EN, "--batchsize", "2"])
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert len(lines) == 1 and lines[0].startswith("error: stopped by SIGTERM"), lines
+    assert not [name for name in os.listdir(folder) if name.endswith(".tmp")]
+    with runlock.locked(str(folder)):
+        pass
+
+
+# ----------------------------------------------------------------------------
+# torchrun: a bad --batchsize is printed once per node, not once per rank.
+
+@pytest.mark.parametrize("rank, printed", [(0, True), (1, False)])
+def test_torchrun_ranks_print_an_argument_error_once(tmp_path, capsys, monkeypatch, rank, printed):
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(trainer.main, ["--dataset", "folder", "--data_path", str(tmp_path), "--dir", str(tmp_path / "run"),
+                                "--config_de", CONFIG_DE, "--config_en", CONFIG_EN, "--batchsize", "3"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    if printed:
+        assert len(err.strip().splitlines()) == 1 and "--batchsize 3" in err, err
+    else:
+        assert err == ""
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------
+# Seeds: out of range is one line everywhere; negative seeds work in every script.
+
+def test_negative_seeds_give_the_2d_streams_and_out_of_range_seeds_are_one_line(capsys):
+    assert not torch.equal(toy2d.randn(4, toy2d.make_generator(-1, 0), "cpu"),
+                           toy2d.randn(4, toy2d.make_generator(1, 0), "cpu"))
+    script_2d.resolve(script_2d.parse_args(["--seed", "-1"]))
+    for seed in (2**64, -(2**64), 2**32):
+        with pytest.raises(UserError, match="--seed must be an integer between"):
+            script_2d.resolve(script_2d.parse_args(["--seed", str(seed)]))

@@ -1,0 +1,160 @@
+"""One owner per run folder (utils/runlock.py): a second process is refused in one line naming the holder, the
+holder's own files are left alone, and a kill -9'd holder's folder is free again without any manual step.
+
+Every script that writes a --dir takes the lock: train_reverse_img_ddp.py, distill.py, generate.py and
+train_reverse_2d_joint.py. The holder is a separate process (flock is per open file, but a second process
+is what the lock is for).
+"""
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import distill
+import generate
+import train_reverse_2d_joint as script_2d
+import train_reverse_img_ddp as trainer
+from models import build_network, load_config
+from tests.conftest import ROOT
+from utils import runlock
+from utils.data import write_mnist_pngs
+from utils.errors import UserError, cli_main
+
+CONFIG_DE = os.path.join(ROOT, "configs", "tiny28_de.json")
+CONFIG_EN = os.path.join(ROOT, "configs", "tiny28_en.json")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run(main, argv, capsys):
+    """A script's main in this process through cli_main: (exit code, stderr lines that are not progress)."""
+    try:
+        cli_main(main, argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.strip() and not line.startswith(("train:", "distill:", "generate:"))]
+    return code, lines
+
+
+def start_holder(folder):
+    """Another process that takes the lock of ``folder``, forks a child that outlives it (as DataLoader workers
+    do for a few seconds) and sleeps; returns (process, the child's PID) once the lock is held."""
+    code = ("import os, sys, time; from utils import runlock; runlock.acquire(sys.argv[1]); child = os.fork()\n"
+            "if child == 0:\n    time.sleep(120); os._exit(0)\n"
+            "print(child, flush=True); time.sleep(600)")
+    process = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, stdout=subprocess.PIPE,
+                               text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    return process, int(process.stdout.readline())
+
+
+@pytest.fixture
+def holder(tmp_path):
+    folder = tmp_path / "held"
+    process, child = start_holder(folder)
+    yield folder, process
+    process.kill()
+    process.wait(timeout=60)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(child, signal.SIGKILL)
+
+
+def assert_refused(code, lines, process):
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and "in use by another process" in lines[0]
+    assert f"PID {process.pid} on host {socket.gethostname()}" in lines[0], lines[0]
+
+
+def test_a_held_folder_is_refused_and_a_kill_9_frees_it(holder):
+    folder, process = holder
+    with pytest.raises(UserError, match=f"PID {process.pid} on host"):
+        runlock.acquire(str(folder))
+    process.kill()
+    process.wait(timeout=60)
+    assert os.path.isfile(folder / runlock.LOCK_NAME)     # the stale file stays; it does not block anyone
+    # the holder's forked child still runs: the lock was the holder's alone, so it is free at once
+    with runlock.locked(str(folder)):
+        pass
+    with open(folder / runlock.LOCK_NAME) as handle:   # read once released: a close would drop a POSIX lock
+        assert handle.read().split()[0] == str(os.getpid())
+
+
+def test_distill_generate_and_2d_refuse_a_held_folder(holder, tmp_path, capsys):
+    folder, process = holder
+    assert_refused(*run(distill.main, ["--dir", str(folder)], capsys), process)
+    assert_refused(*run(script_2d.main, ["--dir", str(folder), "--iterations", "1", "--eval_N", "1"], capsys),
+                   process)
+    checkpoint = tmp_path / "flow.pth"
+    torch.save(build_network(load_config(CONFIG_DE)).state_dict(), checkpoint)
+    assert_refused(*run(generate.main, ["--dir", str(folder), "--ckpt", str(checkpoint), "--config_de", CONFIG_DE,
+                                        "--num_samples", "1", "--N", "1"], capsys), process)
+    assert sorted(os.listdir(folder)) == [runlock.LOCK_NAME]   # nothing written next to the holder's lock
+
+
+@pytest.mark.parametrize("main", [trainer.main, distill.main, script_2d.main], ids=["train", "distill", "2d"])
+def test_a_non_utf8_dir_is_one_line_before_anything_is_written(main, tmp_path, capsys):
+    digits = write_mnist_pngs(str(tmp_path / "digits"), 4)
+    folder = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"run-\xff"))
+    argv = {trainer.main: ["--dataset", "folder", "--data_path", digits, "--config_de", CONFIG_DE, "--config_en",
+                           CONFIG_EN, "--num_workers", "0", "--batchsize", "2", "--iterations", "1"],
+            distill.main: [],
+            script_2d.main: ["--iterations", "1", "--eval_N", "1"]}[main]
+    code, lines = run(main, ["--dir", folder, *argv], capsys)
+    assert code == 1 and len(lines) == 1 and "UTF-8" in lines[0] and "\\xff" in lines[0], lines
+    assert sorted(os.listdir(tmp_path)) == ["digits"]
+
+
+# ----------------------------------------------------------------------------
+# Two trainers on one folder: the second is refused, the first finishes with its own files.
+
+def stats_iterations(folder):
+    with open(os.path.join(folder, "stats.jsonl")) as handle:
+        return [json.loads(line)["iter"] for line in handle]
+
+
+def test_a_second_trainer_is_refused_and_the_first_finishes_untouched(tmp_path, capsys):
+    digits = write_mnist_pngs(str(tmp_path / "digits"), 8)
+    folder = str(tmp_path / "run")
+    common = ["--dataset", "folder", "--data_path", digits, "--dir", folder, "--config_de", CONFIG_DE, "--config_en",
+              CONFIG_EN, "--num_workers", "0", "--batchsize", "2", "--learning_rate", "1e-3", "--log_every", "1",
+              "--sample_every", "100000", "--snapshot_every", "3", "--save_every", "100000"]
+    argv = common + ["--iterations", "100000"]
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_reverse_img_ddp.py"), *argv], cwd=ROOT,
+                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (os.path.isfile(os.path.join(folder, "training_state_latest.pth"))
+                   and len(stats_iterations(folder)) >= 4):
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.1)
+        with open(os.path.join(folder, "config.json"), "rb") as handle:
+            config = handle.read()
+        # the same fresh command, and a resume next to the running job, are both refused in one line
+        assert_refused(*run(trainer.main, argv, capsys), first)
+        assert_refused(*run(trainer.main, common + ["--iterations", "1", "--resume", "auto"], capsys), first)
+        with open(os.path.join(folder, "config.json"), "rb") as handle:
+            assert handle.read() == config
+        assert first.poll() is None
+        first.send_signal(signal.SIGTERM)     # the first run saves where it is and exits 0
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(timeout=60)
+    assert first.returncode == 0, stderr
+    assert json.loads(config)["iterations"] == 100000
+    reached = torch.load(os.path.join(folder, "training_state_latest.pth"), weights_only=True)["iter"]
+    assert stats_iterations(folder) == list(range(1, reached + 1))   # every iteration logged once
+    # the folder is free again: the run continues with --resume auto
+    code, lines = run(trainer.main, common + ["--iterations", str(reached + 1), "--resume", "auto"], capsys)
+    assert code == 0, lines
+    assert stats_iterations(folder) == list(range(1, reached + 2))

@@ -1,0 +1,107 @@
+"""One owner per run folder: an OS-level lock on ``<dir>/.run.lock``, held for the life of the process.
+
+Two processes writing into one ``--dir`` (two copies of the same command, or a
+``--resume auto`` next to a running job) would interleave ``stats.jsonl``,
+rewrite each other's ``config.json`` and delete each other's temporary files.
+So every script that writes a run folder takes an exclusive lock on the lock
+file first, before it reads or changes anything else in the folder,
+and keeps it until it exits; a second process is refused in one line naming
+the holder's PID and host, which the holder writes into the file.
+
+The kernel drops the lock when the holder exits, also on ``kill -9`` or a
+crash, so a lock file left behind never blocks a resume: the file itself means
+nothing, only a live holder does. The lock is a POSIX record lock
+(``fcntl.lockf``) rather than ``flock``: forked children (DataLoader workers)
+would share an ``flock`` and keep a killed trainer's folder locked until they
+notice their parent is gone (4 s measured), while a POSIX lock belongs to the
+one process. (Its catch, that closing any descriptor of the file drops the
+lock, is why a held folder is never opened again by its holder.) Under DDP
+only rank 0 (the process that writes the folder) takes it. Across nodes it is
+as good as the filesystem's lock support (NFSv4, Lustre mounted with
+``flock``).
+"""
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+
+from utils.errors import UserError
+
+LOCK_NAME = ".run.lock"
+
+_held = {}   # real path of a folder -> its open lock file, for the folders this process holds
+
+
+def check_folder_name(folder, option="--dir"):
+    """A folder name must be valid text: a non-UTF-8 name cannot be written into log.txt or config.json."""
+    try:
+        os.fspath(folder).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fspath(folder).encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+        raise UserError(f"{option} {shown} is not a valid UTF-8 name; choose a folder name in UTF-8") from None
+
+
+def holder(folder):
+    """What the lock file of ``folder`` says about its holder (``"PID 12 on host x"``), or ``"unknown"``."""
+    try:
+        with open(os.path.join(folder, LOCK_NAME)) as handle:
+            words = handle.read().split()
+    except (OSError, UnicodeDecodeError):
+        words = []
+    if len(words) >= 2 and words[0].isdigit():
+        return f"PID {words[0]} on host {words[1]}"
+    return "a process that has not written its PID yet"
+
+
+def acquire(folder, option="--dir"):
+    """Create ``folder`` if needed and lock it for this process; a folder locked by another is a UserError.
+
+    A folder this process already holds is left as it is; :func:`release` lets it go.
+    """
+    check_folder_name(folder, option)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        key = os.path.realpath(folder)
+        if key in _held:
+            return
+        handle = open(os.path.join(folder, LOCK_NAME), "a+")
+    except OSError as error:
+        raise UserError(f"output folder {option} {folder} is not writable ({error.strerror or error}); "
+                        f"choose another {option}") from None
+    try:
+        fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        handle.close()
+        if error.errno in (errno.EACCES, errno.EAGAIN):
+            raise UserError(f"{option} {folder} is in use by another process ({holder(folder)}); wait for it to "
+                            f"finish or stop it, or choose another {option}") from None
+        raise UserError(f"cannot lock {option} {folder} ({error.strerror or error}); its filesystem may not "
+                        f"support file locks: choose another {option}") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+        handle.flush()
+    except OSError:
+        pass   # the lock is what counts; the PID only makes the refusal message more helpful
+    _held[key] = handle
+
+
+def release(folder):
+    """Unlock ``folder`` if this process holds it (a folder not held, or None, is ignored)."""
+    if folder is None:
+        return
+    handle = _held.pop(os.path.realpath(folder), None)
+    if handle is not None:
+        handle.close()   # closing the descriptor drops the lock; the file stays, it is harmless
+
+
+@contextlib.contextmanager
+def locked(folder, option="--dir"):
+    """``with locked(folder):`` holds the lock for the block."""
+    acquire(folder, option)
+    try:
+        yield
+    finally:
+        release(folder)
