@@ -24,10 +24,15 @@ mode, so a run cut short by a timeout keeps what it measured.
     python benchmarks/throughput.py --device cuda --out runs/throughput
 """
 import os
+import sys
 
-# libgomp reads OMP_WAIT_POLICY when torch is imported; its default (spinning idle threads) made CPU
-# training ~5x slower on this project's shared 2-core machine (docs/speed.md). Set it yourself to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Before torch is imported (libgomp reads it once), the same choice as the training script: libgomp's
+# default on an idle machine, PASSIVE when other jobs keep the CPUs busy (utils/threads.py, docs/speed.md).
+from utils.threads import choose_omp_wait_policy  # noqa: E402
+
+OMP_POLICY = choose_omp_wait_policy()
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -35,16 +40,16 @@ import datetime  # noqa: E402
 import functools  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from models import build_encoder, build_network, kl_per_dim  # noqa: E402
-from models.flow import euler, flow_matching_loss, interpolate, sample_time  # noqa: E402
+from models import build_encoder, build_network  # noqa: E402
+from models.coupling import FlowWithCoupling  # noqa: E402
+from models.flow import euler, sample_time  # noqa: E402
+from utils.amp import autocast as amp_autocast  # noqa: E402
+from utils.cpu_shards import ThreadShards, auto_shards  # noqa: E402
 from utils.dist import physical_cores  # noqa: E402
 from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
 from utils.io import atomic_write, load_json, save_json  # noqa: E402
@@ -193,28 +198,37 @@ def build_models(config_de, config_en, device, channels_last, seed):
     return net, encoder
 
 
-def make_train_step(net, encoder, batch, device, channels_last, amp, weight_prior, seed):
-    """One learned-coupling training step on a fixed random batch, as a zero-argument function."""
+def make_train_step(net, encoder, batch, device, channels_last, amp, weight_prior, seed, shards=1):
+    """One learned-coupling training step on a fixed random batch, as a zero-argument function, computed as
+    the training script computes it (``models.coupling.FlowWithCoupling``; on a CPU, ``shards`` > 1 splits
+    the batch into shards in threads, ``utils/cpu_shards.py``). Returns (step, the ThreadShards or None)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     shape = (batch, net.in_channels, net.img_resolution, net.img_resolution)
     x = torch.rand(shape, generator=generator).mul(2).sub(1).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    params = list(net.parameters()) + list(encoder.parameters())
+    model = FlowWithCoupling(net, encoder)
+    params = model.optimizer_params()
     optimizer = torch.optim.Adam(params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, fused=True)  # as utils.train
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    mode = "bf16" if amp else "none"
+    pool = ThreadShards(shards) if shards > 1 else None
+
+    def losses(x, t, noise):
+        with amp_autocast(device, mode):
+            flow_loss, kl = model(x, t, noise)
+        return (flow_loss + weight_prior * kl,)
 
     def step():
-        with autocast:
-            z, mu, logvar = encoder(x)
-            t = sample_time(batch, device=device)
-            velocity = net(interpolate(x, z, t), t)
-            loss = flow_matching_loss(velocity, x, z) + weight_prior * kl_per_dim(mu.float(), logvar.float())
+        t = sample_time(batch, device=device)
+        noise = torch.randn_like(x)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if pool is None:
+            losses(x, t, noise)[0].backward()
+        else:
+            pool.step(losses, (x, t, noise), params)
         optimizer.step()
 
-    return step
+    return step, pool
 
 
 def make_sampler(net, batch, steps, device, channels_last, amp, seed):
@@ -268,10 +282,14 @@ def run_mode(name, args, device, channels_last, configs, flops, device_name, tf3
         torch._dynamo.reset()
         net = torch.compile(net, mode=args.compile_mode)
         encoder = torch.compile(encoder, mode=args.compile_mode)
-    row = {"mode": name, "bf16": amp, "compile": compiled}
+    shards = min(auto_shards(device, compiled=compiled), args.batch)   # the training script's default
+    row = {"mode": name, "bf16": amp, "compile": compiled, "cpu_shards": shards}
 
-    train_step = make_train_step(net, encoder, args.batch, device, channels_last, amp, args.weight_prior, args.seed)
-    seconds, first = time_calls(train_step, device, args.iters, max(args.warmup, 1 if compiled else 0), args.repeats)
+    train_step, pool = make_train_step(net, encoder, args.batch, device, channels_last, amp, args.weight_prior,
+                                       args.seed, shards)
+    with pool if pool is not None else contextlib.nullcontext():
+        seconds, first = time_calls(train_step, device, args.iters, max(args.warmup, 1 if compiled else 0),
+                                    args.repeats)
     row["train"] = {"batch": args.batch, "seconds_per_step": seconds, "images_per_s": args.batch / seconds,
                     "first_step_s": first, "tflops": flops["train"] / seconds / 1e12}
     log(f"  train: {row['train']['images_per_s']:.1f} images/s ({seconds * 1e3:.1f} ms/step, "
@@ -393,7 +411,7 @@ def main(argv):
     net.train()
     encoder.train()
     flops = {"train": count_flops(make_train_step(net, encoder, args.batch, device, False, False,
-                                                  args.weight_prior, args.seed))}
+                                                  args.weight_prior, args.seed)[0])}
     net.eval()
     probe = torch.zeros(1, net.in_channels, net.img_resolution, net.img_resolution, device=device)
     with torch.no_grad():
@@ -404,7 +422,7 @@ def main(argv):
     result = {
         "date": datetime.date.today().isoformat(),
         "device": {"type": device.type, "name": device_name, "torch": torch.__version__,
-                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                   "omp_wait_policy": OMP_POLICY[0], "omp_wait_policy_reason": OMP_POLICY[1],
                    "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
         "configs": {"de": args.config_de, "en": args.config_en}, "params": params,
         "settings": {"batch": args.batch, "sample_batch": args.sample_batch, "sample_steps": args.sample_steps,
@@ -416,7 +434,7 @@ def main(argv):
     log(f"throughput: {device_name}, U-Net {args.config_de} ({params['de'] / 1e6:.2f}M), encoder {args.config_en} "
         f"({params['en'] / 1e6:.2f}M), train batch {args.batch}, sample batch {args.sample_batch}, modes "
         f"{', '.join(modes)}, channels_last {channels_last}, TF32 {tf32}, {threads} threads, "
-        f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}")
+        f"OMP_WAIT_POLICY {OMP_POLICY[0]} ({OMP_POLICY[1]})")
     for name in modes:
         log(f"[{name}]")
         try:
