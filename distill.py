@@ -55,6 +55,7 @@ from models import flow as flowlib  # noqa: E402
 from utils import dist  # noqa: E402
 from utils import train as plumbing  # noqa: E402
 from utils.checkpoint import load_weights  # noqa: E402
+from utils.console import progress_bar  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402
 from utils.images import save_grid  # noqa: E402
 from utils.io import atomic_write, load_state_dict_strict, load_torch, save_json, save_torch  # noqa: E402
@@ -485,7 +486,7 @@ def train(args, plan):
     if start == 0:
         log.stats({"iter": 0, "loss": None, "test_loss": evaluate(0)})
     loss_sum, loss_count, timer = torch.zeros((), device=device), 0, (time.time(), start)
-    progress = tqdm(total=args.iterations, initial=start, dynamic_ncols=True, desc=args.mode)
+    progress = progress_bar(total=args.iterations, initial=start, dynamic_ncols=True, desc=args.mode)
     with plumbing.StopSignals() as signals, progress, contextlib.closing(log):
         for iteration in range(start + 1, args.iterations + 1):
             x, z = next_batch()
@@ -495,10 +496,12 @@ def train(args, plan):
             optimizer.step()
             loss_sum += loss.detach()
             loss_count += 1
-            progress.update(1)
 
             stop = signals.received is not None
             last = iteration == args.iterations
+            if stop:   # the state first: Ctrl-C through `| tee` has closed the console already
+                save_state(iteration)
+            progress.update(1)
             tested = iteration % args.eval_every == 0 or last
             if iteration % args.log_every == 0 or tested or stop:
                 mean_loss = loss_sum.item() / loss_count
@@ -518,7 +521,8 @@ def train(args, plan):
                 save_torch(student.state_dict(), model_path(args, iteration))
                 saved.append(os.path.basename(model_path(args, iteration)))
             if saved or stop:
-                save_state(iteration)
+                if not stop:
+                    save_state(iteration)
                 log.line(f"iteration {iteration}: saved {', '.join(saved + [plumbing.LATEST_NAME])}")
             if stop:
                 log.line(f"stopped by {signals.received} at iteration {iteration}; continue with the same command "

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from utils.console import progress_bar, protect_console
 from utils.errors import UserError
 from utils.io import atomic_write
 
@@ -479,7 +480,10 @@ def compute_statistics(
     def accumulate():
         nonlocal feature_sum, outer_sum
         with torch.inference_mode():
-            for batch_indices in tqdm(my_batches, unit="batch", leave=False, disable=None if ranks.rank == 0 else True):
+            # a bar on a terminal, plain lines in a log (utils/console.py); rank 0 counts its own share
+            progress = progress_bar(total=sum(len(b) for b in my_batches), desc="features", unit="images",
+                                    disable=ranks.rank != 0, leave=False)
+            for batch_indices in my_batches:
                 if len(batch_indices) == 0:
                     continue
                 pixels = np.stack([source.read(source.names[index]) for index in batch_indices])
@@ -495,6 +499,8 @@ def compute_statistics(
                                             device=ranks.device)
                 feature_sum += features.sum(0)
                 outer_sum += features.T @ features
+                progress.update(len(batch_indices))
+            progress.close()
     ranks.checked(accumulate)
 
     # A process with no images still joins the sums, with zeros of the common feature size.
@@ -660,6 +666,11 @@ def ref(data_path, dest_path, batch, detector, device, debug):
 def main(argv=None):
     """Run the CLI; every error is one line on stderr and exit status 1 (--debug: traceback too)."""
     argv = list(sys.argv[1:] if argv is None else argv) or ["--help"]
+    with protect_console():   # a closed stdout (`| tee` ended by Ctrl-C) must not stop the work
+        _run(argv)
+
+
+def _run(argv):
     debug = "--debug" in argv
     try:
         status = cli.main(args=argv, prog_name="fid.py", standalone_mode=False)

@@ -34,12 +34,12 @@ OMP_WAIT_POLICY = choose_omp_wait_policy()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from models import build_encoder, build_network, check_encoder_decoder, load_config  # noqa: E402
 from models import flow as flowlib  # noqa: E402
 from models.config import resolve_image_options  # noqa: E402
 from utils import dist  # noqa: E402
+from utils.console import progress_bar  # noqa: E402
 from utils.checkpoint import load_weights, resolve_weights_path  # noqa: E402
 from utils.data import DATASETS, build_dataset, check_dataset_config  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402
@@ -356,8 +356,8 @@ def worker(info, args, plan):
     nfe_total = torch.zeros(2, dtype=torch.float64, device=device)  # velocity evaluations, batches
 
     start = time.time()
-    progress = tqdm(total=len(indices), disable=not info.is_main, unit="img",
-                    desc="sampling" if info.world_size == 1 else f"sampling (rank 0 of {info.world_size})")
+    progress = progress_bar(total=len(indices), disable=not info.is_main, unit="img",
+                            desc="sampling" if info.world_size == 1 else f"sampling (rank 0 of {info.world_size})")
     with torch.inference_mode():
         for batch_indices in batches:
             z, data = starting_points(batch_indices, args, device, encoder, dataset)

@@ -20,10 +20,10 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from models import flow as flowlib
 from models import toy2d
+from utils.console import progress_bar
 from utils.dist import check_gpus, parse_gpu_list
 from utils.errors import UserError, cli_main
 from utils.io import atomic_write, save_json, save_torch
@@ -284,8 +284,9 @@ def main(argv):
     sums, count = {}, 0
     start = time.time()
     train_seconds = 0.0
-    progress = tqdm(range(1, args.iterations + 1), desc=f"2d {coupling}", mininterval=1.0, dynamic_ncols=True)
-    for iteration in progress:
+    progress = progress_bar(total=args.iterations, desc=f"2d {coupling}", mininterval=1.0, dynamic_ncols=True)
+    for iteration in range(1, args.iterations + 1):
+        progress.update(1)
         step_start = time.time()
         losses = toy2d.coupled_training_step(iteration, data, coupling, flow_model, encoder, optimizer,
                                              variances, train_generator, args.batchsize, args.weight_prior,

@@ -46,6 +46,7 @@ from tqdm import tqdm  # noqa: E402
 from models import build_encoder, build_network, check_encoder_decoder, kl_per_dim, load_config  # noqa: E402
 from models import flow as flowlib  # noqa: E402
 from utils import dist  # noqa: E402
+from utils.console import progress_bar, protect_console  # noqa: E402
 from utils.cpu_shards import ThreadShards, auto_shards  # noqa: E402
 from utils.checkpoint import TRAINING_STATE_FORMAT  # noqa: E402
 from utils.data import DATASETS, FOLDER_DATASETS, build_dataset, check_dataset_config  # noqa: E402
@@ -603,24 +604,27 @@ class Trainer:
         def autocast():   # a fresh context each time: the shards of a CPU step enter one per thread
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
 
-        progress = tqdm(total=args.iterations, initial=self.start_iteration - 1, disable=not is_main,
-                        dynamic_ncols=True, desc="train")
+        progress = progress_bar(total=args.iterations, initial=self.start_iteration - 1, disable=not is_main,
+                                dynamic_ncols=True, desc="train")
         # the bar and the log close before an error is printed
         shards = self.shards if self.shards is not None else contextlib.nullcontext()
         with plumbing.StopSignals() as signals, progress, contextlib.closing(self.log), shards:
             for iteration in range(self.start_iteration, args.iterations + 1):
                 lr = self.step(iteration, autocast)
-                progress.update(1)
                 # Step boundary: every rank takes the same decisions from here on.
                 stop = self.agreement.any(signals.received is not None)
                 last = iteration == args.iterations
                 numbered = iteration % args.save_every == 0
-                if is_main and iteration % args.sample_every == 0:
+                if stop:   # the state first: Ctrl-C through `| tee` has closed the console already
+                    self.check_nonfinite(iteration)
+                    self.save(iteration, numbered, ema_files=last)
+                progress.update(1)
+                if is_main and (iteration % args.sample_every == 0 or last):
                     self.sample(iteration)
                 if iteration % args.log_every == 0 or last or stop:
                     self.write_stats(iteration, lr, progress)
                     self.check_nonfinite(iteration)
-                if numbered or iteration % args.snapshot_every == 0 or last or stop:
+                if (numbered or iteration % args.snapshot_every == 0 or last) and not stop:
                     self.check_nonfinite(iteration)
                     self.save(iteration, numbered, ema_files=last)
                 if stop:
@@ -677,7 +681,8 @@ def check_data_order(data_order, dataset_size, args, log):
 def spawned_worker(info, args, plan):
     """A worker started by --gpu a,b: its errors are one line on stderr (rank 0) and exit code 1."""
     try:
-        worker(info, args, plan)
+        with protect_console():   # a closed pipe must not stop the save (utils/console.py)
+            worker(info, args, plan)
     except Exception as error:  # noqa: BLE001 - the parent only sees the exit code
         if args.debug:
             traceback.print_exc()

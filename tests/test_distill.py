@@ -288,6 +288,33 @@ def test_sigterm_saves_state_and_exits_cleanly(pairs, tmp_path):
         assert f"stopped by SIGTERM at iteration {state['iter']}" in handle.read()
 
 
+def test_sigint_through_a_closed_pipe_saves_the_reached_iteration(pairs, tmp_path):
+    """`distill.py ... 2>&1 | tee log` and Ctrl-C: tee dies first; the state must still be saved."""
+    out = str(tmp_path / "piped")
+    process = subprocess.Popen([sys.executable, "distill.py", *command(pairs, out, "--iterations", "100000",
+                                                                       "--log_every", "1")],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process.stdout.close()
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and process.poll() is None:
+            if os.path.isfile(os.path.join(out, "stats.jsonl")) and len(read_stats(out)) >= 4:   # iterations 0..3
+                break
+            time.sleep(0.1)
+        assert process.poll() is None, f"ended with code {process.returncode} into the closed pipe"
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0
+    state = torch.load(os.path.join(out, "training_state_latest.pth"), weights_only=True)
+    assert state["iter"] == read_stats(out)[-1]["iter"] >= 3
+    with open(os.path.join(out, "log.txt")) as handle:
+        assert f"stopped by SIGINT at iteration {state['iter']}" in handle.read()
+
+
 def test_saved_student_loads_strictly_into_tiny28(pairs, tmp_path):
     """With the real tiny28 config: the distilled file is a plain state dict for build_network(config)."""
     config = load_config(TINY28)

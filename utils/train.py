@@ -393,9 +393,10 @@ class RunLog:
     def line(self, text):
         if not self.enabled:
             return
-        self.echo(text)
+        # the file first: the console may be a pipe that is gone (utils/console.py)
         with open(os.path.join(self.folder, "log.txt"), "a") as handle:
             handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        self.echo(text)
 
     def stats(self, record):
         if not self.enabled:
