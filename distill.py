@@ -58,7 +58,7 @@ from utils.checkpoint import load_weights  # noqa: E402
 from utils.console import progress_bar  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402
 from utils.images import save_grid  # noqa: E402
-from utils.io import atomic_write, load_state_dict_strict, load_torch, save_json, save_torch  # noqa: E402
+from utils.io import atomic_write, did_you_mean, load_state_dict_strict, load_torch, save_json, save_torch  # noqa: E402
 
 MODES = ("distill", "reflow")
 STATE_FORMAT = "fast-ode-distill-state-v1"
@@ -134,7 +134,7 @@ def _listing(folder, option):
     if folder is None:
         raise UserError(f"{option} is required (a folder written by generate.py --save_z)")
     if not os.path.isdir(folder):
-        raise UserError(f"{option} folder not found: {folder}")
+        raise UserError(f"{option} folder not found: {folder}{did_you_mean(folder)}")
     return sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name)))
 
 
@@ -442,8 +442,8 @@ def train(args, plan):
     save_json({**vars(args), "resolved_config_de": config}, os.path.join(args.dir, "config.json"))
     parameters = sum(p.numel() for p in student.parameters())
     log.line(f"distill: mode {args.mode}, {device}, {len(plan['train_set'])} training pairs, "
-             f"{len(plan['test_set'])} test pairs, batch {args.batchsize}, lr {args.learning_rate:g}, iterations "
-             f"{start + 1}..{args.iterations}, student {parameters / 1e6:.3f}M parameters from {plan['teacher_path']}, "
+             f"{len(plan['test_set'])} test pairs, batch {args.batchsize}, lr {args.learning_rate:g}, "
+             f"{f'iterations {start + 1}..{args.iterations}' if start < args.iterations else 'no iterations left'}, student {parameters / 1e6:.3f}M parameters from {plan['teacher_path']}, "
              f"test loss with {args.N} Euler step(s) -> {args.dir}")
     for warning in plan["warnings"]:
         log.line(warning)
@@ -466,7 +466,7 @@ def train(args, plan):
             error = mean_sample_error(student, test_loader, args.N, device)
         save_grid(sample(student, grid_noise, args.N), os.path.join(args.dir, f"pred_{iteration}.png"))
         student.train()
-        log.line(f"Iteration {iteration}: test loss {error:.6f}")
+        log.line(f"iteration {iteration}: test loss {error:.6f}")
         return error
 
     def save_state(iteration):
@@ -512,7 +512,7 @@ def train(args, plan):
                 record = {"iter": iteration, "loss": mean_loss, "test_loss": evaluate(iteration) if tested else None,
                           "sec_per_iter": (now - timer[0]) / max(iteration - timer[1], 1)}
                 log.stats(record)
-                log.line(f"Iteration {iteration}: loss {mean_loss:.6f}")
+                log.line(f"iteration {iteration}: loss {mean_loss:.6f}")
                 progress.set_postfix(loss=f"{mean_loss:.5f}")
                 loss_sum.zero_()
                 loss_count, timer = 0, (time.time(), iteration)

@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from utils.console import progress_bar, protect_console
 from utils.errors import UserError
-from utils.io import atomic_write
+from utils.io import atomic_write, did_you_mean
 
 DETECTOR_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 OFFLINE_DETECTOR = "fid-helper"
@@ -308,7 +308,7 @@ def resolve_detector(spec, verbose=True):
         return path
     if not is_url(spec):
         if not os.path.isfile(spec):
-            raise UserError(f"detector file not found: {spec}")
+            raise UserError(f"detector file not found: {spec}{did_you_mean(spec)}")
         return spec
     try:
         return download(spec, "the Inception detector", verbose=verbose)
@@ -375,7 +375,7 @@ class ImageSource:
         elif os.path.exists(path):
             raise UserError(f"{path} is neither a folder nor a .zip of images")
         else:
-            raise UserError(f"image folder not found: {path}")
+            raise UserError(f"image folder not found: {path}{did_you_mean(path)}")
         PIL.Image.init()
         extensions = set(PIL.Image.EXTENSION)
         self.names = sorted(name for name in names if os.path.splitext(name)[1].lower() in extensions)
@@ -534,7 +534,7 @@ def load_reference(ref_path):
     """``mu`` [D] and ``sigma`` [D, D] (float64) from an .npz path or URL."""
     path = download(ref_path, "reference statistics") if is_url(ref_path) else ref_path
     if not os.path.isfile(path):
-        raise UserError(f"reference statistics not found: {ref_path}")
+        raise UserError(f"reference statistics not found: {ref_path}{did_you_mean(ref_path)}")
     try:
         with np.load(path) as data:
             if not isinstance(data, np.lib.npyio.NpzFile):

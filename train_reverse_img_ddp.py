@@ -49,7 +49,8 @@ from utils import dist  # noqa: E402
 from utils.console import progress_bar, protect_console  # noqa: E402
 from utils.cpu_shards import ThreadShards, auto_shards  # noqa: E402
 from utils.checkpoint import TRAINING_STATE_FORMAT  # noqa: E402
-from utils.data import DATASETS, FOLDER_DATASETS, build_dataset, check_dataset_config  # noqa: E402
+from utils.data import (DATASETS, FOLDER_DATASETS, ImageFolderDataset, build_dataset,  # noqa: E402
+                        check_dataset_config, conversions, describe_images)
 from utils.errors import UserError, cli_main  # noqa: E402
 from utils.images import save_grid  # noqa: E402
 from utils.io import atomic_write, load_json, load_state_dict_strict, save_json, save_torch  # noqa: E402
@@ -127,7 +128,12 @@ def build_parser():
              "process and no --compile, else 1")
     add("--grad_clip", type=float, default=0.0, help="clip the global gradient norm to this value (0: off)")
     add("--bad_images", type=str, default="stop", choices=("stop", "skip"),
-        help="an unreadable image in --data_path: stop with its name, or skip it")
+        help="unreadable images in --data_path (every header is read before training starts): stop with their "
+             "names, or leave them out (their count and first names go into the first log line)")
+    add("--resize", action="store_true",
+        help="let --dataset folder images of another size, or grey images for a colour config (and the reverse), "
+             "be resized (bilinear, as the paper) and converted to the config's shape; said in the first log line. "
+             "The paper's ffhq / afhq / celebahq datasets are resized without it, as in the paper")
     add("--max_nonfinite", type=int, default=10,
         help="stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)")
     add("--debug", action="store_true", help="show the full traceback on errors")
@@ -279,28 +285,67 @@ def check_resume_state(state, path, args, plan, warn):
         warn(f"warning: resuming with changed arguments: {', '.join(changed)}")
 
 
+def check_images(args, plan, dataset):
+    """Read every header of a --data_path dataset before training: unreadable images (stop: one line naming
+    them; skip: left out and reported), and images that the config's shape would resize or convert (a
+    --dataset folder needs --resize for that). Returns (names to leave out, the data's description)."""
+    resolution, channels = plan["config_de"]["img_resolution"], plan["config_de"]["in_channels"]
+    wanted = f"{resolution}x{resolution}x{channels}"
+    if not isinstance(dataset, ImageFolderDataset):   # torchvision's mnist / cifar10: checked by check_dataset_config
+        return [], f"data {args.dataset} in {args.data_root}: {len(dataset)} images, {wanted}"
+    with progress_bar(total=len(dataset), desc="checking images", unit="images") as progress:
+        report = dataset.scan(progress=lambda done: progress.update(done - progress.n))
+    bad = report["bad"]
+    shown = ", ".join(f"{name} ({reason})" for name, reason in bad[:3]) + (", ..." if len(bad) > 3 else "")
+    if bad and args.bad_images == "stop":
+        raise UserError(f"{len(bad)} unreadable image(s) in --data_path {args.data_path}: {shown}; remove them or "
+                        f"pass --bad_images skip")
+    if len(bad) == len(dataset):
+        raise UserError(f"no readable image in --data_path {args.data_path} ({shown})")
+    found = describe_images(report)
+    resized, converted = conversions(report, resolution, channels)
+    changes = [word for word, done in (("resized", resized),
+                                       (f"converted to {'grey' if channels == 1 else 'RGB'}", converted)) if done]
+    if changes and args.dataset == "folder" and not args.resize:
+        raise UserError(f"--data_path {args.data_path} holds {found} images but {plan['config_de_name']} is for "
+                        f"{wanted}: they would be {' and '.join(changes)}; pass --resize to allow that, or use a "
+                        f"config for the images' size and channels")
+    summary = (f"data {args.data_path}: {len(dataset) - len(bad)} images, {found}"
+               + (f" {' and '.join(changes)} to {wanted}" if changes else f" = {wanted}"))
+    if bad:
+        summary += f", {len(bad)} unreadable skipped ({shown})"
+    return [name for name, _ in bad], summary
+
+
 def prepare(args):
-    """Everything that can fail because of the user's input, before any process group or long work."""
+    """Everything that can fail because of the user's input, before any process group or long work.
+
+    --dir is created only once the run can start: a failed start leaves nothing behind."""
     plan = check_args(args)
+    plan["config_de_name"] = f"--config_de {args.config_de}"
     warn = print if plan["is_main"] else (lambda text: None)
     if plan["is_main"]:
-        plumbing.check_writable(args.dir)
+        plumbing.check_can_create(args.dir)
     resume_path, state = plumbing.find_resume_state(args.dir, args.resume, warn=warn)
     if state is not None:
         check_resume_state(state, resume_path, args, plan, warn)
     elif args.resume == "auto":
         warn(f"--resume auto: no training state in {args.dir}; starting fresh")
+    plan["excluded_images"], plan["data_summary"] = [], None
     if plan["is_main"]:
         check_output_dir(args, plan, resuming=state is not None)
         # the datasets download here, once, before the workers start
         shape = plan["config_de"]["img_resolution"], plan["config_de"]["in_channels"]
         dataset = build_dataset(args.dataset, *shape, data_path=args.data_path, data_root=args.data_root,
                                 bad_images=args.bad_images)
-        if len(dataset) < args.batchsize:
-            raise UserError(f"--dataset {args.dataset} has {len(dataset)} images, fewer than one global batch "
+        plan["excluded_images"], plan["data_summary"] = check_images(args, plan, dataset)
+        usable = len(dataset) - len(plan["excluded_images"])
+        if usable < args.batchsize:
+            raise UserError(f"--dataset {args.dataset} has {usable} images, fewer than one global batch "
                             f"(--batchsize {args.batchsize}); lower --batchsize")
         build_dataset(args.dataset, *shape, data_path=args.data_path, data_root=args.data_root, train=False,
                       bad_images=args.bad_images)
+        plumbing.check_writable(args.dir)
     plan["resume_path"] = resume_path
     # a spawned worker re-reads the file; in this process the loaded state is handed over as is
     plan["state"] = None if plan["spawn"] else state
@@ -400,6 +445,9 @@ class Trainer:
             return build_dataset(args.dataset, resolution, channels, data_path=args.data_path,
                                  data_root=args.data_root, train=train, bad_images=args.bad_images, download=False)
         self.dataset, test_set = dataset(True), dataset(False)
+        if plan["excluded_images"]:   # unreadable images found by check_images (--bad_images skip)
+            self.dataset.exclude(plan["excluded_images"])
+            test_set.exclude(plan["excluded_images"])
         self.test_images = torch.stack([test_set[k][0] for k in range(min(SAMPLE_COUNT, len(test_set)))]).to(device)
 
         # Networks: the same initial weights on every rank.
@@ -438,15 +486,17 @@ class Trainer:
         self.timer = (time.time(), self.start_iteration - 1)
 
         backend = f" ({torch.distributed.get_backend()})" if info.distributed else ""
+        encoder = (f"encoder {count(self.model.encoder) / 1e6:.2f}M" if self.model.encoder is not None
+                   else "no encoder")
+        iterations = (f"iterations {self.start_iteration}..{args.iterations}" if self.start_iteration <= args.iterations
+                      else "no iterations left")
         self.log.line(
             f"train: {device} x {info.world_size} process(es){backend}, global batch {args.batchsize} = "
             f"{info.world_size} x {args.batchsize // info.world_size}, flow network "
-            f"{count(self.model.flow) / 1e6:.2f}M parameters, encoder {count(self.model.encoder) / 1e6:.2f}M, "
-            f"coupling {args.coupling}, "
-            f"{len(self.dataset)} images ({sampler.steps_per_epoch} steps per epoch), "
-            f"{f'{self.shards.shards} batch shards in threads, ' if self.shards else ''}iterations "
-            f"{self.start_iteration}..{args.iterations}, amp {args.amp}{', compiled' if args.compile else ''} "
-            f"-> {args.dir}")
+            f"{count(self.model.flow) / 1e6:.2f}M parameters, {encoder}, coupling {args.coupling}, "
+            f"{plan.get('data_summary') or f'{len(self.dataset)} images'} ({sampler.steps_per_epoch} steps per "
+            f"epoch), {f'{self.shards.shards} batch shards in threads, ' if self.shards else ''}{iterations}, "
+            f"amp {args.amp}{', compiled' if args.compile else ''} -> {args.dir}")
 
     def resume(self):
         """Restore from the plan's training state; returns (batches consumed, non-finite steps so far)."""
@@ -532,7 +582,7 @@ class Trainer:
         self.log.stats(record)
         shown = {key: "nan" if record[key] is None else f"{record[key]:.6f}" for key in ("loss", "flow_loss", "kl")}
         progress.set_postfix(loss=shown["loss"], lr=f"{lr:.3g}")
-        self.log.line(f"Iteration {iteration}: loss {shown['loss']}, flow_loss {shown['flow_loss']}, "
+        self.log.line(f"iteration {iteration}: loss {shown['loss']}, flow_loss {shown['flow_loss']}, "
                       f"kl {shown['kl']}, lr {lr:.3g}, {record['images_per_s']:.1f} img/s")
 
     def check_nonfinite(self, iteration):

@@ -17,7 +17,7 @@ import os
 import re
 
 from utils.errors import UserError
-from utils.io import load_torch, strip_wrapper_prefixes
+from utils.io import did_you_mean, load_torch, strip_wrapper_prefixes
 
 TRAINING_STATE_FORMAT = "fast-ode-training-state-v1"
 
@@ -55,7 +55,7 @@ def resolve_weights_path(path, which="flow"):
             raise UserError(f"no {which}_model_*_ema.pth or training_state_latest.pth in folder {path}")
         return found
     if not os.path.exists(path):
-        raise UserError(f"checkpoint not found: {path}")
+        raise UserError(f"checkpoint not found: {path}{did_you_mean(path)}")
     return path
 
 

@@ -9,7 +9,8 @@ write points the stream's file descriptor at ``/dev/null`` and every later write
 
 :func:`progress_bar` is a tqdm bar on a terminal, and on anything else (a file, a
 pipe) a plain line every ``FAST_ODE_PROGRESS_SECONDS`` seconds (default 30) and at
-the end, so that a redirected log of long work shows it advancing.
+the end, so that a redirected log of long work shows it advancing (work shorter than
+that interval prints nothing).
 """
 import contextlib
 import os
@@ -129,7 +130,9 @@ class LineProgress:
     def close(self):
         if not self.closed:
             self.closed = True
-            if self.n != self.printed:   # the end is always reported, once
+            # the end is reported once, unless the work was too short to report at all
+            reported = self.printed != self.initial or time.time() - self.start >= self.interval
+            if self.n != self.printed and reported:
                 self._print()
 
     def __enter__(self):

@@ -425,6 +425,19 @@ def _tensorboard_writer(folder):
     return SummaryWriter(log_dir=folder)
 
 
+def check_can_create(folder):
+    """Stop with one line, creating nothing, when ``folder`` could not be made or written: it is not a
+    folder, or its nearest existing parent is not writable. (:func:`check_writable` makes it later.)"""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"output folder --dir {folder} exists and is not a folder; choose another --dir")
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output folder --dir {folder} is not writable ({existing} cannot be written); "
+                        f"choose another --dir")
+
+
 def check_writable(folder):
     """Create ``folder`` and write a probe file in it; any failure is one :class:`UserError` line."""
     try:
