@@ -263,3 +263,30 @@ def test_training_step_lowers_the_loss_on_a_fixed_batch():
     assert set(losses[0]) == {"loss", "loss_fm", "kl"}
     assert losses[-1]["loss"] < 0.5 * losses[0]["loss"]
     assert losses[0]["loss"] == pytest.approx(losses[0]["loss_fm"] + 10.0 * losses[0]["kl"], rel=1e-5)
+
+
+def _couplings_benchmark():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("couplings_2d", os.path.join(ROOT, "benchmarks", "couplings_2d.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, committed", [
+    ([], True), (["--seeds", "3"], True), (["--quick"], False), (["--seeds", "1"], False),
+    (["--iterations", "100"], False),
+])
+def test_only_the_reported_benchmark_run_writes_the_committed_results(argv, committed):
+    bench = _couplings_benchmark()
+    args = bench.parse_args(argv)
+    bench.resolve(args)
+    cited = os.path.normpath("benchmarks/results/couplings_2d")    # the folder docs/RESULTS.md cites
+    assert (os.path.normpath(args.out) == cited) == committed, args.out
+
+
+def test_an_explicit_out_wins_for_a_quick_run(tmp_path):
+    bench = _couplings_benchmark()
+    args = bench.parse_args(["--quick", "--out", "benchmarks/results/couplings_2d"])
+    bench.resolve(args)
+    assert os.path.normpath(args.out) == os.path.normpath("benchmarks/results/couplings_2d")
