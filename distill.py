@@ -56,7 +56,7 @@ from utils import dist  # noqa: E402
 from utils import train as plumbing  # noqa: E402
 from utils.checkpoint import load_weights  # noqa: E402
 from utils.console import progress_bar  # noqa: E402
-from utils.errors import UserError, cli_main  # noqa: E402
+from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
 from utils.images import save_grid  # noqa: E402
 from utils.io import atomic_write, did_you_mean, load_state_dict_strict, load_torch, save_json, save_torch  # noqa: E402
 
@@ -76,7 +76,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Distil a trained flow into a one-step generator (--mode distill, the paper's), or train a "
                     "reflow (--mode reflow), from the (z, x) pairs that generate.py --save_z writes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--gpu", type=str, default=None, help="one GPU id (e.g. 0); omit to run on the CPU")
     add("--dir", type=str, default=None, help="output folder (created if missing)")
@@ -113,6 +113,9 @@ def build_parser():
     add("--resume", type=str, default=None,
         help="a training_state_latest.pth to continue from, or 'auto': --dir/training_state_latest.pth when it "
              "exists, otherwise start fresh")
+    add("--config_en", type=str, default=None,
+        help="the paper's distill.py accepts an encoder config but never uses it: accepted here too, with a "
+             "warning that it has no effect (the student is the flow network alone)")
     add("--debug", action="store_true", help="show the full traceback on errors")
     return parser
 
@@ -342,6 +345,8 @@ def check_args(args):
         raise UserError(f"--im_dir {args.im_dir} has {len(train_set)} pairs, fewer than one batch "
                         f"(--batchsize {args.batchsize}); lower --batchsize or generate more pairs")
     warnings = []
+    if args.config_en is not None:
+        warnings.append("warning: --config_en has no effect (the paper's distill.py accepts it without using it)")
     shape = (args.input_nc, args.res, args.res)
     if torch.equal(read_z(train_set.pairs[0][1], shape), read_z(test_set.pairs[0][1], shape)):
         warnings.append(f"warning: the first test pair starts from the same z as the first training pair "

@@ -51,12 +51,13 @@ from utils.cpu_shards import ThreadShards, auto_shards  # noqa: E402
 from utils.checkpoint import TRAINING_STATE_FORMAT  # noqa: E402
 from utils.data import (DATASETS, FOLDER_DATASETS, ImageFolderDataset, build_dataset,  # noqa: E402
                         check_dataset_config, conversions, describe_images)
-from utils.errors import UserError, cli_main  # noqa: E402
+from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
 from utils.images import save_grid  # noqa: E402
 from utils.io import atomic_write, load_json, load_state_dict_strict, save_json, save_torch  # noqa: E402
 from utils import train as plumbing  # noqa: E402
 
 COUPLINGS = ("learned", "independent", "ot")
+PAPER_ONLY_ARGS = ("weight_cur", "num_samples")   # in the paper's parser, used nowhere in its code
 SAMPLE_COUNT = 4          # images per sample grid, as in the paper
 # config.json entries that define a run: another run with other values must not share its --dir.
 RUN_DEFINING_ARGS = ("dataset", "coupling", "weight_prior", "learning_rate", "batchsize", "optimizer",
@@ -74,7 +75,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Train a flow U-Net on images with the learned forward coupling of 'Minimizing Trajectory "
                     "Curvature of ODE-based Generative Models' (or the independent / minibatch-OT coupling).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--gpu", type=str, default=None,
         help="comma-separated GPU ids, one process each (e.g. 0 or 0,1); omit to train on the CPU. "
@@ -136,6 +137,12 @@ def build_parser():
              "The paper's ffhq / afhq / celebahq datasets are resized without it, as in the paper")
     add("--max_nonfinite", type=int, default=10,
         help="stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)")
+    add("--weight_cur", type=float, default=None,
+        help="the paper's script accepts it but never uses it: accepted here too, with a warning that it has no "
+             "effect")
+    add("--num_samples", type=int, default=None,
+        help="the paper's script accepts it but never uses it: accepted here too, with a warning that it has no "
+             "effect (the sample grids show 4 images)")
     add("--debug", action="store_true", help="show the full traceback on errors")
     return parser
 
@@ -324,6 +331,9 @@ def prepare(args):
     plan = check_args(args)
     plan["config_de_name"] = f"--config_de {args.config_de}"
     warn = print if plan["is_main"] else (lambda text: None)
+    for name in PAPER_ONLY_ARGS:
+        if getattr(args, name) is not None:
+            warn(f"warning: --{name} has no effect (the paper's script accepts it without using it)")
     if plan["is_main"]:
         plumbing.check_can_create(args.dir)
     resume_path, state = plumbing.find_resume_state(args.dir, args.resume, warn=warn)

@@ -48,6 +48,42 @@ def flow_matching_loss(velocity_pred, x, z):
 
 
 # ----------------------------------------------------------------------------
+# The paper's VP (DDPM-style) interpolation, for the 2D example's --ddpm.
+#
+# alpha(t) = exp(-(1/2) integral_0^t beta(s) ds) with the VP-SDE's beta(s) = 0.1 + 19.9 s, so
+# alpha(t) = exp(-19.9 t^2 / 4 - 0.1 t / 2); z_t = alpha(t) x + sqrt(1 - alpha(t)^2) z runs from the
+# data (t = 0) to nearly pure noise (alpha(1) = 0.0066), and the velocity target is d z_t / dt.
+
+VP_BETA_MIN, VP_BETA_SPAN = 0.1, 19.9
+
+
+def vp_alpha(t):
+    """alpha(t) of the VP schedule (tensor in, tensor out)."""
+    return torch.exp(-0.25 * VP_BETA_SPAN * t * t - 0.5 * VP_BETA_MIN * t)
+
+
+def vp_alpha_derivative(t):
+    """d alpha / dt = -(beta(t) / 2) alpha(t)."""
+    return -0.5 * (VP_BETA_SPAN * t + VP_BETA_MIN) * vp_alpha(t)
+
+
+def interpolate_vp(x, z, t):
+    """z_t = alpha(t) x + sqrt(1 - alpha(t)^2) z, with t [B] broadcast over the other dimensions."""
+    alpha = vp_alpha(_expand(t, x))
+    return alpha * x + torch.sqrt(1 - alpha * alpha) * z
+
+
+def target_velocity_vp(x, z, t):
+    """d z_t / dt of :func:`interpolate_vp`: alpha' x - alpha alpha' / sqrt(1 - alpha^2) z (t > 0)."""
+    t = _expand(t, x)
+    alpha, derivative = vp_alpha(t), vp_alpha_derivative(t)
+    return derivative * x - alpha * derivative / torch.sqrt(1 - alpha * alpha) * z
+
+
+INTERPOLATIONS = ("linear", "vp")
+
+
+# ----------------------------------------------------------------------------
 # Sampling: solvers from t = 1 to t = 0.
 
 @dataclass
