@@ -103,7 +103,9 @@ def build_parser():
     add("--N", type=int, default=1,
         help="Euler steps of the test loss and sample grids; must be 1 in distill mode (the student is one-step)")
     add("--seed", type=int, default=0, help="seed of the data order, the training noise and the grid's fixed noise")
-    add("--num_workers", type=int, default=4, help="DataLoader worker processes (0: load in the loop)")
+    add("--num_workers", type=int, default=dist.default_workers(),
+        help="DataLoader worker processes (0: load in the loop); the default is 4, or the CPUs this process may "
+             "use when there are fewer")
     add("--log_every", type=int, default=100, help="write a stats.jsonl / log.txt record every this many iterations")
     add("--eval_every", type=int, default=1000,
         help="compute the test loss and write pred_{i}.png every this many iterations")
@@ -180,7 +182,8 @@ def _open_image(path):
 
 
 def _image_problem(image, path, resolution, channels):
-    if image.mode != IMAGE_MODES[channels]:
+    # one channel: any image is converted to grey, as the paper's loader does (its generate.py saves RGB PNGs)
+    if channels == 3 and image.mode != IMAGE_MODES[channels]:
         return (f"image {path} has PIL mode {image.mode}, expected {IMAGE_MODES[channels]} for {channels} "
                 f"channel(s); check --config_de / --input_nc")
     if image.size != (resolution, resolution):
@@ -207,12 +210,15 @@ def _z_problem(array, path, shape):
 
 
 def read_image(path, resolution, channels):
-    """One image as float [C, H, W] in [-1, 1]: x = (u8 - 127.5) / 127.5."""
+    """One image as float [C, H, W] in [-1, 1]: x = (u8 - 127.5) / 127.5. For one channel, an RGB (or
+    other) image is first converted to grey with PIL's convert("L"), as the paper's DatasetWithLatent."""
     with _open_image(path) as image:
         problem = _image_problem(image, path, resolution, channels)
         if problem:
             raise UserError(problem)
         try:
+            if channels == 1 and image.mode != "L":
+                image = image.convert("L")
             array = np.asarray(image, dtype=np.uint8)
         except (OSError, ValueError) as error:
             raise UserError(f"unreadable image {path} ({error}); regenerate or remove it") from None

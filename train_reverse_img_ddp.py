@@ -118,7 +118,9 @@ def build_parser():
         help="write training_state_latest.pth every this many iterations (and at the last one)")
     add("--sample_every", type=int, default=1000, help="write sample grids every this many iterations")
     add("--log_every", type=int, default=100, help="write a stats.jsonl / log.txt record every this many iterations")
-    add("--num_workers", type=int, default=4, help="DataLoader worker processes per rank (0: load in the loop)")
+    add("--num_workers", type=int, default=dist.default_workers(),
+        help="DataLoader worker processes per rank (0: load in the loop); the default is 4, or the CPUs this "
+             "process may use when there are fewer")
     add("--amp", type=str, default="none", choices=("none", "bf16"),
         help="bf16: autocast the networks to bfloat16 (weights, optimizer and EMA stay float32)")
     add("--compile", action="store_true", help="torch.compile the networks for training")

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -147,6 +148,22 @@ def test_png_round_trip_is_within_rounding(tmp_path):
     assert back.shape == (1, 28, 28)
     assert (back - x[0]).abs().max().item() <= 1 / 255 + 1e-6
     assert torch.equal(back.flatten()[:3], torch.tensor([-1.0, 1.0, 0.5 / 127.5]))   # u8 0, 255 and 128
+
+
+def test_rgb_samples_of_the_papers_generate_are_read_as_grey(pairs, tmp_path):
+    """The paper's generate.py saves MNIST samples as RGB PNGs; its loader converts them with convert('L')."""
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    grey_dir = os.path.join(pairs["gen_test"], "samples")
+    names = sorted(os.listdir(grey_dir))
+    for name in names:
+        with Image.open(os.path.join(grey_dir, name)) as image:
+            image.convert("RGB").save(rgb / name)
+    grey_set = distill.PairDataset(grey_dir, os.path.join(pairs["gen_test"], "zs"), 28, 1)
+    rgb_set = distill.PairDataset(str(rgb), os.path.join(pairs["gen_test"], "zs"), 28, 1)
+    for index in range(len(names)):
+        assert torch.equal(rgb_set[index][0], grey_set[index][0])
+    assert torch.equal(grey_set[0][0], pairs["x_test"][0])
 
 
 def test_pairs_are_matched_by_index_in_the_name(tmp_path):
@@ -330,3 +347,9 @@ def test_saved_student_loads_strictly_into_tiny28(pairs, tmp_path):
     load_state_dict_strict(build_network(config), state_dict, path)
     weights, _ = load_weights(path, "flow")   # how generate.py --ckpt reads it
     assert set(weights) == set(build_network(config).state_dict())
+
+
+def test_the_papers_config_en_is_accepted_with_a_warning(pairs, tmp_path):
+    plan = distill.check_args(distill.parse_args(command(pairs, str(tmp_path / "out"), "--config_en",
+                                                         os.path.join(ROOT, "configs", "tiny28_en.json"))))
+    assert any("--config_en has no effect" in warning for warning in plan["warnings"])

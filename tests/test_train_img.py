@@ -323,3 +323,26 @@ def test_a_failed_download_leaves_nothing_and_says_why(tmp_path, capsys, monkeyp
     assert "train-images-idx3-ubyte.gz" in lines[0] and "simulated: no network" in lines[0]
     assert os.path.join(data_root, "MNIST", "raw") in lines[0]          # where to put the files by hand
     assert not os.path.exists(folder) and not os.path.exists(data_root) and not os.path.exists(tmp_path / "runs")
+
+
+def test_the_papers_unused_flags_are_accepted_with_a_warning(digits, tmp_path, capsys):
+    cli_main(trainer.main, base_args(digits, str(tmp_path / "run"), "--iterations", 1, "--batchsize", 2,
+                                     "--weight_cur", 0.5, "--num_samples", 10))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and "--weight_cur has no effect" in warnings[0] and "--num_samples" in warnings[1]
+
+
+@pytest.mark.parametrize("script", ["train_reverse_img_ddp.py", "generate.py", "distill.py",
+                                    "train_reverse_2d_joint.py"])
+def test_help_shows_no_none_defaults(script):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "(default: None)" not in text and "--debug" in text
+
+
+def test_default_workers_fit_the_machine():
+    parser = trainer.build_parser()
+    default = parser.get_default("num_workers")
+    assert 1 <= default <= min(4, len(os.sched_getaffinity(0)))
