@@ -52,7 +52,7 @@ from utils.checkpoint import TRAINING_STATE_FORMAT  # noqa: E402
 from utils.data import (DATASETS, FOLDER_DATASETS, ImageFolderDataset, build_dataset,  # noqa: E402
                         check_dataset_config, conversions, describe_images)
 from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
-from utils.images import save_grid  # noqa: E402
+from utils.images import make_grid, save_png  # noqa: E402
 from utils.io import atomic_write, load_json, load_state_dict_strict, save_json, save_torch  # noqa: E402
 from utils import train as plumbing  # noqa: E402
 
@@ -414,9 +414,10 @@ def count(module):
 # Sample grids.
 
 @torch.no_grad()
-def sample_grids(nets, test_images, args, iteration, device):
+def sample_grids(nets, test_images, args, iteration, device, arrays=None):
     """The paper's grids from fixed noise (same at every call): trajectories and x0 predictions with N = --N
-    and N = 4 from prior noise, and, for the learned coupling, from encoded test images. Returns statistics."""
+    and N = 4 from prior noise, and, for the learned coupling, from encoded test images. Returns statistics;
+    ``arrays`` (a dict), when given, receives each grid as uint8 [H, W, C] under its name."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
     noise = torch.randn(test_images.shape, generator=generator, device=device)
     stats = {}
@@ -424,8 +425,10 @@ def sample_grids(nets, test_images, args, iteration, device):
     def grids(start, N, name, name_x0):
         result = flowlib.euler(nets.flow, start, N=N, return_traj=True)
         for images, grid_name in ((result.traj, name), (result.x0_preds, name_x0)):
-            save_grid(torch.cat(images), os.path.join(args.dir, f"traj_{grid_name}_{iteration}.png"),
-                      nrow=SAMPLE_COUNT)
+            grid = make_grid(torch.cat(images), nrow=SAMPLE_COUNT)
+            save_png(grid, os.path.join(args.dir, f"traj_{grid_name}_{iteration}.png"))
+            if arrays is not None:
+                arrays[grid_name] = grid
         stats[f"straightness_{name}"] = flowlib.straightness(result.traj).item()
         return result
 
@@ -610,8 +613,10 @@ class Trainer:
     def sample(self, iteration):
         nets = self.ema.module if self.ema is not None else self.model
         self.model.eval()
-        self.pending_samples = sample_grids(nets, self.test_images, self.args, iteration, self.device)
+        grids = {}
+        self.pending_samples = sample_grids(nets, self.test_images, self.args, iteration, self.device, grids)
         self.model.train()
+        self.log.images(grids, iteration)
         self.log.line(f"iteration {iteration}: samples, " + ", ".join(
             f"{key} {value:.5g}" for key, value in self.pending_samples.items()))
 

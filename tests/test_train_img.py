@@ -346,3 +346,29 @@ def test_default_workers_fit_the_machine():
     parser = trainer.build_parser()
     default = parser.get_default("num_workers")
     assert 1 <= default <= min(4, len(os.sched_getaffinity(0)))
+
+
+class RecordingWriter:
+    """Stands in for TensorBoard's SummaryWriter (not installed here): records what it is given."""
+
+    def __init__(self):
+        self.scalars, self.images = [], []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, step))
+
+    def add_image(self, tag, array, step, dataformats="CHW"):
+        self.images.append((tag, step, array.shape, dataformats))
+
+    def close(self):
+        pass
+
+
+def test_tensorboard_gets_scalars_and_sample_grids(digits, tmp_path, monkeypatch):
+    writer = RecordingWriter()
+    monkeypatch.setattr(plumbing, "_tensorboard_writer", lambda folder: writer)
+    train(base_args(digits, str(tmp_path / "run"), "--iterations", 2, "--batchsize", 2, "--log_every", 1, "--N", 2))
+    assert ("loss", 1) in writer.scalars and ("loss", 2) in writer.scalars
+    tags = {tag for tag, step, _, _ in writer.images if step == 2}
+    assert {"samples/uncond", "samples/uncond_x0", "samples/reverse"} <= tags
+    assert all(shape[2] == 1 and layout == "HWC" for _, _, shape, layout in writer.images)

@@ -381,7 +381,7 @@ def find_resume_state(folder, resume, warn=print):
 
 class RunLog:
     """Rank 0's records: ``log.txt`` (human lines), ``stats.jsonl`` (one JSON object per line) and,
-    when installed, TensorBoard scalars. Other ranks get a log that writes nothing."""
+    when installed, TensorBoard scalars and sample grids. Other ranks get a log that writes nothing."""
 
     def __init__(self, folder, enabled, echo=print):
         self.enabled, self.echo = enabled, echo
@@ -407,6 +407,13 @@ class RunLog:
             for key, value in record.items():
                 if key != "iter" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, record["iter"])
+
+    def images(self, grids, iteration):
+        """TensorBoard images (when installed): ``grids`` maps a name to a uint8 [H, W, C] array."""
+        if not self.enabled or self.writer is None:
+            return
+        for name, array in grids.items():
+            self.writer.add_image(f"samples/{name}", array, iteration, dataformats="HWC")
 
     def close(self):
         if self.writer is not None:
