@@ -613,9 +613,10 @@ def calc(image_path, ref_path, num_images, seed, batch, detector, device, debug)
     """
     ranks = Ranks(device)
     try:
+        # the images first: a missing folder is one line before the reference statistics are downloaded
+        source, indices = ranks.checked(lambda: list_images(image_path, num_images, seed, ranks))
         log(ranks, f"Loading reference statistics from {ref_path}")
         mu_ref, sigma_ref = ranks.checked(lambda: load_reference(ref_path), only_rank0=True) or (None, None)
-        source, indices = ranks.checked(lambda: list_images(image_path, num_images, seed, ranks))
         detector_net, detector_path = prepare_detector(detector, ranks)
         log(ranks, f"FID of {len(indices)} images from {image_path} | detector {detector_path} | device "
                    f"{ranks.device} | {ranks.world} process(es) x batch {batch}")
