@@ -140,11 +140,11 @@ def build_parser():
     add("--max_nonfinite", type=int, default=10,
         help="stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)")
     add("--weight_cur", type=float, default=None,
-        help="the paper's script accepts it but never uses it: accepted here too, with a warning that it has no "
-             "effect")
+        help="the paper's 'curvature regularization weight', which its code parses but never uses: accepted for "
+             "its command lines, with a warning that it has no effect")
     add("--num_samples", type=int, default=None,
-        help="the paper's script accepts it but never uses it: accepted here too, with a warning that it has no "
-             "effect (the sample grids show 4 images)")
+        help="the paper's 'number of samples to generate', which its training code parses but never uses: "
+             "accepted, with a warning that it has no effect (the sample grids show 4 images)")
     add("--debug", action="store_true", help="show the full traceback on errors")
     return parser
 
