@@ -358,6 +358,11 @@ def prepare(args):
         build_dataset(args.dataset, *shape, data_path=args.data_path, data_root=args.data_root, train=False,
                       bad_images=args.bad_images)
         plumbing.check_writable(args.dir)
+    elif args.bad_images == "skip" and args.dataset in FOLDER_DATASETS:
+        # another torchrun rank: it must leave out the same images as rank 0, so it reads the headers too
+        shape = plan["config_de"]["img_resolution"], plan["config_de"]["in_channels"]
+        dataset = build_dataset(args.dataset, *shape, data_path=args.data_path, bad_images="skip", download=False)
+        plan["excluded_images"] = [name for name, _ in dataset.scan()["bad"]]
     plan["resume_path"] = resume_path
     # a spawned worker re-reads the file; in this process the loaded state is handed over as is
     plan["state"] = None if plan["spawn"] else state

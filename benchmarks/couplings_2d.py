@@ -34,12 +34,12 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models import flow as flowlib  # noqa: E402
 from models import toy2d  # noqa: E402
+from utils.console import progress_bar  # noqa: E402
 from utils.dist import check_gpus, parse_gpu_list  # noqa: E402
 from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
 from utils.io import atomic_write, save_json  # noqa: E402
@@ -137,8 +137,10 @@ def train(flow_model, encoder, coupling, data, variances, seed, args, weight_pri
     optimizer = torch.optim.Adam(parameters, lr=args.lr)
     generator = toy2d.make_generator(seed, toy2d.STREAM_TRAIN)
     wall, cpu = time.perf_counter(), time.process_time()
-    for iteration in tqdm(range(1, args.iterations + 1), desc=f"seed {seed} {coupling}", leave=False,
-                          mininterval=2.0, dynamic_ncols=True):
+    progress = progress_bar(total=args.iterations, desc=f"seed {seed} {coupling}", leave=False, mininterval=2.0,
+                            dynamic_ncols=True)   # plain lines every 30 s in a redirected log
+    for iteration in range(1, args.iterations + 1):
+        progress.update(1)
         if pairs is None:
             toy2d.coupled_training_step(iteration, data, coupling, flow_model, encoder, optimizer, variances,
                                         generator, args.batchsize, weight_prior, args.ot_batch)
@@ -146,6 +148,7 @@ def train(flow_model, encoder, coupling, data, variances, seed, args, weight_pri
             index = torch.randint(0, pairs[0].shape[0], (args.batchsize,), generator=generator)
             index = index.to(pairs[0].device)
             toy2d.training_step(flow_model, optimizer, pairs[1][index], pairs[0][index], generator)
+    progress.close()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
