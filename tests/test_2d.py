@@ -319,9 +319,13 @@ def test_vp_target_is_the_time_derivative_of_the_path():
                                alpha_one * x + math.sqrt(1 - alpha_one ** 2) * z)
 
 
-def test_ddpm_run_trains_on_the_vp_path(tmp_path):
-    stdout = finish(start(tmp_path / "ddpm", "--ddpm", "--iterations", "200", "--eval_N", "1,16"))
-    assert "interpolation VP (--ddpm)" in stdout
+def test_ddpm_run_trains_on_the_vp_path(tmp_path, capsys):
+    threads = torch.get_num_threads()   # in-process: main() pins one thread on CPU
+    try:
+        script.main(["--dir", str(tmp_path / "ddpm"), "--ddpm", "--iterations", "200", "--eval_N", "1,16"])
+    finally:
+        torch.set_num_threads(threads)
+    assert "interpolation VP (--ddpm)" in capsys.readouterr().out
     metrics = read_metrics(tmp_path / "ddpm")
     assert metrics["interpolation"] == "vp" and math.isfinite(metrics["straightness"])
     with open(tmp_path / "ddpm" / "stats.jsonl") as handle:

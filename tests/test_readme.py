@@ -3,13 +3,11 @@ that says so, leaving nothing behind), and every torchrun example can be pasted 
 import os
 import re
 import shlex
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from tests.conftest import ROOT
+from utils.errors import cli_main
 
 # The paper's README commands, with / in the paths (DESIGN.md); <...> are the places the user fills in.
 PAPER_COMMANDS = [
@@ -56,26 +54,38 @@ def test_torchrun_examples_need_no_unset_variables():
     assert any(line.startswith("torchrun --standalone") for line in readme_lines())
 
 
+def run_in_process(argv, capsys):
+    """One README command through its script's own main, in this process: (exit code, output lines)."""
+    script = argv[1][:-len(".py")]
+    module = __import__(script)
+    try:
+        if script == "fid":
+            module.main(argv[2:])
+        else:
+            cli_main(module.main, argv[2:])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, [line for line in (captured.out + captured.err).splitlines() if line.strip()]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 @pytest.mark.parametrize("command", PAPER_COMMANDS[:6], ids=["cifar10", "mnist", "ffhq", "distill", "generate",
                                                              "generate-heun"])
-def test_gpu_commands_stop_in_one_line_and_leave_nothing(tmp_path, command):
+def test_gpu_commands_stop_in_one_line_and_leave_nothing(tmp_path, monkeypatch, capsys, command):
     os.symlink(os.path.join(ROOT, "configs"), tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
     argv = shlex.split(command.replace("<gen>", "gen").replace("<gen_test>", "gen_test").replace("<run>", "run"))
-    script = os.path.join(ROOT, argv[1])
-    result = subprocess.run([sys.executable, script, *argv[2:]], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
-    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
-    assert result.returncode == 1 and len(lines) == 1 and "no CUDA device" in lines[0], lines
+    code, lines = run_in_process(argv, capsys)
+    assert code == 1 and len(lines) == 1 and "no CUDA device" in lines[0], lines
     assert sorted(os.listdir(tmp_path)) == ["configs"]    # no --dir, no data folder
 
 
-def test_the_fid_command_stops_in_one_line_without_the_samples(tmp_path):
-    argv = shlex.split(PAPER_COMMANDS[6])
-    result = subprocess.run([sys.executable, os.path.join(ROOT, argv[1]), *argv[2:]], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+def test_the_fid_command_stops_in_one_line_without_the_samples(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, lines = run_in_process(shlex.split(PAPER_COMMANDS[6]), capsys)
     # the missing samples are named before the reference statistics are fetched (no network here)
-    assert result.returncode == 1 and len(lines) == 1, lines
+    assert code == 1 and len(lines) == 1, lines
     assert lines[0].startswith("error: image folder not found: runs/reverse/cifar10-learned-beta10-smallE/"), lines
     assert os.listdir(tmp_path) == []
