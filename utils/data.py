@@ -105,7 +105,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 with handle, Image.open(handle) as image:
                     size, mode = image.size, image.mode
             except (OSError, ValueError, Image.DecompressionBombError, zipfile.BadZipFile) as error:
-                bad.append((name, str(error).splitlines()[0][:80] if str(error) else type(error).__name__))
+                if isinstance(error, Image.UnidentifiedImageError):
+                    reason = "not an image format PIL reads"
+                else:
+                    reason = str(error).splitlines()[0][:80] if str(error) else type(error).__name__
+                bad.append((name, reason))
                 continue
             sizes[size] = sizes.get(size, 0) + 1
             modes[mode] = modes.get(mode, 0) + 1
