@@ -61,9 +61,10 @@ from utils import runlock  # noqa: E402
 from utils import train as plumbing  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, autocast, autocast_velocity, resolve_amp  # noqa: E402
 from utils.checkpoint import load_weights  # noqa: E402
-from utils.errors import UserError, cli_main  # noqa: E402
+from utils.console import progress_bar  # noqa: E402
+from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
 from utils.images import save_grid  # noqa: E402
-from utils.io import atomic_write, load_state_dict_strict, load_torch, save_json, save_torch  # noqa: E402
+from utils.io import atomic_write, did_you_mean, load_state_dict_strict, load_torch, save_json, save_torch  # noqa: E402
 
 MODES = ("distill", "reflow")
 STATE_FORMAT = "fast-ode-distill-state-v1"
@@ -81,7 +82,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Distil a trained flow into a one-step generator (--mode distill, the paper's), or train a "
                     "reflow (--mode reflow), from the (z, x) pairs that generate.py --save_z writes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--gpu", type=str, default=None, help="one GPU id (e.g. 0); omit to run on the CPU")
     add("--dir", type=str, default=None, help="output folder (created if missing)")
@@ -109,7 +110,9 @@ def build_parser():
         help="Euler steps of the test loss and sample grids; must be 1 in distill mode (the student is one-step)")
     add("--seed", type=int, default=0, help="seed of the data order, the training noise and the grid's fixed noise")
     add("--amp", choices=AMP_CHOICES, default="auto", help=AMP_HELP)
-    add("--num_workers", type=int, default=4, help="DataLoader worker processes (0: load in the loop)")
+    add("--num_workers", type=int, default=dist.default_workers(),
+        help="DataLoader worker processes (0: load in the loop); the default is 4, or the CPUs this process may "
+             "use when there are fewer")
     add("--log_every", type=int, default=100, help="write a stats.jsonl / log.txt record every this many iterations")
     add("--eval_every", type=int, default=1000,
         help="compute the test loss and write pred_{i}.png every this many iterations")
@@ -119,6 +122,9 @@ def build_parser():
     add("--resume", type=str, default=None,
         help="a training_state_latest.pth to continue from, or 'auto': --dir/training_state_latest.pth when it "
              "exists, otherwise start fresh")
+    add("--config_en", type=str, default=None,
+        help="the paper's distill.py accepts an encoder config but never uses it: accepted here too, with a "
+             "warning that it has no effect (the student is the flow network alone)")
     add("--debug", action="store_true", help="show the full traceback on errors")
     return parser
 
@@ -140,7 +146,7 @@ def _listing(folder, option):
     if folder is None:
         raise UserError(f"{option} is required (a folder written by generate.py --save_z)")
     if not os.path.isdir(folder):
-        raise UserError(f"{option} folder not found: {folder}")
+        raise UserError(f"{option} folder not found: {folder}{did_you_mean(folder)}")
     return sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name)))
 
 
@@ -183,7 +189,8 @@ def _open_image(path):
 
 
 def _image_problem(image, path, resolution, channels):
-    if image.mode != IMAGE_MODES[channels]:
+    # one channel: any image is converted to grey, as the paper's loader does (its generate.py saves RGB PNGs)
+    if channels == 3 and image.mode != IMAGE_MODES[channels]:
         return (f"image {path} has PIL mode {image.mode}, expected {IMAGE_MODES[channels]} for {channels} "
                 f"channel(s); check --config_de / --input_nc")
     if image.size != (resolution, resolution):
@@ -210,12 +217,15 @@ def _z_problem(array, path, shape):
 
 
 def read_image(path, resolution, channels):
-    """One image as float [C, H, W] in [-1, 1]: x = (u8 - 127.5) / 127.5."""
+    """One image as float [C, H, W] in [-1, 1]: x = (u8 - 127.5) / 127.5. For one channel, an RGB (or
+    other) image is first converted to grey with PIL's convert("L"), as the paper's DatasetWithLatent."""
     with _open_image(path) as image:
         problem = _image_problem(image, path, resolution, channels)
         if problem:
             raise UserError(problem)
         try:
+            if channels == 1 and image.mode != "L":
+                image = image.convert("L")
             array = np.asarray(image, dtype=np.uint8)
         except (OSError, ValueError) as error:
             raise UserError(f"unreadable image {path} ({error}); regenerate or remove it") from None
@@ -355,6 +365,8 @@ def check_args(args):
         raise UserError(f"--im_dir {args.im_dir} has {len(train_set)} pairs, fewer than one batch "
                         f"(--batchsize {args.batchsize}); lower --batchsize or generate more pairs")
     warnings = []
+    if args.config_en is not None:
+        warnings.append("warning: --config_en has no effect (the paper's distill.py accepts it without using it)")
     shape = (args.input_nc, args.res, args.res)
     if torch.equal(read_z(train_set.pairs[0][1], shape), read_z(test_set.pairs[0][1], shape)):
         warnings.append(f"warning: the first test pair starts from the same z as the first training pair "
@@ -459,8 +471,8 @@ def train(args, plan):
               os.path.join(args.dir, "config.json"))
     parameters = sum(p.numel() for p in student.parameters())
     log.line(f"distill: mode {args.mode}, {device}, {len(plan['train_set'])} training pairs, "
-             f"{len(plan['test_set'])} test pairs, batch {args.batchsize}, lr {args.learning_rate:g}, iterations "
-             f"{start + 1}..{args.iterations}, student {parameters / 1e6:.3f}M parameters from {plan['teacher_path']}, "
+             f"{len(plan['test_set'])} test pairs, batch {args.batchsize}, lr {args.learning_rate:g}, "
+             f"{f'iterations {start + 1}..{args.iterations}' if start < args.iterations else 'no iterations left'}, student {parameters / 1e6:.3f}M parameters from {plan['teacher_path']}, "
              f"test loss with {args.N} Euler step(s), amp {amp} ({plan['amp_reason']}) -> {args.dir}")
     for warning in plan["warnings"]:
         log.line(warning)
@@ -483,7 +495,7 @@ def train(args, plan):
             error = mean_sample_error(velocity, test_loader, args.N, device)
         save_grid(sample(velocity, grid_noise, args.N), os.path.join(args.dir, f"pred_{iteration}.png"))
         student.train()
-        log.line(f"Iteration {iteration}: test loss {error:.6f}")
+        log.line(f"iteration {iteration}: test loss {error:.6f}")
         return error
 
     def save_state(iteration):
@@ -503,7 +515,7 @@ def train(args, plan):
     if start == 0:
         log.stats({"iter": 0, "loss": None, "test_loss": evaluate(0)})
     loss_sum, loss_count, timer = torch.zeros((), device=device), 0, (time.time(), start)
-    progress = tqdm(total=args.iterations, initial=start, dynamic_ncols=True, desc=args.mode)
+    progress = progress_bar(total=args.iterations, initial=start, dynamic_ncols=True, desc=args.mode)
     with plumbing.StopSignals() as signals, progress, contextlib.closing(log):
         for iteration in range(start + 1, args.iterations + 1):
             x, z = next_batch()
@@ -514,10 +526,12 @@ def train(args, plan):
             optimizer.step()
             loss_sum += loss.detach()
             loss_count += 1
-            progress.update(1)
 
             stop = signals.received is not None
             last = iteration == args.iterations
+            if stop:   # the state first: Ctrl-C through `| tee` has closed the console already
+                save_state(iteration)
+            progress.update(1)
             tested = iteration % args.eval_every == 0 or last
             if iteration % args.log_every == 0 or tested or stop:
                 mean_loss = loss_sum.item() / loss_count
@@ -528,7 +542,7 @@ def train(args, plan):
                 record = {"iter": iteration, "loss": mean_loss, "test_loss": evaluate(iteration) if tested else None,
                           "sec_per_iter": (now - timer[0]) / max(iteration - timer[1], 1)}
                 log.stats(record)
-                log.line(f"Iteration {iteration}: loss {mean_loss:.6f}")
+                log.line(f"iteration {iteration}: loss {mean_loss:.6f}")
                 progress.set_postfix(loss=f"{mean_loss:.5f}")
                 loss_sum.zero_()
                 loss_count, timer = 0, (time.time(), iteration)
@@ -542,7 +556,8 @@ def train(args, plan):
                 save_torch(student.state_dict(), model_path(args, iteration))
                 saved.append(os.path.basename(model_path(args, iteration)))
             if saved or stop:
-                save_state(iteration)
+                if not stop:
+                    save_state(iteration)
                 log.line(f"iteration {iteration}: saved {', '.join(saved + [plumbing.LATEST_NAME])}")
             if stop:
                 log.line(f"stopped by {signals.received} at iteration {iteration}; continue with the same command "

@@ -60,7 +60,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.io import atomic_write
+from utils.console import progress_bar, protect_console
+from utils.io import atomic_write, did_you_mean
 
 DETECTOR_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 OFFLINE_DETECTOR = "fid-helper"
@@ -321,7 +322,7 @@ def resolve_detector(spec, verbose=True):
         return path
     if not is_url(spec):
         if not os.path.isfile(spec):
-            raise UserError(f"detector file not found: {spec}")
+            raise UserError(f"detector file not found: {spec}{did_you_mean(spec)}")
         return spec
     try:
         return download(spec, "the Inception detector", verbose=verbose)
@@ -376,7 +377,7 @@ class ImageSource:
         elif os.path.exists(path):
             raise UserError(f"{path} is neither a folder nor a .zip of images")
         else:
-            raise UserError(f"image folder not found: {path}")
+            raise UserError(f"image folder not found: {path}{did_you_mean(path)}")
         PIL.Image.init()
         extensions = set(PIL.Image.EXTENSION)
         self.names = sorted(name for name in names if os.path.splitext(name)[1].lower() in extensions)
@@ -481,7 +482,10 @@ def compute_statistics(
     def accumulate():
         nonlocal feature_sum, outer_sum
         with torch.inference_mode():
-            for batch_indices in tqdm(my_batches, unit="batch", leave=False, disable=None if ranks.rank == 0 else True):
+            # a bar on a terminal, plain lines in a log (utils/console.py); rank 0 counts its own share
+            progress = progress_bar(total=sum(len(b) for b in my_batches), desc="features", unit="images",
+                                    disable=ranks.rank != 0, leave=False)
+            for batch_indices in my_batches:
                 if len(batch_indices) == 0:
                     continue
                 pixels = np.stack([source.read(source.names[index]) for index in batch_indices])
@@ -497,6 +501,8 @@ def compute_statistics(
                                             device=ranks.device)
                 feature_sum += features.sum(0)
                 outer_sum += features.T @ features
+                progress.update(len(batch_indices))
+            progress.close()
     ranks.checked(accumulate)
 
     # A process with no images still joins the sums, with zeros of the common feature size.
@@ -530,7 +536,7 @@ def load_reference(ref_path):
     """``mu`` [D] and ``sigma`` [D, D] (float64) from an .npz path or URL."""
     path = download(ref_path, "reference statistics") if is_url(ref_path) else ref_path
     if not os.path.isfile(path):
-        raise UserError(f"reference statistics not found: {ref_path}")
+        raise UserError(f"reference statistics not found: {ref_path}{did_you_mean(ref_path)}")
     try:
         with np.load(path) as data:
             if not isinstance(data, np.lib.npyio.NpzFile):
@@ -610,9 +616,10 @@ def calc(image_path, ref_path, num_images, seed, batch, detector, device, debug)
     """
     ranks = Ranks(device)
     try:
+        # the images first: a missing folder is one line before the reference statistics are downloaded
+        source, indices = ranks.checked(lambda: list_images(image_path, num_images, seed, ranks))
         log(ranks, f"Loading reference statistics from {ref_path}")
         mu_ref, sigma_ref = ranks.checked(lambda: load_reference(ref_path), only_rank0=True) or (None, None)
-        source, indices = ranks.checked(lambda: list_images(image_path, num_images, seed, ranks))
         detector_net, detector_path = prepare_detector(detector, ranks)
         log(ranks, f"FID of {len(indices)} images from {image_path} | detector {detector_path} | device "
                    f"{ranks.device} | {ranks.world} process(es) x batch {batch}")
@@ -681,6 +688,11 @@ def ref(data_path, dest_path, batch, detector, device, debug):
 def main(argv=None):
     """Run the CLI; every error is one line on stderr and exit status 1 (--debug: traceback too)."""
     argv = list(sys.argv[1:] if argv is None else argv) or ["--help"]
+    with protect_console():   # a closed stdout (`| tee` ended by Ctrl-C) must not stop the work
+        _run(argv)
+
+
+def _run(argv):
     debug = "--debug" in argv
     stop_by_exception()
     try:

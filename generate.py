@@ -1,7 +1,8 @@
 """Sample from a trained flow: integrate dz/dt = v(z, t) from noise (t = 1) to images (t = 0).
 
 Solvers (models.flow): ``euler`` (N steps, NFE = N), ``heun`` (N = NFE, odd:
-(N + 1) / 2 steps, the last one Euler), ``rk45`` / ``dopri5`` (adaptive, from
+(N + 1) / 2 steps, the last one Euler), and the adaptive ``rk45`` / ``rk23`` / ``dop853``
+(the paper's scipy names, run on the device as torchdiffeq's dopri5 / bosh3 / dopri8, from
 t = 1 to t = 1e-3 with --rtol / --atol; the NFE used is reported).
 
 Sample k always starts from the noise drawn by ``torch.Generator().manual_seed(seed + k)``
@@ -23,6 +24,7 @@ import argparse
 import glob
 import math
 import os
+import re
 import tempfile
 import time
 
@@ -38,29 +40,31 @@ OMP_WAIT_POLICY = choose_omp_wait_policy()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from models import build_encoder, build_network, check_encoder_decoder, load_config  # noqa: E402
 from models import flow as flowlib  # noqa: E402
-from models.config import resolve_image_options  # noqa: E402
+from models.config import config_differences, resolve_image_options, validate_config  # noqa: E402
 from utils import dist  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, autocast, autocast_velocity, resolve_amp  # noqa: E402
 from utils import runlock  # noqa: E402
 from utils import train as plumbing  # noqa: E402
-from utils.checkpoint import load_weights, resolve_weights_path  # noqa: E402
+from utils.console import progress_bar  # noqa: E402
+from utils.checkpoint import load_weights, resolve_weights_path, saved_configs  # noqa: E402
 from utils.data import DATASETS, build_dataset, check_dataset_config  # noqa: E402
-from utils.errors import UserError, cli_main  # noqa: E402
-from utils.images import save_png, to_uint8  # noqa: E402
+from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
+from utils.images import save_labelled_grid, save_png, to_uint8  # noqa: E402
 from utils.io import atomic_write, load_json, load_state_dict_strict, save_json  # noqa: E402
 
-SOLVER_NAMES = ("euler", "heun", "rk45", "dopri5")
+SOLVER_NAMES = ("euler", "heun", "rk45", "dopri5", "rk23", "bosh3", "dop853", "dopri8")
 FIXED_STEP_SOLVERS = ("euler", "heun")
 TRAJ_COLUMNS = 8  # x0 predictions drawn per trajectory strip (evenly spaced steps)
 # Arguments that change how a run is executed but not what it writes; a rerun may differ in them.
-RERUN_FREE_ARGS = ("gpu", "debug", "overwrite", "batchsize", "dir", "amp_used", "amp_reason")   # amp_*: derived from --amp
+RERUN_FREE_ARGS = ("gpu", "debug", "overwrite", "batchsize", "dir", "grid", "amp_used", "amp_reason")   # amp_*: derived from --amp
 # Arguments holding paths; compared as absolute paths so "./x" and "x" are the same run.
 PATH_ARGS = ("ckpt", "encoder", "config_de", "config_en", "data_path", "data_root")
-OUTPUT_PATTERNS = ("samples/*.png", "trajs/*.png", "zs/*.npy", "data/*.png", "result_sampling.json")
+OUTPUT_PATTERNS = ("samples/*.png", "trajs/*.png", "zs/*.npy", "data/*.png", "result_sampling.json", "grid.png")
+GRID_IMAGES = 64          # most samples in --grid's grid.png
 
 
 # ----------------------------------------------------------------------------
@@ -70,16 +74,19 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Sample images from a trained flow with Euler, Heun or adaptive RK45; optionally save "
                     "trajectories and the starting z of each sample (for distillation).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--gpu", type=str, default=None,
                         help="comma-separated GPU ids, one process each (e.g. 0 or 0,1,2,3); omit to run on the CPU. "
                              "Under torchrun the launcher decides")
-    parser.add_argument("--dir", type=str, required=True, help="output folder")
+    parser.add_argument("--dir", "--outdir", dest="dir", type=str, required=True,
+                        help="output folder (--outdir: EDM's name for it)")
     parser.add_argument("--amp", choices=AMP_CHOICES, default="auto", help=AMP_HELP)
     parser.add_argument("--ckpt", type=str, default=None,
                         help="flow network weights: a paper-format EMA state dict (flow_model_*_ema.pth), a "
                              "training state (its EMA weights are used) or a run folder (its newest EMA file)")
-    parser.add_argument("--config_de", type=str, default=None, help="flow (decoder) network config, a .json file")
+    parser.add_argument("--config_de", type=str, default=None,
+                        help="flow (decoder) network config, a .json file [default: the config saved with --ckpt: "
+                             "in a training state or the run folder's config.json; a bare EMA file needs it]")
     parser.add_argument("--batchsize", type=int, default=4,
                         help="global batch size, divided over the processes (does not change the images)")
     parser.add_argument("--res", type=int, default=None,
@@ -88,16 +95,25 @@ def build_parser():
                         help="image channels; must equal in_channels of --config_de [default: the config's]")
     parser.add_argument("--N", type=int, default=20,
                         help="NFE of the fixed-step solvers: euler steps, or heun evaluations (odd); "
-                             "ignored by rk45 / dopri5")
-    parser.add_argument("--num_samples", type=int, default=64, help="number of images to generate")
-    parser.add_argument("--solver", type=str.lower, choices=SOLVER_NAMES, default="euler",
-                        help="ODE solver: euler, heun (2nd order, N = NFE odd), rk45 or dopri5 (both adaptive "
-                             "Dormand-Prince from t = 1 to 1e-3)")
-    parser.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance of rk45 / dopri5")
-    parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of rk45 / dopri5")
+                             "ignored by the adaptive solvers")
+    parser.add_argument("--num_samples", type=int, default=None,
+                        help="number of images to generate [default: 64, or as many as --seeds]")
+    parser.add_argument("--solver", type=str.lower, choices=SOLVER_NAMES, default="euler", metavar="SOLVER",
+                        help="ODE solver: euler, heun (2nd order, N = NFE odd), or an adaptive one from t = 1 to "
+                             "1e-3 on the device (torchdiffeq): the paper's scipy names RK45, RK23, DOP853 (any "
+                             "case) run as dopri5, bosh3, dopri8 (Dormand-Prince 5(4), Bogacki-Shampine 3(2), "
+                             "Dormand-Prince 8), which can also be named directly")
+    parser.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance of the adaptive solvers")
+    parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of the adaptive solvers")
     parser.add_argument("--seed", type=int, default=0,
                         help="sample k starts from noise seeded with seed + k (same image whatever the batch "
                              "size or number of processes)")
+    parser.add_argument("--seeds", type=str, default=None,
+                        help="EDM-style list of seeds, e.g. 0-63,100: one image per seed, started from noise seeded "
+                             "with it and named by it (samples/00100.png); replaces --seed and --num_samples")
+    parser.add_argument("--grid", action="store_true",
+                        help=f"also write grid.png: the first {GRID_IMAGES} samples in one image, each labelled "
+                             f"with its seed")
     parser.add_argument("--encoder", type=str, default=None,
                         help="encoder weights (forward_model_*_ema.pth, a training state or a run folder): "
                              "reconstruct dataset images, starting from z ~ q(z | x) instead of prior noise; "
@@ -135,10 +151,81 @@ def parse_args(argv):
 # ----------------------------------------------------------------------------
 # Checks before any work: every problem a user can fix is one line.
 
+def parse_seeds(text):
+    """EDM's seed list: ``"0-3,10"`` -> [0, 1, 2, 3, 10]; bad syntax, descending ranges and repeats are errors."""
+    seeds = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise UserError(f"--seeds must be comma-separated non-negative seeds and ranges like 0-63,100; "
+                            f"got {text!r}")
+        low = int(match.group(1))
+        high = low if match.group(2) is None else int(match.group(2))
+        if high < low:
+            raise UserError(f"--seeds range {part.strip()} goes down; write it as {high}-{low}")
+        seeds.extend(range(low, high + 1))
+    if len(set(seeds)) != len(seeds):
+        repeated = min(seed for seed in set(seeds) if seeds.count(seed) > 1)
+        raise UserError(f"--seeds names seed {repeated} more than once; each seed is one image")
+    return seeds
+
+
+def resolve_seeds(args):
+    """Each sample's seed: --seeds as given, else --seed + k for k < --num_samples (default 64)."""
+    if args.seeds is None:
+        args.num_samples = 64 if args.num_samples is None else args.num_samples
+        if args.num_samples < 1:
+            raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
+        return [args.seed + k for k in range(args.num_samples)]
+    seeds = parse_seeds(args.seeds)
+    if args.num_samples is not None and args.num_samples != len(seeds):
+        raise UserError(f"--num_samples {args.num_samples} disagrees with the {len(seeds)} seeds of --seeds "
+                        f"{args.seeds}; give only --seeds")
+    if args.seed != 0:
+        raise UserError("--seed and --seeds both choose the noise; give only one of them")
+    args.num_samples = len(seeds)
+    return seeds
+
+
+def flow_config(args, ckpt_file):
+    """The flow network's config and how messages name it: the one saved with --ckpt, or --config_de.
+
+    Both given: they must agree (one line naming the keys that differ)."""
+    saved, _, where = saved_configs(ckpt_file)
+    given = load_config(args.config_de, "--config_de") if args.config_de is not None else None
+    if saved is None:
+        if given is None:
+            raise UserError(f"--config_de is required: --ckpt {args.ckpt} holds bare weights and no config.json "
+                            f"lies beside it; give the flow network's config, e.g. configs/mnist_de.json")
+        return given, f"--config_de {args.config_de}"
+    saved = validate_config(saved, f"the config in {where}")
+    if given is not None and given != saved:
+        changed = config_differences(given, saved)
+        raise UserError(f"--config_de {args.config_de} disagrees with the config saved in {where} "
+                        f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}); omit --config_de to use "
+                        f"the saved one")
+    return saved, (f"--config_de {args.config_de}" if given is not None else f"the config in {where}")
+
+
+def encoder_config(args, encoder_file):
+    """The encoder's config: --config_en, or the one saved with --encoder (they must agree)."""
+    _, saved, where = saved_configs(encoder_file)
+    given = load_config(args.config_en, "--config_en") if args.config_en is not None else None
+    if saved is None:
+        if given is None:
+            raise UserError("--encoder needs --config_en, the encoder's config (e.g. configs/mnist_en.json)")
+        return given, f"--config_en {args.config_en}"
+    saved = validate_config(saved, f"the encoder config in {where}")
+    if given is not None and given != saved:
+        changed = config_differences(given, saved)
+        raise UserError(f"--config_en {args.config_en} disagrees with the encoder config saved in {where} "
+                        f"({'; '.join(changed[:4])}); omit --config_en to use the saved one")
+    return saved, (f"--config_en {args.config_en}" if given is not None else f"the encoder config in {where}")
+
+
 def check_args(args):
     """Validate ``args`` (filling --res / --input_nc); returns the plan: configs and resolved weight files."""
-    if args.num_samples < 1:
-        raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
+    seeds = resolve_seeds(args)
     if args.batchsize < 1:
         raise UserError(f"--batchsize must be at least 1, got {args.batchsize}")
     try:
@@ -156,24 +243,21 @@ def check_args(args):
                             f"(got {args.solver})")
     dist.check_gpus(dist.parse_gpu_list(args.gpu))
 
-    if args.config_de is None:
-        raise UserError("--config_de is required: the flow network's config, e.g. configs/mnist_de.json")
     if args.ckpt is None:
         raise UserError("--ckpt is required: a flow_model_*_ema.pth file, a training state or a run folder")
-    config_de = load_config(args.config_de, "--config_de")
-    resolve_image_options(args, config_de, args.config_de)
-    plan = {"config_de": config_de, "config_en": None, "ckpt_file": resolve_weights_path(args.ckpt, "flow"),
-            "encoder_file": None}
+    ckpt_file = resolve_weights_path(args.ckpt, "flow")
+    config_de, config_de_name = flow_config(args, ckpt_file)
+    resolve_image_options(args, config_de, args.config_de, where=config_de_name)
+    plan = {"config_de": config_de, "config_de_name": config_de_name, "config_en": None, "config_en_name": None,
+            "ckpt_file": ckpt_file, "encoder_file": None, "seeds": seeds}
 
     if args.encoder is not None:
-        if args.config_en is None:
-            raise UserError("--encoder needs --config_en, the encoder's config (e.g. configs/mnist_en.json)")
         if args.dataset is None:
             raise UserError(f"--encoder reconstructs dataset images and needs --dataset ({', '.join(DATASETS)})")
-        plan["config_en"] = load_config(args.config_en, "--config_en")
-        check_encoder_decoder(config_de, plan["config_en"])
-        check_dataset_config(args.dataset, config_de)
         plan["encoder_file"] = resolve_weights_path(args.encoder, "forward")
+        plan["config_en"], plan["config_en_name"] = encoder_config(args, plan["encoder_file"])
+        check_encoder_decoder(config_de, plan["config_en"], names=(config_de_name, plan["config_en_name"]))
+        check_dataset_config(args.dataset, config_de, name=config_de_name)
     elif args.save_data:
         raise UserError("--save_data saves the real images that --encoder reconstructs; give --encoder "
                         "(with --config_en and --dataset) or drop --save_data")
@@ -196,6 +280,8 @@ def run_record(args, plan):
     record = dict(vars(args))
     record["ckpt_file"] = os.path.abspath(plan["ckpt_file"])
     record["encoder_file"] = os.path.abspath(plan["encoder_file"]) if plan["encoder_file"] else None
+    record["resolved_config_de"] = plan["config_de"]
+    record["resolved_config_en"] = plan["config_en"]
     if "amp" in plan:   # what --amp resolved to on this device, and why
         record["amp_used"], record["amp_reason"] = plan["amp"], plan["amp_reason"]
     return record
@@ -248,7 +334,7 @@ def check_output_dir(args, plan):
 
 def load_flow_network(args, plan, device):
     """The velocity network v(z, t) with the --ckpt weights, in eval mode on ``device``."""
-    net = build_network(plan["config_de"], name=f"--config_de {args.config_de}")
+    net = build_network(plan["config_de"], name=plan["config_de_name"])
     state_dict, path = load_weights(plan["ckpt_file"], "flow")
     refuse_nonfinite(state_dict, path, "--ckpt")
     load_state_dict_strict(net, state_dict, path, what="--ckpt")
@@ -265,7 +351,7 @@ def refuse_nonfinite(state_dict, path, option):
 
 def load_encoder(args, plan, device):
     """The learned coupling q(z | x) with the --encoder weights, in eval mode on ``device``."""
-    encoder = build_encoder(plan["config_en"], name=f"--config_en {args.config_en}")
+    encoder = build_encoder(plan["config_en"], name=plan["config_en_name"])
     state_dict, path = load_weights(plan["encoder_file"], "forward")
     refuse_nonfinite(state_dict, path, "--encoder")
     load_state_dict_strict(encoder, state_dict, path, what="--encoder")
@@ -285,19 +371,25 @@ def rank_indices(num_samples, rank, world_size):
     return list(range(rank, num_samples, world_size))
 
 
-def starting_noise(indices, shape, seed):
-    """Noise for samples ``indices`` [B, *shape] on the CPU; sample k from its own generator seeded seed + k."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + k)) for k in indices])
+def starting_noise(seeds, shape):
+    """Noise [B, *shape] on the CPU, each sample from its own generator seeded with its seed."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+
+
+def sample_name(args, seed, k):
+    """File stem of sample k: its seed with --seeds (EDM), else its index."""
+    return f"{seed:05d}" if args.seeds is not None else f"{k:05d}"
 
 
 def starting_points(indices,                # sample indices of this batch
-                    args,                   # parsed arguments (seed, res, input_nc, no_scale)
+                    seeds,                  # every sample's seed (plan["seeds"])
+                    args,                   # parsed arguments (res, input_nc, no_scale)
                     device,                 # where the networks run
                     encoder=None,           # the learned coupling, or None to start from prior noise
                     dataset=None,           # images to reconstruct (with ``encoder``)
                     amp="none"):            # autocast of the encoder ("bf16" or "none")
     """z at t = 1 for a batch [B, C, H, W], and the real images encoded (or None)."""
-    noise = starting_noise(indices, (args.input_nc, args.res, args.res), args.seed).to(device)
+    noise = starting_noise([seeds[k] for k in indices], (args.input_nc, args.res, args.res)).to(device)
     if encoder is None:
         return noise, None
     data = torch.stack([dataset[k][0] for k in indices]).to(device)
@@ -388,11 +480,11 @@ def worker(info, args, plan):
     nonfinite = torch.zeros((), dtype=torch.float64, device=device)  # samples holding inf or NaN
 
     start = time.time()
-    progress = tqdm(total=len(indices), disable=not info.is_main, unit="img",
-                    desc="sampling" if info.world_size == 1 else f"sampling (rank 0 of {info.world_size})")
+    progress = progress_bar(total=len(indices), disable=not info.is_main, unit="img",
+                            desc="sampling" if info.world_size == 1 else f"sampling (rank 0 of {info.world_size})")
     with torch.inference_mode():
         for batch_indices in batches:
-            z, data = starting_points(batch_indices, args, device, encoder, dataset, amp)
+            z, data = starting_points(batch_indices, plan["seeds"], args, device, encoder, dataset, amp)
             result = sample_batch(velocity, z, args.solver, args.N, args.rtol, args.atol, return_traj=fixed_step)
             slots = torch.as_tensor(batch_indices, device=device)
             z_norms[slots] = z.flatten(1).double().norm(dim=1)
@@ -407,13 +499,14 @@ def worker(info, args, plan):
             originals = to_images(data, args.no_scale) if args.save_data else None
             zs = z.float().cpu().numpy() if args.save_z else None
             for row, k in enumerate(batch_indices):
-                save_png(samples[row], os.path.join(args.dir, "samples", f"{k:05d}.png"))
+                name = sample_name(args, plan["seeds"][k], k)
+                save_png(samples[row], os.path.join(args.dir, "samples", f"{name}.png"))
                 if strips is not None:
-                    save_png(strips[row], os.path.join(args.dir, "trajs", f"{k:05d}.png"))
+                    save_png(strips[row], os.path.join(args.dir, "trajs", f"{name}.png"))
                 if zs is not None:
-                    save_npy(zs[row], os.path.join(args.dir, "zs", f"{k:05d}.npy"))
+                    save_npy(zs[row], os.path.join(args.dir, "zs", f"{name}.npy"))
                 if originals is not None:
-                    save_png(originals[row], os.path.join(args.dir, "data", f"{k:05d}.png"))
+                    save_png(originals[row], os.path.join(args.dir, "data", f"{name}.png"))
             progress.update(len(batch_indices))
     progress.close()
 
@@ -432,21 +525,36 @@ def worker(info, args, plan):
         results = {
             "num_samples": args.num_samples,
             "solver": args.solver,
+            "method": flowlib.ADAPTIVE_METHODS.get(args.solver, args.solver),
             "N": args.N,
             "nfes_mean": nfe_total[0].item() / nfe_total[1].item(),
             "straightness_mean": straightness.mean().item() if fixed_step else None,
             "z_norm_mean": norms.mean().item(),
             "z_norm_std": norms.std().item() if args.num_samples > 1 else 0.0,
             "z_norms": norms.tolist(),
+            "seeds": plan["seeds"],
             "num_batches": int(nfe_total[1].item()),
             "world_size": info.world_size,
             "seconds": seconds,
         }
         save_json(results, os.path.join(args.dir, "result_sampling.json"))
+        if args.grid:
+            write_grid(args, plan, results)
         straight = f"{results['straightness_mean']:.6g}" if fixed_step else "n/a"
         print(f"generate: {args.num_samples} samples in {seconds:.1f} s, nfes_mean {results['nfes_mean']:.2f}, "
               f"straightness_mean {straight}, z_norm_mean {results['z_norm_mean']:.4g} -> {args.dir}", flush=True)
     dist.barrier()
+
+
+def write_grid(args, plan, results):
+    """grid.png: the first GRID_IMAGES samples read back from samples/, each labelled with its seed."""
+    count = min(GRID_IMAGES, args.num_samples)
+    names = [sample_name(args, plan["seeds"][k], k) for k in range(count)]
+    images = [np.asarray(Image.open(os.path.join(args.dir, "samples", f"{name}.png"))) for name in names]
+    nfe = f"NFE {args.N}" if args.solver in FIXED_STEP_SOLVERS else f"NFE {results['nfes_mean']:.0f} (adaptive)"
+    title = f"{args.solver}, {nfe}, {os.path.basename(os.path.normpath(plan['ckpt_file']))}"
+    save_labelled_grid(images, [f"seed {plan['seeds'][k]}" for k in range(count)], title,
+                       os.path.join(args.dir, "grid.png"))
 
 
 def main(argv=None):

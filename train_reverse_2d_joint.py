@@ -1,6 +1,7 @@
 """The paper's 2D example: a flow between a two-mode Gaussian and a wide prior, with a learned coupling.
 
-Trains a velocity MLP v(z_t, t) by flow matching on z_t = t * z + (1 - t) * x. With the
+Trains a velocity MLP v(z_t, t) by flow matching on z_t = t * z + (1 - t) * x (``--ddpm``: the
+paper's VP / DDPM-style path z_t = alpha(t) x + sqrt(1 - alpha(t)^2) z instead). With the
 learned coupling (the default) an encoder MLP gives q(z | x) = N(mu(x), diag(exp(logvar(x))))
 and is trained jointly, with loss = flow-matching MSE + weight_prior * KL(q || prior) / 2;
 ``--independent`` draws z from the prior regardless of x (1-rectified flow), ``--coupling ot``
@@ -18,18 +19,18 @@ import json
 import os
 import time
 
-from utils.errors import UserError, cli_main, exit_cleanly_on_signals
+from utils.errors import HelpFormatter, UserError, cli_main, exit_cleanly_on_signals
 
 if __name__ == "__main__":
     exit_cleanly_on_signals()   # a signal during the imports below or a run is one line, not a traceback
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from models import flow as flowlib  # noqa: E402
 from models import toy2d  # noqa: E402
 from utils import runlock  # noqa: E402
+from utils.console import progress_bar  # noqa: E402
 from utils.dist import check_gpus, parse_gpu_list  # noqa: E402
 from utils.io import append_text, atomic_write, save_json, save_torch  # noqa: E402
 from utils.train import all_finite, check_finite_number, check_seed  # noqa: E402
@@ -46,7 +47,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         description="Two-mode Gaussian example of 'Minimizing Trajectory Curvature of ODE-based "
                     "Generative Models': learned vs independent coupling.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--dir", type=str, default="runs/2d",
                         help="output folder for figures, checkpoints, stats and metrics")
     parser.add_argument("--coupling", choices=toy2d.COUPLINGS, default="learned",
@@ -59,6 +60,10 @@ def parse_args(argv):
                         help="--coupling ot: points per exact assignment; the batch is split into groups of "
                              "this size, each holding both modes (the Hungarian solve costs O(n^3): a whole "
                              "batch of 512 takes ~25x longer per step); 0: the whole batch")
+    parser.add_argument("--ddpm", action="store_true",
+                        help="the paper's VP (DDPM-style) interpolation z_t = alpha(t) x + sqrt(1 - alpha(t)^2) z, "
+                             "alpha(t) = exp(-19.9 t^2 / 4 - 0.1 t / 2) (the VP-SDE's beta from 0.1 to 20), with "
+                             "the velocity target d z_t / dt, instead of the straight line t z + (1 - t) x")
     parser.add_argument("--no_wide_prior", action="store_true",
                         help="use the prior N(0, I) instead of the wide N(0, diag(36, 1))")
     parser.add_argument("--N", type=int, default=20,
@@ -145,9 +150,10 @@ def count_parameters(module):
 class Figures:
     """The paper's figures, drawn from fixed noise so that successive refreshes are comparable."""
 
-    def __init__(self, folder, data, coupling, variances, eval_noise, N, wide_prior, seed, ot_batch):
+    def __init__(self, folder, data, coupling, variances, eval_noise, N, wide_prior, seed, ot_batch,
+                 interpolation="linear"):
         self.folder, self.coupling, self.variances, self.N, self.seed = folder, coupling, variances, N, seed
-        self.ot_batch = ot_batch
+        self.ot_batch, self.interpolation = ot_batch, interpolation
         self.x = data.plot_batch(PLOT_POINTS)
         self.colors = toy2d.mode_colors(PLOT_POINTS)
         self.noise = eval_noise[:2048]
@@ -161,18 +167,19 @@ class Figures:
         return plt, fig, axes[0]
 
     def data_and_prior(self, data):
-        """samples.png (the two modes) and prior.png (the prior), drawn once."""
+        """data.png (the two modes) and prior.png (the prior), drawn once."""
         plt, fig, (ax,) = self._new()
         toy2d.setup_axes(ax, "data: two Gaussians")
         for mode in (0, 1):
             toy2d.plot_points(ax, data.modes[mode][:2048], toy2d.MODE_COLORS[mode], label=f"mode {mode}")
         ax.legend(fontsize=7, markerscale=3, loc="lower right")
         fig.tight_layout()
-        save_figure(fig, os.path.join(self.folder, "samples.png"))
+        save_figure(fig, os.path.join(self.folder, "data.png"))
         plt.close(fig)
         plt, fig, (ax,) = self._new()
         toy2d.setup_axes(ax, f"prior {self.prior_label}")
-        toy2d.plot_points(ax, self.noise, toy2d.NOISE_COLOR)
+        toy2d.plot_points(ax, self.noise, toy2d.NOISE_COLOR, label="prior samples")
+        ax.legend(fontsize=7, markerscale=3, loc="lower right")
         fig.tight_layout()
         save_figure(fig, os.path.join(self.folder, "prior.png"))
         plt.close(fig)
@@ -184,7 +191,10 @@ class Figures:
         z, _, _ = toy2d.pair_noise(self.coupling, self.x, self.variances, generator, encoder, self.ot_batch)
         generative = flowlib.euler(flow_model, self.noise, N=self.N, return_traj=True)
         reconstruction = flowlib.euler(flow_model, z, N=self.N, return_traj=True)
-        straight = [z, self.x]   # the coupling's straight path, drawn from t = 1 to t = 0
+        if self.interpolation == "vp":   # the path z_t of --ddpm, drawn from t = 1 to t = 0
+            straight = [flowlib.interpolate_vp(self.x, z, torch.full((len(z),), t)) for t in np.linspace(1, 0, 30)]
+        else:
+            straight = [z, self.x]   # the coupling's straight path, drawn from t = 1 to t = 0
         if one_step is None:
             one_step = flowlib.euler(flow_model, self.noise, N=1).x
         suffix = f"({self.coupling}, iteration {iteration})"
@@ -225,17 +235,18 @@ class Figures:
         if name == "traj_coupling.png":
             for mode in (0, 1):
                 toy2d.plot_points(ax, self.x[mode * PLOT_POINTS:(mode + 1) * PLOT_POINTS],
-                                  toy2d.MODE_COLORS[mode], alpha=0.15)
+                                  toy2d.MODE_COLORS[mode], alpha=0.15, label=f"data, mode {mode}")
             toy2d.plot_trajectories(ax, straight, self.colors, PATHS_DRAWN)
-            toy2d.plot_points(ax, z, "0.4", alpha=0.25)
+            toy2d.plot_points(ax, z, "0.4", alpha=0.25, label="coupled z")
         elif name == "traj_generative.png":
             toy2d.plot_trajectories(ax, generative.traj, toy2d.NOISE_COLOR, PATHS_DRAWN)
-            toy2d.plot_points(ax, generative.x, toy2d.NOISE_COLOR, alpha=0.2)
+            toy2d.plot_points(ax, generative.x, toy2d.NOISE_COLOR, alpha=0.2, label="samples (o: start)")
         else:
             toy2d.plot_trajectories(ax, reconstruction.traj, self.colors, PATHS_DRAWN)
             for mode in (0, 1):
                 toy2d.plot_points(ax, reconstruction.x[mode * PLOT_POINTS:(mode + 1) * PLOT_POINTS],
-                                  toy2d.MODE_COLORS[mode], alpha=0.2)
+                                  toy2d.MODE_COLORS[mode], alpha=0.2, label=f"reconstructed mode {mode}")
+        ax.legend(fontsize=6, markerscale=3, loc="lower right")
 
     def generated(self, samples, metrics, reference):
         """generated.png: the final samples for every NFE in --eval_N, with their energy distances."""
@@ -243,8 +254,9 @@ class Figures:
         plt, fig, axes = self._new(len(steps))
         for ax, n in zip(axes, steps):
             toy2d.setup_axes(ax, f"NFE {n}: energy distance {metrics['energy_distance'][str(n)]:.3f}")
-            toy2d.plot_points(ax, reference[:2048], "0.6", alpha=0.2)
-            toy2d.plot_points(ax, samples[n][:2048], toy2d.NOISE_COLOR, alpha=0.25)
+            toy2d.plot_points(ax, reference[:2048], "0.6", alpha=0.2, label="true mixture")
+            toy2d.plot_points(ax, samples[n][:2048], toy2d.NOISE_COLOR, alpha=0.25, label="samples")
+            ax.legend(fontsize=6, markerscale=3, loc="lower right")
         fig.suptitle(f"{self.coupling}: Euler samples (blue) vs true mixture (gray)", fontsize=9)
         fig.tight_layout()
         save_figure(fig, os.path.join(self.folder, "generated.png"))
@@ -288,30 +300,33 @@ def run(args, coupling, eval_N, device):
     eval_noise = toy2d.sample_prior(EVAL_POINTS, variances, toy2d.make_generator(args.seed, toy2d.STREAM_EVAL))
     reference = toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(args.seed, toy2d.STREAM_REFERENCE))
     mixed_batches = coupling == "ot"   # see toy2d.coupled_training_step
+    interpolation = "vp" if args.ddpm else "linear"
 
     config = dict(vars(args), coupling=coupling, eval_N=eval_N, device=str(device),
-                  prior=toy2d.prior_name(wide_prior), mixed_batches=mixed_batches)
+                  prior=toy2d.prior_name(wide_prior), mixed_batches=mixed_batches, interpolation=interpolation)
     save_json(config, os.path.join(args.dir, "config.json"))
     encoder_params = f" + encoder {count_parameters(encoder):,}" if encoder is not None else ""
     print(f"train_reverse_2d_joint: device {device}, coupling {coupling}, prior {toy2d.prior_name(wide_prior)}, "
+          f"interpolation {'VP (--ddpm)' if args.ddpm else 'linear'}, "
           f"weight_prior {args.weight_prior if coupling == 'learned' else 'n/a'}, iterations {args.iterations}, "
           f"batch {args.batchsize}, params flow {count_parameters(flow_model):,}{encoder_params}, "
           f"eval NFE {','.join(map(str, eval_N))}, seed {args.seed}, dir {args.dir}", flush=True)
 
     figures = Figures(args.dir, data, coupling, variances, eval_noise, args.N, wide_prior, args.seed,
-                      args.ot_batch)
+                      args.ot_batch, interpolation)
     figures.data_and_prior(data)
 
     stats_path = os.path.join(args.dir, "stats.jsonl")
     sums, count = {}, 0
     start = time.time()
     train_seconds = 0.0
-    progress = tqdm(range(1, args.iterations + 1), desc=f"2d {coupling}", mininterval=1.0, dynamic_ncols=True)
-    for iteration in progress:
+    progress = progress_bar(total=args.iterations, desc=f"2d {coupling}", mininterval=1.0, dynamic_ncols=True)
+    for iteration in range(1, args.iterations + 1):
+        progress.update(1)
         step_start = time.time()
         losses = toy2d.coupled_training_step(iteration, data, coupling, flow_model, encoder, optimizer,
                                              variances, train_generator, args.batchsize, args.weight_prior,
-                                             args.ot_batch)
+                                             args.ot_batch, interpolation)
         train_seconds += time.time() - step_start
         for key, value in losses.items():
             if value is not None:
@@ -343,7 +358,8 @@ def run(args, coupling, eval_N, device):
     for steps in eval_N:
         with atomic_write(os.path.join(args.dir, f"samples_N{steps}.npy")) as handle:
             np.save(handle, samples[steps].cpu().numpy().astype(np.float32))
-    metrics = {"coupling": coupling, "weight_prior": args.weight_prior if coupling == "learned" else None,
+    metrics = {"coupling": coupling, "interpolation": interpolation,
+               "weight_prior": args.weight_prior if coupling == "learned" else None,
                "seed": args.seed, "iterations": args.iterations, **metrics,
                "energy_distance_floor": floor, "train_seconds": round(train_seconds, 3)}
     save_json(metrics, os.path.join(args.dir, "metrics.json"))

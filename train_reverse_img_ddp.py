@@ -54,15 +54,18 @@ from utils import dist  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, autocast_velocity, resolve_amp  # noqa: E402
 from utils.amp import autocast as amp_autocast  # noqa: E402
 from utils import runlock  # noqa: E402
+from utils.console import progress_bar, protect_console  # noqa: E402
 from utils.cpu_shards import ThreadShards, auto_shards  # noqa: E402
 from utils.checkpoint import TRAINING_STATE_FORMAT  # noqa: E402
-from utils.data import DATASETS, FOLDER_DATASETS, build_dataset, check_dataset_config  # noqa: E402
-from utils.errors import UserError, cli_main  # noqa: E402
-from utils.images import save_grid  # noqa: E402
+from utils.data import (DATASETS, FOLDER_DATASETS, ImageFolderDataset, build_dataset,  # noqa: E402
+                        check_dataset_config, conversions, describe_images)
+from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
+from utils.images import make_grid, save_png  # noqa: E402
 from utils.io import atomic_write, load_json, load_state_dict_strict, save_json, save_torch  # noqa: E402
 from utils import train as plumbing  # noqa: E402
 
 COUPLINGS = ("learned", "independent", "ot")
+PAPER_ONLY_ARGS = ("weight_cur", "num_samples")   # in the paper's parser, used nowhere in its code
 SAMPLE_COUNT = 4          # images per sample grid, as in the paper
 # config.json entries that define a run: another run with other values must not share its --dir.
 RUN_DEFINING_ARGS = ("dataset", "coupling", "weight_prior", "learning_rate", "batchsize", "optimizer",
@@ -80,7 +83,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Train a flow U-Net on images with the learned forward coupling of 'Minimizing Trajectory "
                     "Curvature of ODE-based Generative Models' (or the independent / minibatch-OT coupling).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--gpu", type=str, default=None,
         help="comma-separated GPU ids, one process each (e.g. 0 or 0,1); omit to train on the CPU. "
@@ -123,7 +126,9 @@ def build_parser():
         help="write training_state_latest.pth every this many iterations (and at the last one)")
     add("--sample_every", type=int, default=1000, help="write sample grids every this many iterations")
     add("--log_every", type=int, default=100, help="write a stats.jsonl / log.txt record every this many iterations")
-    add("--num_workers", type=int, default=4, help="DataLoader worker processes per rank (0: load in the loop)")
+    add("--num_workers", type=int, default=dist.default_workers(),
+        help="DataLoader worker processes per rank (0: load in the loop); the default is 4, or the CPUs this "
+             "process may use when there are fewer")
     add("--amp", type=str, default="auto", choices=AMP_CHOICES, help=AMP_HELP)
     add("--compile", action="store_true", help="torch.compile the networks for training")
     add("--cpu_shards", type=int, default=0,
@@ -133,9 +138,20 @@ def build_parser():
              "process and no --compile, else 1")
     add("--grad_clip", type=float, default=0.0, help="clip the global gradient norm to this value (0: off)")
     add("--bad_images", type=str, default="stop", choices=("stop", "skip"),
-        help="an unreadable image in --data_path: stop with its name, or skip it")
+        help="unreadable images in --data_path (every header is read before training starts): stop with their "
+             "names, or leave them out (their count and first names go into the first log line)")
+    add("--resize", action="store_true",
+        help="let --dataset folder images of another size, or grey images for a colour config (and the reverse), "
+             "be resized (bilinear, as the paper) and converted to the config's shape; said in the first log line. "
+             "The paper's ffhq / afhq / celebahq datasets are resized without it, as in the paper")
     add("--max_nonfinite", type=int, default=10,
         help="stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)")
+    add("--weight_cur", type=float, default=None,
+        help="the paper's 'curvature regularization weight', which its code parses but never uses: accepted for "
+             "its command lines, with a warning that it has no effect")
+    add("--num_samples", type=int, default=None,
+        help="the paper's 'number of samples to generate', which its training code parses but never uses: "
+             "accepted, with a warning that it has no effect (the sample grids show 4 images)")
     add("--debug", action="store_true", help="show the full traceback on errors")
     return parser
 
@@ -306,30 +322,80 @@ def check_args_once(args):
         raise
 
 
+def check_images(args, plan, dataset):
+    """Read every header of a --data_path dataset before training: unreadable images (stop: one line naming
+    them; skip: left out and reported), and images that the config's shape would resize or convert (a
+    --dataset folder needs --resize for that). Returns (names to leave out, the data's description)."""
+    resolution, channels = plan["config_de"]["img_resolution"], plan["config_de"]["in_channels"]
+    wanted = f"{resolution}x{resolution}x{channels}"
+    if not isinstance(dataset, ImageFolderDataset):   # torchvision's mnist / cifar10: checked by check_dataset_config
+        return [], f"data {args.dataset} in {args.data_root}: {len(dataset)} images, {wanted}"
+    with progress_bar(total=len(dataset), desc="checking images", unit="images") as progress:
+        report = dataset.scan(progress=lambda done: progress.update(done - progress.n))
+    bad = report["bad"]
+    shown = ", ".join(f"{name} ({reason})" for name, reason in bad[:3]) + (", ..." if len(bad) > 3 else "")
+    if bad and args.bad_images == "stop":
+        raise UserError(f"{len(bad)} unreadable image(s) in --data_path {args.data_path}: {shown}; remove them or "
+                        f"pass --bad_images skip")
+    if len(bad) == len(dataset):
+        raise UserError(f"no readable image in --data_path {args.data_path} ({shown})")
+    found = describe_images(report)
+    resized, converted = conversions(report, resolution, channels)
+    changes = [word for word, done in (("resized", resized),
+                                       (f"converted to {'grey' if channels == 1 else 'RGB'}", converted)) if done]
+    if changes and args.dataset == "folder" and not args.resize:
+        raise UserError(f"--data_path {args.data_path} holds {found} images but {plan['config_de_name']} is for "
+                        f"{wanted}: they would be {' and '.join(changes)}; pass --resize to allow that, or use a "
+                        f"config for the images' size and channels")
+    summary = (f"data {args.data_path}: {len(dataset) - len(bad)} images, {found}"
+               + (f" {' and '.join(changes)} to {wanted}" if changes else f" = {wanted}"))
+    if bad:
+        summary += f", {len(bad)} unreadable skipped ({shown})"
+    return [name for name, _ in bad], summary
+
+
 def prepare(args):
-    """Everything that can fail because of the user's input, before any process group or long work."""
+    """Everything that can fail because of the user's input, before any process group or long work.
+
+    --dir is created only once the run can start: a failed start leaves nothing behind."""
     plan = check_args_once(args)
+    plan["config_de_name"] = f"--config_de {args.config_de}"
     warn = print if plan["is_main"] else (lambda text: None)
+    for name in PAPER_ONLY_ARGS:
+        if getattr(args, name) is not None:
+            warn(f"warning: --{name} has no effect (the paper's script accepts it without using it)")
     if plan["is_main"]:
-        # One owner per --dir: nothing in it is read or changed before the lock is held (released in main).
-        runlock.acquire(args.dir)
-        plumbing.check_writable(args.dir)
+        plumbing.check_can_create(args.dir)
+        # One owner per --dir: an existing folder is locked before anything in it is read (released in main);
+        # a new one only once the checks below pass, so that a failed start leaves nothing behind.
+        if os.path.isdir(args.dir):
+            runlock.acquire(args.dir)
     resume_path, state = plumbing.find_resume_state(args.dir, args.resume, warn=warn)
     if state is not None:
         check_resume_state(state, resume_path, args, plan, warn)
     elif args.resume == "auto":
         warn(f"--resume auto: no training state in {args.dir}; starting fresh")
+    plan["excluded_images"], plan["data_summary"] = [], None
     if plan["is_main"]:
         check_output_dir(args, plan, resuming=state is not None)
         # the datasets download here, once, before the workers start
         shape = plan["config_de"]["img_resolution"], plan["config_de"]["in_channels"]
         dataset = build_dataset(args.dataset, *shape, data_path=args.data_path, data_root=args.data_root,
                                 bad_images=args.bad_images)
-        if len(dataset) < args.batchsize:
-            raise UserError(f"--dataset {args.dataset} has {len(dataset)} images, fewer than one global batch "
+        plan["excluded_images"], plan["data_summary"] = check_images(args, plan, dataset)
+        usable = len(dataset) - len(plan["excluded_images"])
+        if usable < args.batchsize:
+            raise UserError(f"--dataset {args.dataset} has {usable} images, fewer than one global batch "
                             f"(--batchsize {args.batchsize}); lower --batchsize")
         build_dataset(args.dataset, *shape, data_path=args.data_path, data_root=args.data_root, train=False,
                       bad_images=args.bad_images)
+        runlock.acquire(args.dir)   # creates --dir if need be (a no-op when already held)
+        plumbing.check_writable(args.dir)
+    elif args.bad_images == "skip" and args.dataset in FOLDER_DATASETS:
+        # another torchrun rank: it must leave out the same images as rank 0, so it reads the headers too
+        shape = plan["config_de"]["img_resolution"], plan["config_de"]["in_channels"]
+        dataset = build_dataset(args.dataset, *shape, data_path=args.data_path, bad_images="skip", download=False)
+        plan["excluded_images"] = [name for name, _ in dataset.scan()["bad"]]
     plan["resume_path"] = resume_path
     # a spawned worker re-reads the file; in this process the loaded state is handed over as is
     plan["state"] = None if plan["spawn"] else state
@@ -355,9 +421,10 @@ def count(module):
 # Sample grids.
 
 @torch.no_grad()
-def sample_grids(nets, test_images, args, iteration, device, amp="none"):
+def sample_grids(nets, test_images, args, iteration, device, arrays=None, amp="none"):
     """The paper's grids from fixed noise (same at every call): trajectories and x0 predictions with N = --N
-    and N = 4 from prior noise, and, for the learned coupling, from encoded test images. Returns statistics."""
+    and N = 4 from prior noise, and, for the learned coupling, from encoded test images. Returns statistics;
+    ``arrays`` (a dict), when given, receives each grid as uint8 [H, W, C] under its name."""
     generator = torch.Generator(device=device).manual_seed(args.seed)
     noise = torch.randn(test_images.shape, generator=generator, device=device)
     stats = {}
@@ -365,8 +432,10 @@ def sample_grids(nets, test_images, args, iteration, device, amp="none"):
     def grids(start, N, name, name_x0):
         result = flowlib.euler(autocast_velocity(nets.flow, device, amp), start, N=N, return_traj=True)
         for images, grid_name in ((result.traj, name), (result.x0_preds, name_x0)):
-            save_grid(torch.cat(images), os.path.join(args.dir, f"traj_{grid_name}_{iteration}.png"),
-                      nrow=SAMPLE_COUNT)
+            grid = make_grid(torch.cat(images), nrow=SAMPLE_COUNT)
+            save_png(grid, os.path.join(args.dir, f"traj_{grid_name}_{iteration}.png"))
+            if arrays is not None:
+                arrays[grid_name] = grid
         stats[f"straightness_{name}"] = flowlib.straightness(result.traj).item()
         return result
 
@@ -400,6 +469,9 @@ class Trainer:
             return build_dataset(args.dataset, resolution, channels, data_path=args.data_path,
                                  data_root=args.data_root, train=train, bad_images=args.bad_images, download=False)
         self.dataset, test_set = dataset(True), dataset(False)
+        if plan["excluded_images"]:   # unreadable images found by check_images (--bad_images skip)
+            self.dataset.exclude(plan["excluded_images"])
+            test_set.exclude(plan["excluded_images"])
         self.test_images = torch.stack([test_set[k][0] for k in range(min(SAMPLE_COUNT, len(test_set)))]).to(device)
 
         # Networks: the same initial weights on every rank.
@@ -438,16 +510,17 @@ class Trainer:
         self.timer = (time.time(), self.start_iteration - 1)
 
         backend = f" ({torch.distributed.get_backend()})" if info.distributed else ""
+        encoder = (f"encoder {count(self.model.encoder) / 1e6:.2f}M" if self.model.encoder is not None
+                   else "no encoder")
+        iterations = (f"iterations {self.start_iteration}..{args.iterations}" if self.start_iteration <= args.iterations
+                      else "no iterations left")
         self.log.line(
             f"train: {device} x {info.world_size} process(es){backend}, global batch {args.batchsize} = "
             f"{info.world_size} x {args.batchsize // info.world_size}, flow network "
-            f"{count(self.model.flow) / 1e6:.2f}M parameters, encoder {count(self.model.encoder) / 1e6:.2f}M, "
-            f"coupling {args.coupling}, "
-            f"{len(self.dataset)} images ({sampler.steps_per_epoch} steps per epoch), "
-            f"{f'{self.shards.shards} batch shards in threads, ' if self.shards else ''}iterations "
-            f"{self.start_iteration}..{args.iterations}, amp {plan['amp']} ({plan['amp_reason']})"
-            f"{', compiled' if args.compile else ''} "
-            f"-> {args.dir}")
+            f"{count(self.model.flow) / 1e6:.2f}M parameters, {encoder}, coupling {args.coupling}, "
+            f"{plan.get('data_summary') or f'{len(self.dataset)} images'} ({sampler.steps_per_epoch} steps per "
+            f"epoch), {f'{self.shards.shards} batch shards in threads, ' if self.shards else ''}{iterations}, "
+            f"amp {plan['amp']} ({plan['amp_reason']}){', compiled' if args.compile else ''} -> {args.dir}")
 
     def resume(self):
         """Restore from the plan's training state; returns (batches consumed, non-finite steps so far)."""
@@ -533,7 +606,7 @@ class Trainer:
         self.log.stats(record)
         shown = {key: "nan" if record[key] is None else f"{record[key]:.6f}" for key in ("loss", "flow_loss", "kl")}
         progress.set_postfix(loss=shown["loss"], lr=f"{lr:.3g}")
-        self.log.line(f"Iteration {iteration}: loss {shown['loss']}, flow_loss {shown['flow_loss']}, "
+        self.log.line(f"iteration {iteration}: loss {shown['loss']}, flow_loss {shown['flow_loss']}, "
                       f"kl {shown['kl']}, lr {lr:.3g}, {record['images_per_s']:.1f} img/s")
 
     def check_nonfinite(self, iteration):
@@ -549,8 +622,11 @@ class Trainer:
     def sample(self, iteration):
         nets = self.ema.module if self.ema is not None else self.model
         self.model.eval()
-        self.pending_samples = sample_grids(nets, self.test_images, self.args, iteration, self.device, self.plan["amp"])
+        grids = {}
+        self.pending_samples = sample_grids(nets, self.test_images, self.args, iteration, self.device, grids,
+                                            self.plan["amp"])
         self.model.train()
+        self.log.images(grids, iteration)
         self.log.line(f"iteration {iteration}: samples, " + ", ".join(
             f"{key} {value:.5g}" for key, value in self.pending_samples.items()))
 
@@ -616,24 +692,27 @@ class Trainer:
         def autocast():   # a fresh context each time: the shards of a CPU step enter one per thread
             return amp_autocast(self.device, self.plan["amp"])
 
-        progress = tqdm(total=args.iterations, initial=self.start_iteration - 1, disable=not is_main,
-                        dynamic_ncols=True, desc="train")
+        progress = progress_bar(total=args.iterations, initial=self.start_iteration - 1, disable=not is_main,
+                                dynamic_ncols=True, desc="train")
         # the bar and the log close before an error is printed
         shards = self.shards if self.shards is not None else contextlib.nullcontext()
         with plumbing.StopSignals() as signals, progress, contextlib.closing(self.log), shards:
             for iteration in range(self.start_iteration, args.iterations + 1):
                 lr = self.step(iteration, autocast)
-                progress.update(1)
                 # Step boundary: every rank takes the same decisions from here on.
                 stop = self.agreement.any(signals.received is not None)
                 last = iteration == args.iterations
                 numbered = iteration % args.save_every == 0
-                if is_main and iteration % args.sample_every == 0:
+                if stop:   # the state first: Ctrl-C through `| tee` has closed the console already
+                    self.check_nonfinite(iteration)
+                    self.save(iteration, numbered, ema_files=last)
+                progress.update(1)
+                if is_main and (iteration % args.sample_every == 0 or last):
                     self.sample(iteration)
                 if iteration % args.log_every == 0 or last or stop:
                     self.write_stats(iteration, lr, progress)
                     self.check_nonfinite(iteration)
-                if numbered or iteration % args.snapshot_every == 0 or last or stop:
+                if (numbered or iteration % args.snapshot_every == 0 or last) and not stop:
                     self.check_nonfinite(iteration)
                     self.save(iteration, numbered, ema_files=last)
                 if stop:
@@ -690,7 +769,8 @@ def check_data_order(data_order, dataset_size, args, log):
 def spawned_worker(info, args, plan):
     """A worker started by --gpu a,b: its errors are one line on stderr (rank 0) and exit code 1."""
     try:
-        worker(info, args, plan)
+        with protect_console():   # a closed pipe must not stop the save (utils/console.py)
+            worker(info, args, plan)
     except Exception as error:  # noqa: BLE001 - the parent only sees the exit code
         if args.debug:
             traceback.print_exc()

@@ -110,12 +110,21 @@ def check_encoder_decoder(config_de, config_en, names=("--config_de", "--config_
                           f"({config_de['in_channels']}), got {config_de['out_channels']}")
 
 
-def resolve_image_options(args, config, config_path):
-    """``--res`` / ``--input_nc`` default to the config's values and must agree with it when given."""
+def resolve_image_options(args, config, config_path, where=None):
+    """``--res`` / ``--input_nc`` default to the config's values and must agree with it when given.
+
+    ``where`` names the config in messages (default: ``--config_de <config_path>``)."""
+    where = where or f"--config_de {config_path}"
     for option, key in (("res", "img_resolution"), ("input_nc", "in_channels")):
         given = getattr(args, option)
         if given is None:
             setattr(args, option, config[key])
         elif given != config[key]:
-            raise ConfigError(f"--{option} {given} disagrees with {key} = {config[key]} in --config_de "
-                              f"{config_path}; omit --{option} or use a matching config")
+            raise ConfigError(f"--{option} {given} disagrees with {key} = {config[key]} in {where}; omit "
+                              f"--{option} or use a matching config")
+
+
+def config_differences(first, second):
+    """``["key first-value vs second-value", ...]`` for the keys in which two validated configs differ."""
+    return [f"{key} {first.get(key)!r} vs {second.get(key)!r}" for key in sorted(set(first) | set(second))
+            if first.get(key) != second.get(key)]

@@ -48,6 +48,42 @@ def flow_matching_loss(velocity_pred, x, z):
 
 
 # ----------------------------------------------------------------------------
+# The paper's VP (DDPM-style) interpolation, for the 2D example's --ddpm.
+#
+# alpha(t) = exp(-(1/2) integral_0^t beta(s) ds) with the VP-SDE's beta(s) = 0.1 + 19.9 s, so
+# alpha(t) = exp(-19.9 t^2 / 4 - 0.1 t / 2); z_t = alpha(t) x + sqrt(1 - alpha(t)^2) z runs from the
+# data (t = 0) to nearly pure noise (alpha(1) = 0.0066), and the velocity target is d z_t / dt.
+
+VP_BETA_MIN, VP_BETA_SPAN = 0.1, 19.9
+
+
+def vp_alpha(t):
+    """alpha(t) of the VP schedule (tensor in, tensor out)."""
+    return torch.exp(-0.25 * VP_BETA_SPAN * t * t - 0.5 * VP_BETA_MIN * t)
+
+
+def vp_alpha_derivative(t):
+    """d alpha / dt = -(beta(t) / 2) alpha(t)."""
+    return -0.5 * (VP_BETA_SPAN * t + VP_BETA_MIN) * vp_alpha(t)
+
+
+def interpolate_vp(x, z, t):
+    """z_t = alpha(t) x + sqrt(1 - alpha(t)^2) z, with t [B] broadcast over the other dimensions."""
+    alpha = vp_alpha(_expand(t, x))
+    return alpha * x + torch.sqrt(1 - alpha * alpha) * z
+
+
+def target_velocity_vp(x, z, t):
+    """d z_t / dt of :func:`interpolate_vp`: alpha' x - alpha alpha' / sqrt(1 - alpha^2) z (t > 0)."""
+    t = _expand(t, x)
+    alpha, derivative = vp_alpha(t), vp_alpha_derivative(t)
+    return derivative * x - alpha * derivative / torch.sqrt(1 - alpha * alpha) * z
+
+
+INTERPOLATIONS = ("linear", "vp")
+
+
+# ----------------------------------------------------------------------------
 # Sampling: solvers from t = 1 to t = 0.
 
 @dataclass
@@ -119,9 +155,8 @@ def heun(velocity, z, N=101, rtol=None, atol=None, return_traj=False):
     return result
 
 
-@torch.no_grad()
-def dopri5(velocity, z, N=None, rtol=1e-5, atol=1e-5, return_traj=False):
-    """Adaptive Dormand-Prince RK45 (torchdiffeq) from t = 1 to 1e-3 on z's device; reports the NFE used."""
+def _adaptive(method, velocity, z, rtol, atol, return_traj):
+    """torchdiffeq's ``method`` from t = 1 to 1e-3 on z's device; reports the NFE used."""
     from torchdiffeq import odeint
 
     batch = z.shape[0]
@@ -132,7 +167,7 @@ def dopri5(velocity, z, N=None, rtol=1e-5, atol=1e-5, return_traj=False):
         return velocity(state, t.to(torch.float32).expand(batch))
 
     grid = torch.tensor([1.0, ADAPTIVE_T_END], device=z.device, dtype=torch.float32)
-    states = odeint(rhs, z.float(), grid, rtol=rtol, atol=atol, method="dopri5")
+    states = odeint(rhs, z.float(), grid, rtol=rtol, atol=atol, method=method)
     result = SolveResult(x=states[-1].to(z.dtype), nfe=calls[0])
     if return_traj:
         result.traj = [states[0], states[-1]]
@@ -140,7 +175,29 @@ def dopri5(velocity, z, N=None, rtol=1e-5, atol=1e-5, return_traj=False):
     return result
 
 
-SOLVERS = {"euler": euler, "heun": heun, "rk45": dopri5, "dopri5": dopri5}
+@torch.no_grad()
+def dopri5(velocity, z, N=None, rtol=1e-5, atol=1e-5, return_traj=False):
+    """Adaptive Dormand-Prince 5(4) (scipy's RK45) from t = 1 to 1e-3 on z's device; reports the NFE used."""
+    return _adaptive("dopri5", velocity, z, rtol, atol, return_traj)
+
+
+@torch.no_grad()
+def bosh3(velocity, z, N=None, rtol=1e-5, atol=1e-5, return_traj=False):
+    """Adaptive Bogacki-Shampine 3(2) (scipy's RK23) from t = 1 to 1e-3 on z's device; reports the NFE used."""
+    return _adaptive("bosh3", velocity, z, rtol, atol, return_traj)
+
+
+@torch.no_grad()
+def dopri8(velocity, z, N=None, rtol=1e-5, atol=1e-5, return_traj=False):
+    """Adaptive Dormand-Prince 8 (as scipy's DOP853) from t = 1 to 1e-3 on z's device; reports the NFE used."""
+    return _adaptive("dopri8", velocity, z, rtol, atol, return_traj)
+
+
+# the paper's scipy solve_ivp names map to the torchdiffeq methods that run on the device
+SOLVERS = {"euler": euler, "heun": heun, "rk45": dopri5, "dopri5": dopri5, "rk23": bosh3, "bosh3": bosh3,
+           "dop853": dopri8, "dopri8": dopri8}
+ADAPTIVE_METHODS = {"rk45": "dopri5", "dopri5": "dopri5", "rk23": "bosh3", "bosh3": "bosh3",
+                    "dop853": "dopri8", "dopri8": "dopri8"}
 
 
 def get_solver(name):

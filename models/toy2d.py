@@ -191,11 +191,17 @@ def training_step(flow_model,       # VelocityMLP v(z_t, t)
                   mu=None,          # [B, 2] encoder means (learned coupling only)
                   logvar=None,      # [B, 2] encoder log-variances (learned coupling only)
                   variances=None,   # [2] prior variances (learned coupling only)
-                  weight_prior=0.0):  # beta, the KL weight
+                  weight_prior=0.0,  # beta, the KL weight
+                  interpolation="linear"):  # "linear" (z_t = t z + (1 - t) x) or "vp" (the paper's --ddpm)
     """One optimiser step on flow matching (+ weight_prior * KL / dim); returns the loss terms as floats."""
     t = flowlib.sample_time(x.shape[0], generator=generator).to(x.device)
-    z_t = flowlib.interpolate(x, z, t)
-    loss_fm = flowlib.flow_matching_loss(flow_model(z_t, t), x, z)
+    if interpolation == "vp":
+        z_t = flowlib.interpolate_vp(x, z, t)
+        target = flowlib.target_velocity_vp(x, z, t)
+        loss_fm = (flow_model(z_t, t).float() - target.float()).square().mean()
+    else:
+        z_t = flowlib.interpolate(x, z, t)
+        loss_fm = flowlib.flow_matching_loss(flow_model(z_t, t), x, z)
     loss = loss_fm
     kl = None
     if mu is not None:
@@ -226,7 +232,8 @@ def coupled_training_step(iteration,      # 1-based
                           generator,      # CPU torch.Generator for batches, noise and times
                           batchsize,
                           weight_prior,
-                          ot_batch=OT_BATCH):
+                          ot_batch=OT_BATCH,
+                          interpolation="linear"):
     """Draw a batch, couple it with noise and take one optimiser step; returns the loss terms.
 
     Batches alternate between the modes (the paper), except for minibatch OT: pairing a
@@ -235,7 +242,8 @@ def coupled_training_step(iteration,      # 1-based
     """
     x = data.batch(iteration, batchsize, generator, mixed=coupling == "ot")
     z, mu, logvar = pair_noise(coupling, x, variances, generator, encoder, ot_batch)
-    return training_step(flow_model, optimizer, x, z, generator, mu, logvar, variances, weight_prior)
+    return training_step(flow_model, optimizer, x, z, generator, mu, logvar, variances, weight_prior,
+                         interpolation)
 
 
 # ----------------------------------------------------------------------------
@@ -310,6 +318,8 @@ def setup_axes(ax, title=None):
     ax.grid(True, color="0.9", linewidth=0.6)
     ax.set_axisbelow(True)
     ax.tick_params(labelsize=7)
+    ax.set_xlabel("$x_1$", fontsize=8)
+    ax.set_ylabel("$x_2$", fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
 

@@ -18,7 +18,7 @@ from utils.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_reverse_2d_joint.py")
 ITERATIONS = 300
-FIGURES = ("samples.png", "prior.png", "traj_generative.png", "traj_reconstruction.png", "traj_coupling.png",
+FIGURES = ("data.png", "prior.png", "traj_generative.png", "traj_reconstruction.png", "traj_coupling.png",
            "overview.png", "generated.png")
 
 
@@ -263,3 +263,73 @@ def test_training_step_lowers_the_loss_on_a_fixed_batch():
     assert set(losses[0]) == {"loss", "loss_fm", "kl"}
     assert losses[-1]["loss"] < 0.5 * losses[0]["loss"]
     assert losses[0]["loss"] == pytest.approx(losses[0]["loss_fm"] + 10.0 * losses[0]["kl"], rel=1e-5)
+
+
+def _couplings_benchmark():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("couplings_2d", os.path.join(ROOT, "benchmarks", "couplings_2d.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, committed", [
+    ([], True), (["--seeds", "3"], True), (["--quick"], False), (["--seeds", "1"], False),
+    (["--iterations", "100"], False),
+])
+def test_only_the_reported_benchmark_run_writes_the_committed_results(argv, committed):
+    bench = _couplings_benchmark()
+    args = bench.parse_args(argv)
+    bench.resolve(args)
+    cited = os.path.normpath("benchmarks/results/couplings_2d")    # the folder docs/RESULTS.md cites
+    assert (os.path.normpath(args.out) == cited) == committed, args.out
+
+
+def test_an_explicit_out_wins_for_a_quick_run(tmp_path):
+    bench = _couplings_benchmark()
+    args = bench.parse_args(["--quick", "--out", "benchmarks/results/couplings_2d"])
+    bench.resolve(args)
+    assert os.path.normpath(args.out) == os.path.normpath("benchmarks/results/couplings_2d")
+
+
+# ----------------------------------------------------------------------------
+# The paper's --ddpm: the VP (DDPM-style) interpolation.
+
+def test_vp_alpha_is_the_vp_sde_schedule():
+    """alpha(t) = exp(-1/2 int_0^t beta), beta(s) = 0.1 + 19.9 s (beta_min 0.1, beta_max 20), by quadrature."""
+    for t in (0.0, 0.1, 0.5, 1.0):
+        s = torch.linspace(0, t, 2001, dtype=torch.float64)
+        integral = torch.trapezoid(0.1 + 19.9 * s, s) if t > 0 else torch.tensor(0.0, dtype=torch.float64)
+        assert flowlib.vp_alpha(torch.tensor(t, dtype=torch.float64)).item() == pytest.approx(
+            math.exp(-0.5 * integral.item()), rel=1e-9)
+
+
+def test_vp_target_is_the_time_derivative_of_the_path():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2, generator=generator, dtype=torch.float64)
+    z = torch.randn(6, 2, generator=generator, dtype=torch.float64)
+    t = torch.tensor([0.01, 0.1, 0.3, 0.5, 0.8, 0.99], dtype=torch.float64)
+    h = 1e-6
+    numeric = (flowlib.interpolate_vp(x, z, t + h) - flowlib.interpolate_vp(x, z, t - h)) / (2 * h)
+    torch.testing.assert_close(flowlib.target_velocity_vp(x, z, t), numeric, rtol=1e-6, atol=1e-6)
+    # the ends: data at t = 0, (almost) pure noise at t = 1
+    torch.testing.assert_close(flowlib.interpolate_vp(x, z, torch.zeros(6, dtype=torch.float64)), x)
+    alpha_one = math.exp(-19.9 / 4 - 0.05)
+    torch.testing.assert_close(flowlib.interpolate_vp(x, z, torch.ones(6, dtype=torch.float64)),
+                               alpha_one * x + math.sqrt(1 - alpha_one ** 2) * z)
+
+
+def test_ddpm_run_trains_on_the_vp_path(tmp_path, capsys):
+    threads = torch.get_num_threads()   # in-process: main() pins one thread on CPU
+    try:
+        script.main(["--dir", str(tmp_path / "ddpm"), "--ddpm", "--iterations", "200", "--eval_N", "1,16"])
+    finally:
+        torch.set_num_threads(threads)
+    assert "interpolation VP (--ddpm)" in capsys.readouterr().out
+    metrics = read_metrics(tmp_path / "ddpm")
+    assert metrics["interpolation"] == "vp" and math.isfinite(metrics["straightness"])
+    with open(tmp_path / "ddpm" / "stats.jsonl") as handle:
+        losses = [json.loads(line)["loss_fm"] for line in handle]
+    assert losses[-1] < losses[0]
+    for name in FIGURES:
+        assert (tmp_path / "ddpm" / name).is_file(), name

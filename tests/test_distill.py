@@ -21,6 +21,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -148,6 +149,22 @@ def test_png_round_trip_is_within_rounding(tmp_path):
     assert back.shape == (1, 28, 28)
     assert (back - x[0]).abs().max().item() <= 1 / 255 + 1e-6
     assert torch.equal(back.flatten()[:3], torch.tensor([-1.0, 1.0, 0.5 / 127.5]))   # u8 0, 255 and 128
+
+
+def test_rgb_samples_of_the_papers_generate_are_read_as_grey(pairs, tmp_path):
+    """The paper's generate.py saves MNIST samples as RGB PNGs; its loader converts them with convert('L')."""
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    grey_dir = os.path.join(pairs["gen_test"], "samples")
+    names = sorted(os.listdir(grey_dir))
+    for name in names:
+        with Image.open(os.path.join(grey_dir, name)) as image:
+            image.convert("RGB").save(rgb / name)
+    grey_set = distill.PairDataset(grey_dir, os.path.join(pairs["gen_test"], "zs"), 28, 1)
+    rgb_set = distill.PairDataset(str(rgb), os.path.join(pairs["gen_test"], "zs"), 28, 1)
+    for index in range(len(names)):
+        assert torch.equal(rgb_set[index][0], grey_set[index][0])
+    assert torch.equal(grey_set[0][0], pairs["x_test"][0])
 
 
 def test_pairs_are_matched_by_index_in_the_name(tmp_path):
@@ -289,6 +306,33 @@ def test_sigterm_saves_state_and_exits_cleanly(pairs, tmp_path):
         assert f"stopped by SIGTERM at iteration {state['iter']}" in handle.read()
 
 
+def test_sigint_through_a_closed_pipe_saves_the_reached_iteration(pairs, tmp_path):
+    """`distill.py ... 2>&1 | tee log` and Ctrl-C: tee dies first; the state must still be saved."""
+    out = str(tmp_path / "piped")
+    process = subprocess.Popen([sys.executable, "distill.py", *command(pairs, out, "--iterations", "100000",
+                                                                       "--log_every", "1")],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process.stdout.close()
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and process.poll() is None:
+            if os.path.isfile(os.path.join(out, "stats.jsonl")) and len(read_stats(out)) >= 4:   # iterations 0..3
+                break
+            time.sleep(0.1)
+        assert process.poll() is None, f"ended with code {process.returncode} into the closed pipe"
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0
+    state = torch.load(os.path.join(out, "training_state_latest.pth"), weights_only=True)
+    assert state["iter"] == read_stats(out)[-1]["iter"] >= 3
+    with open(os.path.join(out, "log.txt")) as handle:
+        assert f"stopped by SIGINT at iteration {state['iter']}" in handle.read()
+
+
 def test_saved_student_loads_strictly_into_tiny28(pairs, tmp_path):
     """With the real tiny28 config: the distilled file is a plain state dict for build_network(config)."""
     config = load_config(TINY28)
@@ -304,3 +348,9 @@ def test_saved_student_loads_strictly_into_tiny28(pairs, tmp_path):
     load_state_dict_strict(build_network(config), state_dict, path)
     weights, _ = load_weights(path, "flow")   # how generate.py --ckpt reads it
     assert set(weights) == set(build_network(config).state_dict())
+
+
+def test_the_papers_config_en_is_accepted_with_a_warning(pairs, tmp_path):
+    plan = distill.check_args(distill.parse_args(command(pairs, str(tmp_path / "out"), "--config_en",
+                                                         os.path.join(ROOT, "configs", "tiny28_en.json"))))
+    assert any("--config_en has no effect" in warning for warning in plan["warnings"])

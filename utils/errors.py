@@ -80,8 +80,18 @@ def exit_interrupted(error):
 
 
 def cli_main(main, argv=None):
-    """Run ``main(argv)`` and exit with 0, or with 1 and one line on stderr."""
+    """Run ``main(argv)`` and exit with 0, or with 1 and one line on stderr.
+
+    A closed stdout or stderr (``| tee`` ended by Ctrl-C) never stops the work: see utils/console.py.
+    """
+    from utils.console import protect_console
+
     argv = sys.argv[1:] if argv is None else argv
+    with protect_console():
+        _run(main, argv)
+
+
+def _run(main, argv):
     debug = "--debug" in argv
     stop_by_exception()
     try:

@@ -83,10 +83,48 @@ def save_json(obj, path):
         handle.write("\n")
 
 
+def _with_separators(base, rest, depth=0):
+    """An existing path made of folder ``base`` and ``rest`` with ``/`` put back between folder names."""
+    if depth > 8:
+        return None
+    if base and os.path.exists(os.path.join(base, rest)):
+        return os.path.join(base, rest)
+    for cut in range(1, len(rest)):
+        folder = os.path.join(base, rest[:cut]) if base else rest[:cut]
+        if os.path.isdir(folder):
+            found = _with_separators(folder, rest[cut:], depth + 1)
+            if found:
+                return found
+    return None
+
+
+def did_you_mean(path):
+    """``"; did you mean configs/cifar10_de.json?"`` when ``path`` is missing but exists with ``/`` put back.
+
+    A Windows path such as the paper's ``configs\\cifar10_de.json`` reaches a program started from a
+    POSIX shell as ``configscifar10_de.json``: the shell drops the backslashes. Returns "" otherwise.
+    """
+    path = os.fspath(path) if path is not None else ""
+    if not path or os.path.exists(path):
+        return ""
+    # the longest existing folder at the start of the path, then the part that lost its separators
+    base, rest = "", path
+    parts = path.split("/")
+    for count in range(len(parts) - 1, 0, -1):
+        head = "/".join(parts[:count]) or "/"
+        if os.path.isdir(head):
+            base, rest = head, "/".join(parts[count:])
+            break
+    found = _with_separators(base, rest) if rest else None
+    if found is None:
+        return ""
+    return f"; did you mean {os.path.normpath(found)}? (a Windows path loses its backslashes in a POSIX shell)"
+
+
 def load_json(path, what="JSON file"):
     """Read a JSON file; a missing or malformed file is a one-line :class:`UserError`."""
     if not os.path.isfile(path):
-        raise UserError(f"{what} not found: {path}")
+        raise UserError(f"{what} not found: {path}{did_you_mean(path)}")
     try:
         with open(path) as handle:
             return json.load(handle)
@@ -111,7 +149,7 @@ def load_torch(path, what="checkpoint", map_location="cpu"):
     """Load a torch file (weights only); missing, truncated or corrupt files give one clear line."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"{what} not found: {path}")
+        raise UserError(f"{what} not found: {path}{did_you_mean(path)}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,

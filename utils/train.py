@@ -411,7 +411,7 @@ def find_resume_state(folder, resume, warn=print):
 
 class RunLog:
     """Rank 0's records: ``log.txt`` (human lines), ``stats.jsonl`` (one JSON object per line) and,
-    when installed, TensorBoard scalars. Other ranks get a log that writes nothing."""
+    when installed, TensorBoard scalars and sample grids. Other ranks get a log that writes nothing."""
 
     def __init__(self, folder, enabled, echo=print):
         self.enabled, self.echo = enabled, echo
@@ -423,8 +423,9 @@ class RunLog:
     def line(self, text):
         if not self.enabled:
             return
-        self.echo(text)
+        # the file first: the console may be a pipe that is gone (utils/console.py)
         append_text(os.path.join(self.folder, "log.txt"), f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        self.echo(text)
 
     def stats(self, record):
         if not self.enabled:
@@ -434,6 +435,13 @@ class RunLog:
             for key, value in record.items():
                 if key != "iter" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, record["iter"])
+
+    def images(self, grids, iteration):
+        """TensorBoard images (when installed): ``grids`` maps a name to a uint8 [H, W, C] array."""
+        if not self.enabled or self.writer is None:
+            return
+        for name, array in grids.items():
+            self.writer.add_image(f"samples/{name}", array, iteration, dataformats="HWC")
 
     def close(self):
         if self.writer is not None:
@@ -450,6 +458,19 @@ def _tensorboard_writer(folder):
         except ImportError:
             return None
     return SummaryWriter(log_dir=folder)
+
+
+def check_can_create(folder):
+    """Stop with one line, creating nothing, when ``folder`` could not be made or written: it is not a
+    folder, or its nearest existing parent is not writable. (:func:`check_writable` makes it later.)"""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"output folder --dir {folder} exists and is not a folder; choose another --dir")
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output folder --dir {folder} is not writable ({existing} cannot be written); "
+                        f"choose another --dir")
 
 
 def check_writable(folder):

@@ -1,0 +1,54 @@
+"""Stack PNG figures top to bottom into one PNG (white padding where widths differ).
+
+The README's 2D figure is the independent run's overview above the learned run's:
+
+    python train_reverse_2d_joint.py --dir runs/2d
+    python train_reverse_2d_joint.py --dir runs/2d-independent --independent
+    python benchmarks/stack_images.py docs/images/2d_trajectories.png runs/2d-independent/overview.png \
+        runs/2d/overview.png
+"""
+import argparse
+import os
+import sys
+
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
+from utils.io import atomic_write, did_you_mean  # noqa: E402
+
+
+def stack(paths):
+    """One RGB image: the images at ``paths`` from top to bottom, left-aligned."""
+    images = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UserError(f"image not found: {path}{did_you_mean(path)}")
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except OSError as error:
+            raise UserError(f"cannot read image {path} ({error})") from None
+    canvas = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
+    top = 0
+    for image in images:
+        canvas.paste(image, (0, top))
+        top += image.height
+    return canvas
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("dest", help="the PNG to write")
+    parser.add_argument("images", nargs="+", help="PNGs to stack, top first")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    args = parser.parse_args(argv)
+    canvas = stack(args.images)
+    with atomic_write(args.dest) as handle:
+        canvas.save(handle, format="PNG")
+    print(f"wrote {args.dest} ({canvas.width}x{canvas.height}) from {len(args.images)} images")
+
+
+if __name__ == "__main__":
+    cli_main(main)
