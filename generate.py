@@ -151,6 +151,9 @@ def parse_args(argv):
 # ----------------------------------------------------------------------------
 # Checks before any work: every problem a user can fix is one line.
 
+MAX_SAMPLES = 10_000_000   # per run (EDM's FID uses 50,000); each sample's seed and statistics are kept in memory
+
+
 def parse_seeds(text):
     """EDM's seed list: ``"0-3,10"`` -> [0, 1, 2, 3, 10]; bad syntax, descending ranges and repeats are errors."""
     seeds = []
@@ -163,6 +166,8 @@ def parse_seeds(text):
         high = low if match.group(2) is None else int(match.group(2))
         if high < low:
             raise UserError(f"--seeds range {part.strip()} goes down; write it as {high}-{low}")
+        if len(seeds) + high - low + 1 > MAX_SAMPLES:
+            raise UserError(f"--seeds names more than {MAX_SAMPLES:,} images; sample in several runs")
         seeds.extend(range(low, high + 1))
     if len(set(seeds)) != len(seeds):
         repeated = min(seed for seed in set(seeds) if seeds.count(seed) > 1)
@@ -174,8 +179,8 @@ def resolve_seeds(args):
     """Each sample's seed: --seeds as given, else --seed + k for k < --num_samples (default 64)."""
     if args.seeds is None:
         args.num_samples = 64 if args.num_samples is None else args.num_samples
-        if args.num_samples < 1:
-            raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
+        if not 1 <= args.num_samples <= MAX_SAMPLES:
+            raise UserError(f"--num_samples must be between 1 and {MAX_SAMPLES:,}, got {args.num_samples}")
         return [args.seed + k for k in range(args.num_samples)]
     seeds = parse_seeds(args.seeds)
     if args.num_samples is not None and args.num_samples != len(seeds):
