@@ -1,5 +1,4 @@
 """utils/data.py and utils/io.py helpers: the paper's resize filter, path suggestions, download reasons."""
-import os
 
 import numpy as np
 import pytest
