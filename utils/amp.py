@@ -1,6 +1,6 @@
 """Mixed precision (``--amp``): which autocast dtype a device gets, and the autocast context itself.
 
-``--amp auto`` (every script's default) picks bfloat16 autocast where the device computes bf16 natively
+``--amp auto`` (the default of train, generate, distill and network_speed) picks bfloat16 autocast where the device computes bf16 natively
 and it measured faster (docs/speed.md): CUDA devices with bf16 support, and CPUs with AMX-BF16 or
 AVX512-BF16 units (``amx_bf16`` / ``avx512_bf16`` in /proc/cpuinfo). Elsewhere, notably CPUs without
 those units, where bf16 arithmetic is emulated and slower than fp32, it picks fp32 (``none``).
