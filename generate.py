@@ -179,8 +179,11 @@ def resolve_seeds(args):
     """Each sample's seed: --seeds as given, else --seed + k for k < --num_samples (default 64)."""
     if args.seeds is None:
         args.num_samples = 64 if args.num_samples is None else args.num_samples
-        if not 1 <= args.num_samples <= MAX_SAMPLES:
-            raise UserError(f"--num_samples must be between 1 and {MAX_SAMPLES:,}, got {args.num_samples}")
+        if args.num_samples < 1:
+            raise UserError(f"--num_samples must be at least 1, got {args.num_samples}")
+        if args.num_samples > MAX_SAMPLES:
+            raise UserError(f"--num_samples must be at most {MAX_SAMPLES:,} per run, got {args.num_samples}; "
+                            f"sample in several runs (--seed)")
         return [args.seed + k for k in range(args.num_samples)]
     seeds = parse_seeds(args.seeds)
     if args.num_samples is not None and args.num_samples != len(seeds):

@@ -452,3 +452,15 @@ def test_trainer_writes_sample_grids_at_the_last_iteration(trained_run):
     # --sample_every 1000 does not divide --iterations 3: the final grids are still written
     for name in ("traj_uncond_3.png", "traj_uncond_x0_3.png", "traj_reverse_3.png"):
         assert os.path.isfile(os.path.join(trained_run, name)), name
+
+
+def test_a_huge_sample_count_is_one_line_not_a_full_memory():
+    """A --num_samples or --seeds range beyond 10,000,000 stops in the checks (it used to build a seed list
+    that filled the memory of a 24 GB machine)."""
+    for options, message in ((["--num_samples", str(10 ** 12)], "at most 10,000,000 per run"),
+                             (["--seeds", f"0-{10 ** 12}"], "more than 10,000,000 images")):
+        args = generate.parse_args(["--dir", "unused", "--ckpt", "unused.pth", *options])
+        with pytest.raises(UserError, match=message):
+            generate.resolve_seeds(args)
+    args = generate.parse_args(["--dir", "unused", "--ckpt", "unused.pth", "--num_samples", str(10 ** 7)])
+    assert len(generate.resolve_seeds(args)) == 10 ** 7   # the bound itself is allowed
