@@ -42,7 +42,7 @@ from utils.io import atomic_write, save_json  # noqa: E402
 COUPLINGS = ("independent", "learned", "ot")
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "mnist_small")
 QUICK_OUT = os.path.join(ROOT, "runs", "mnist_small_quick")
-GRID_NFES = (1, 2, 4, 128)     # rows of each coupling's sample grid (Euler)
+GRID_NFES = (1, 2, 4)          # rows of each coupling's sample grid (Euler), and the largest Euler NFE run
 GRID_SAMPLES = 10              # columns: samples 0..9, i.e. the same noise seeds for every coupling
 
 
@@ -61,7 +61,7 @@ def parse_args(argv=None):
     add("--couplings", default="independent,learned,ot",
         help="comma-separated: independent, ot, learned (beta --weight_prior) or learned-beta<B> (beta B)")
     add("--weight_prior", type=float, default=20.0, help="beta of the coupling named 'learned' (the paper's 20)")
-    add("--iterations", type=int, default=5000, help="training iterations per coupling")
+    add("--iterations", type=int, default=3000, help="training iterations per coupling")
     add("--batchsize", type=int, default=64, help="training batch size")
     add("--learning_rate", type=float, default=2e-3, help="peak training learning rate (Adam)")
     add("--warmup_steps", type=int, default=200, help="linear learning-rate warm-up")
@@ -79,7 +79,8 @@ def parse_args(argv=None):
     add("--ref_images", type=int, default=5000, help="digits (of the 5,000) whose Inception statistics are the "
                                                       "FID reference")
     add("--bootstrap", type=int, default=200, help="bootstrap resamples of each FID's generated features")
-    add("--jobs", type=int, default=2, help="steps run at once (each with --threads OpenMP threads)")
+    add("--jobs", type=int, default=3, help="steps run at once (each with --threads OpenMP threads; 3 on 2 cores "
+                                            "trains the three couplings together)")
     add("--threads", type=int, default=1, help="OMP threads per step")
     add("--detector", default="fid-helper", help="fid.py --detector (offline by default)")
     add("--report_only", action="store_true", help="run nothing: tabulate what already finished in --out")
@@ -89,13 +90,17 @@ def parse_args(argv=None):
     add("--features", default=None, help=argparse.SUPPRESS)
     add("--features_out", default=None, help=argparse.SUPPRESS)
     add("--fid_cell", nargs=3, default=None, help=argparse.SUPPRESS)   # features.npy ref.npz dest.json
+    add("--ref_root", default=None, help=argparse.SUPPRESS)            # ref.npz: write its S^(1/2)
+    add("--grid", nargs=3, metavar=("DIR", "TITLE", "PNG"), default=None,
+        help="only write a labelled grid PNG from DIR/euler-N{1,2,4,128}/samples (e.g. generate.py --dir "
+             "DIR/euler-N<n> --num_samples 10 from the committed weights); runs nothing else")
     args = parser.parse_args(argv)
     if args.quick:
         # Enough steps for the flow to leave its initial weights: warm-up and EMA scaled to the length.
         args.iterations, args.batchsize, args.warmup_steps = 300, 32, 30
         args.ema_decay, args.ema_after_steps = 0.98, 100
-        args.num_samples, args.euler_nfe, args.heun_nfe, args.adaptive_tol = 64, "1,2,4,16", "3", 1e-3
-        args.teacher_nfe, args.test_pairs, args.distill_iterations = 16, 20, 60
+        args.num_samples, args.euler_nfe, args.heun_nfe, args.adaptive_tol = 64, "1,2,8", "3", 1e-3
+        args.teacher_nfe, args.test_pairs, args.distill_iterations = 8, 20, 60
         args.ref_images, args.bootstrap = 128, 50
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
@@ -117,6 +122,12 @@ def parse_args(argv=None):
 
 def nfe_list(text):
     return [int(n) for n in text.split(",") if n.strip()]
+
+
+def grid_nfes(args):
+    """Rows of the sample grids: Euler NFE 1, 2, 4 and the largest Euler NFE (128 in the full run)."""
+    euler = nfe_list(args.euler_nfe)
+    return [n for n in GRID_NFES if n in euler] + [max(euler)]
 
 
 def coupling_beta(coupling, weight_prior):
@@ -261,19 +272,23 @@ def reference_root(ref, root_path):
 
 
 def cell_fid(features_path, ref, dest, num, resamples):
-    """FID of one sample set (fid.py's formula) and its bootstrap interval, into ``dest`` (JSON)."""
-    fid = load_fid_module()
-    mu_ref, sigma_ref = fid.load_reference(ref)
+    """FID of one sample set and its bootstrap interval, into ``dest`` (JSON).
+
+    The FID is FixedReferenceFID's (equal to fid.py's scipy-sqrtm formula to about 1e-7 relative: tested, and
+    --quick checks it against `fid.py calc` end to end), which avoids a 2048 x 2048 sqrtm per cell.
+    """
+    mu_ref, sigma_ref = load_fid_module().load_reference(ref)
     features = np.load(features_path)[:num]
     started = time.time()
-    exact = fid.frechet_distance(*feature_statistics(features), mu_ref, sigma_ref)
-    statistic = FixedReferenceFID(features, mu_ref, sigma_ref, reference_root(ref, ref[:-4] + "_root.npy"))
+    statistic = FixedReferenceFID(features, mu_ref, sigma_ref, reference_root(ref, root_path_of(ref)))
     interval = bootstrap_interval(statistic, len(features), resamples)
-    interval.update(fid_py=exact, fast_point=interval["point"], count=len(features), resamples=resamples,
-                    seconds=time.time() - started)
+    interval.update(fid=interval["point"], count=len(features), resamples=resamples, seconds=time.time() - started)
     save_json(interval, dest)
-    print(f"FID {exact:.4f} (fast formula {interval['point']:.4f}), 95% interval {interval['low']:.3f} - "
-          f"{interval['high']:.3f}", flush=True)
+    print(f"FID {interval['fid']:.4f}, 95% interval {interval['low']:.3f} - {interval['high']:.3f}", flush=True)
+
+
+def root_path_of(ref):
+    return ref[:-4] + "_root.npy"
 
 
 # ----------------------------------------------------------------------------
@@ -392,8 +407,9 @@ def build_steps(args, work):
     ref_digits = digits if args.ref_images >= 5000 else os.path.join(work, f"digits-ref{args.ref_images}")
     couplings = args.couplings.split(",")
     trains, cells = {}, {}
-    ref_step = Step("fid-ref", [py, "fid.py", "ref", f"--data={ref_digits}", f"--dest={ref}",
-                                f"--detector={args.detector}", "--device=cpu"], ref)
+    ref_stats = Step("fid-ref", [py, "fid.py", "ref", f"--data={ref_digits}", f"--dest={ref}",
+                                 f"--detector={args.detector}", "--device=cpu"], ref)
+    ref_step = Step("fid-ref-root", [py, me, "--ref_root", ref], root_path_of(ref), [ref_stats])
     for coupling in couplings:
         mode, beta = coupling_beta(coupling, args.weight_prior)
         run_dir = os.path.join(work, f"run-{coupling}")
@@ -411,7 +427,7 @@ def build_steps(args, work):
         trains[coupling] = Step(f"{coupling}/train", command,
                                 os.path.join(run_dir, f"flow_model_{args.iterations}_ema.pth"))
     # The slowest training (a learned coupling: it also trains the encoder) starts first.
-    steps = sorted(trains.values(), key=lambda step: not step.name.startswith("learned")) + [ref_step]
+    steps = sorted(trains.values(), key=lambda step: not step.name.startswith("learned")) + [ref_stats, ref_step]
 
     def sample_step(coupling, name, ckpt, solver, nfe, seed, count, needs, extra=()):
         out = os.path.join(work, f"run-{coupling}", name)
@@ -437,7 +453,7 @@ def build_steps(args, work):
         return [sample, features, fid_step]
 
     euler, heun = nfe_list(args.euler_nfe), nfe_list(args.heun_nfe)
-    first = [("euler", n) for n in euler if n in GRID_NFES or n == args.teacher_nfe]
+    first = [("euler", n) for n in euler if n in grid_nfes(args) or n == args.teacher_nfe]
     rest = [("euler", n) for n in euler if ("euler", n) not in first] + [("heun", n) for n in heun] + [("rk45", 0)]
     def cells_of(phase):
         steps_of_phase = []
@@ -452,6 +468,17 @@ def build_steps(args, work):
         return steps_of_phase
 
     steps += cells_of(first)
+    # Calibration: the first num_samples training digits themselves against the reference (the small-sample floor).
+    data_features = os.path.join(work, f"data-features{args.num_samples}.npy")
+    data_fid = os.path.join(work, f"data-fid{args.num_samples}-ref{args.ref_images}-b{args.bootstrap}.json")
+    features = Step("data/features", [py, me, "--features", digits, "--features_out", data_features,
+                                      "--num_samples", str(args.num_samples), "--detector", args.detector],
+                    data_features)
+    fid_step = Step("data/fid", [py, me, "--fid_cell", data_features, ref, data_fid, "--num_samples",
+                                 str(args.num_samples), "--bootstrap", str(args.bootstrap)],
+                    data_fid, [features, ref_step])
+    steps += [features, fid_step]
+    cells[("data", "data", 0)] = (features, fid_step)
     for coupling in couplings:
         # One-step distillation from (z, x) pairs of the flow's own Euler-teacher_nfe samples (seeds 0..), with
         # held-out pairs (seeds 10^6..) for the test loss; the student is sampled from seeds 2 x 10^6.
@@ -495,48 +522,59 @@ def training_seconds(run_dir):
 
 
 def collect_rows(args, work, cells, timings):
-    rows = []
+    """One row per finished cell, and the calibration row (the training digits themselves) or None."""
+    rows, data_row = [], None
     for (coupling, solver, nfe), (sample, fid_step) in cells.items():
         if sample.state != "finished" or fid_step.state != "finished":
             continue
-        with open(sample.done) as handle:
-            result = json.load(handle)
         with open(fid_step.done) as handle:
             interval = json.load(handle)
+        if coupling == "data":
+            data_row = dict(coupling="data", solver="data", nfe=0, fid=interval["fid"], fid_low=interval["low"],
+                            fid_high=interval["high"], fid_std=interval["std"], fid_pct_low=interval["pct_low"],
+                            fid_pct_high=interval["pct_high"])
+            continue
+        with open(sample.done) as handle:
+            result = json.load(handle)
         beta = coupling_beta(coupling, args.weight_prior)[1]
         cell = fid_step.name.rsplit("/", 1)[0]
         rows.append(dict(coupling=coupling, weight_prior=beta, solver=solver, nfe=result["nfes_mean"],
-                         fid=interval["fid_py"], fid_low=interval["low"], fid_high=interval["high"],
+                         fid=interval["fid"], fid_low=interval["low"], fid_high=interval["high"],
                          fid_std=interval["std"], fid_pct_low=interval["pct_low"], fid_pct_high=interval["pct_high"],
                          sample_seconds=timings.get(cell), feature_seconds=timings.get(cell + "/features"),
                          train_seconds=training_seconds(os.path.join(work, f"run-{coupling}"))))
-        if solver == "euler" and nfe == 128:
+        if solver == "euler" and nfe == max(nfe_list(args.euler_nfe)):   # 128 in the full run
             rows[-1]["straightness"] = result.get("straightness_mean")
     order = {name: index for index, name in enumerate(args.couplings.split(","))}
     solver_order = {"euler": 0, "heun": 1, "rk45": 2, "distilled": 3}
     rows.sort(key=lambda row: (order[row["coupling"]], solver_order[row["solver"]], row["nfe"]))
-    return rows
+    return rows, data_row
 
 
 def straightness_of(rows, coupling):
     return next((row["straightness"] for row in rows if row["coupling"] == coupling and "straightness" in row), None)
 
 
-def write_table(rows, args, path, timings):
+def write_table(rows, data_row, args, path, timings):
     couplings = list(dict.fromkeys(row["coupling"] for row in rows))
     lines = [f"MNIST-small ({os.path.basename(args.config_de)}): {args.iterations} training iterations at batch "
              f"{args.batchsize} (Adam, lr {args.learning_rate:g}, {args.warmup_steps} warm-up steps, EMA "
              f"{args.ema_decay:g}); FID of {args.num_samples} samples vs the statistics of {args.ref_images} bundled "
              f"digits (offline Inception weights) with a 95% bootstrap interval over the generated features "
              f"({args.bootstrap} resamples, reference fixed; FID -+ 1.96 bootstrap s.d.). Straightness: of the "
-             f"Euler-128 trajectories. Adaptive: rk45, rtol = atol = {args.adaptive_tol:g}, NFE = the mean used. "
+             f"Euler-{max(nfe_list(args.euler_nfe))} trajectories. Adaptive: rk45, rtol = atol = {args.adaptive_tol:g}, NFE = the mean used. "
              f"Distilled: the one-step student of each flow, from its Euler-{args.teacher_nfe} pairs.", "",
              "| coupling | solver | NFE | FID | 95% interval |", "|---|---|---:|---:|---|"]
     for row in rows:
         nfe = f"{row['nfe']:.1f}" if row["solver"] == "rk45" else f"{row['nfe']:g}"
         lines.append(f"| {row['coupling']} | {row['solver']} | {nfe} | {row['fid']:.2f} | "
                      f"{row['fid_low']:.2f} - {row['fid_high']:.2f} |")
-    lines += ["", "| coupling | Euler-128 straightness | training s | all its steps, s |", "|---|---:|---:|---:|"]
+    if data_row is not None:
+        lines += ["", f"Calibration: the first {args.num_samples} of the training digits themselves give FID "
+                      f"{data_row['fid']:.2f} ({data_row['fid_low']:.2f} - {data_row['fid_high']:.2f}) against the "
+                      f"same reference: the floor of a {args.num_samples}-sample FID here."]
+    lines += ["", f"| coupling | Euler-{max(nfe_list(args.euler_nfe))} straightness | training s | all its steps, s |",
+              "|---|---:|---:|---:|"]
     for coupling in couplings:
         straight = straightness_of(rows, coupling)
         train = next((r["train_seconds"] for r in rows if r["coupling"] == coupling and r["train_seconds"]), None)
@@ -550,7 +588,7 @@ def write_table(rows, args, path, timings):
         handle.write("\n".join(lines) + "\n")
 
 
-def plot(rows, path):
+def plot(rows, data_row, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -568,6 +606,8 @@ def plot(rows, path):
             axis.errorbar([r["nfe"] for r in mine], [r["fid"] for r in mine], yerr=error, linestyle=style,
                           marker=marker, color=f"C{index}", capsize=3, markersize=10 if marker == "*" else 5,
                           label=f"{coupling}: {labels[solver]}")
+    if data_row is not None:
+        axis.axhline(data_row["fid"], color="grey", linestyle=":", label="the training digits themselves")
     axis.set(xscale="log", yscale="log", xlabel="NFE", ylabel="FID (lower is better)",
              title="MNIST-small: FID vs NFE (95% bootstrap intervals)")
     axis.legend(fontsize=7, ncol=2)
@@ -576,12 +616,13 @@ def plot(rows, path):
     plt.close(figure)
 
 
-def write_grid(coupling, work, path):
-    """Rows: Euler NFE 1, 2, 4, 128 (labelled); columns: samples 0..9 (seeds 0..9, the same for every coupling)."""
+def write_grid(cells_dir, title, path, nfes):
+    """Rows: Euler at ``nfes`` (labelled), from ``cells_dir``/euler-N<nfe>/samples; columns: samples 0..9
+    (seeds 0..9, the same for every coupling). False when a sample is missing."""
     from PIL import Image, ImageDraw
     rows = []
-    for nfe in GRID_NFES:
-        folder = os.path.join(work, f"run-{coupling}", f"euler-N{nfe}", "samples")
+    for nfe in nfes:
+        folder = os.path.join(cells_dir, f"euler-N{nfe}", "samples")
         names = [os.path.join(folder, f"{k:05d}.png") for k in range(GRID_SAMPLES)]
         if not all(os.path.isfile(name) for name in names):
             return False
@@ -590,7 +631,7 @@ def write_grid(coupling, work, path):
     canvas = Image.new("L", (label_width + GRID_SAMPLES * (cell + pad) + pad, title + len(rows) * (cell + pad) + pad),
                        255)
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, 3), f"{coupling}: Euler samples, seeds 0-{GRID_SAMPLES - 1}", fill=0)
+    draw.text((4, 3), f"{title}: Euler samples, seeds 0-{GRID_SAMPLES - 1}", fill=0)
     for index, (nfe, images) in enumerate(rows):
         top = title + pad + index * (cell + pad)
         draw.text((4, top + cell // 2 - 6), f"NFE {nfe}", fill=0)
@@ -641,7 +682,7 @@ def check_against_fid_py(args, work, rows):
 
 def report(args, work, steps, cells, timings):
     couplings = args.couplings.split(",")
-    rows = collect_rows(args, work, cells, timings)
+    rows, data_row = collect_rows(args, work, cells, timings)
     unfinished = [step.name for step in steps if step.state != "finished"]
     distill_loss = {}
     for coupling in couplings:
@@ -651,13 +692,14 @@ def report(args, work, steps, cells, timings):
                 records = [json.loads(line) for line in handle if line.strip()]
             distill_loss[coupling] = [[r["iter"], r["test_loss"]] for r in records if r.get("test_loss") is not None]
     weights = copy_weights(args, work, couplings)
-    grids = [f"grid_{c}.png" for c in couplings if write_grid(c, work, os.path.join(args.out, f"grid_{c}.png"))]
+    grids = [f"grid_{c}.png" for c in couplings
+             if write_grid(os.path.join(work, f"run-{c}"), c, os.path.join(args.out, f"grid_{c}.png"), grid_nfes(args))]
     save_json(dict(args={k: v for k, v in vars(args).items() if k not in ("features", "features_out", "fid_cell")},
-                   rows=rows, unfinished_steps=unfinished, step_seconds=timings, distill_test_loss=distill_loss,
+                   rows=rows, data=data_row, unfinished_steps=unfinished, step_seconds=timings, distill_test_loss=distill_loss,
                    weights=weights, grids=grids), os.path.join(args.out, "results.json"))
     if rows:
-        write_table(rows, args, os.path.join(args.out, "results.md"), timings)
-        plot(rows, os.path.join(args.out, "quality_vs_nfe.png"))
+        write_table(rows, data_row, args, os.path.join(args.out, "results.md"), timings)
+        plot(rows, data_row, os.path.join(args.out, "quality_vs_nfe.png"))
     print(f"wrote {args.out}: {len(rows)} FID cells, {len(grids)} grids, {len(weights)} weight files; "
           f"{len(unfinished)} steps unfinished{': ' + ', '.join(unfinished[:6]) if unfinished else ''}"
           f"{' ...' if len(unfinished) > 6 else ''}", flush=True)
@@ -671,6 +713,15 @@ def main(argv=None):
         return
     if args.fid_cell:
         cell_fid(*args.fid_cell, args.num_samples, args.bootstrap)
+        return
+    if args.ref_root:
+        reference_root(args.ref_root, root_path_of(args.ref_root))
+        return
+    if args.grid:
+        if not write_grid(args.grid[0], args.grid[1], args.grid[2], grid_nfes(args)):
+            raise SystemExit(f"error: {args.grid[0]} lacks euler-N<n>/samples/00000-{GRID_SAMPLES - 1:05d}.png for "
+                             f"n in {grid_nfes(args)}")
+        print(f"wrote {args.grid[2]}")
         return
     work = os.path.join(args.out, "work")
     steps, trains, cells, ref_digits, digits = build_steps(args, work)
