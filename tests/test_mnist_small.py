@@ -99,3 +99,34 @@ def test_couplings_and_arguments_are_checked():
         bench.parse_args(["--heun_nfe", "4"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--teacher_nfe", "64"])
+
+
+def writer(path, needs=()):
+    """A step command that fails unless every path in ``needs`` exists, then writes ``path``."""
+    import sys
+    code = (f"import os, sys; sys.exit(3) if not all(os.path.exists(p) for p in {[str(n) for n in needs]!r}) "
+            f"else open({str(path)!r}, 'w').write('x')")
+    return [sys.executable, "-c", code]
+
+
+def test_runner_respects_needs_skips_finished_steps_and_stops_on_a_failure(tmp_path):
+    first = bench.Step("first", writer(tmp_path / "a"), str(tmp_path / "a"))
+    second = bench.Step("second", writer(tmp_path / "b", [tmp_path / "a"]), str(tmp_path / "b"), [first])
+    # Listed before its need: it must still wait for it.
+    runner = bench.Runner([second, first], jobs=2, threads=1, log_dir=str(tmp_path / "logs"), report_only=False)
+    runner.run()
+    assert (tmp_path / "b").exists() and second.state == "finished"
+    assert set(runner.timings) == {"first", "second"}
+
+    (tmp_path / "b").unlink()
+    again = bench.Step("first", ["false"], str(tmp_path / "a"))   # its output exists: never run
+    assert again.state == "finished"
+    redo = bench.Step("second", writer(tmp_path / "b", [tmp_path / "a"]), str(tmp_path / "b"), [again])
+    bench.Runner([again, redo], 1, 1, str(tmp_path / "logs"), False).run()
+    assert (tmp_path / "b").exists()
+
+    broken = bench.Step("broken", writer(tmp_path / "c", [tmp_path / "missing"]), str(tmp_path / "c"))
+    after = bench.Step("after", writer(tmp_path / "d"), str(tmp_path / "d"), [broken])
+    with pytest.raises(SystemExit, match="broken"):
+        bench.Runner([broken, after], 1, 1, str(tmp_path / "logs"), False).run()
+    assert not (tmp_path / "d").exists() and after.state == "waiting"
