@@ -97,11 +97,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         # Enough steps for the flow to leave its initial weights: warm-up and EMA scaled to the length.
-        args.iterations, args.batchsize, args.warmup_steps = 300, 32, 30
-        args.ema_decay, args.ema_after_steps = 0.98, 100
-        args.num_samples, args.euler_nfe, args.heun_nfe, args.adaptive_tol = 64, "1,2,8", "3", 1e-3
-        args.teacher_nfe, args.test_pairs, args.distill_iterations = 8, 20, 60
-        args.ref_images, args.bootstrap = 128, 50
+        args.iterations, args.batchsize, args.warmup_steps = 200, 32, 20
+        args.ema_decay, args.ema_after_steps = 0.97, 60
+        args.num_samples, args.euler_nfe, args.heun_nfe, args.adaptive_tol = 50, "1,4", "3", 1e-3
+        args.teacher_nfe, args.test_pairs, args.distill_iterations = 4, 16, 40
+        args.ref_images, args.bootstrap = 100, 50
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     for name in ("iterations", "batchsize", "num_samples", "test_pairs", "distill_iterations", "ref_images",
@@ -627,13 +627,13 @@ def write_grid(cells_dir, title, path, nfes):
         if not all(os.path.isfile(name) for name in names):
             return False
         rows.append((nfe, [Image.open(name).convert("L") for name in names]))
-    cell, pad, label_width, title = 56, 2, 56, 18
-    canvas = Image.new("L", (label_width + GRID_SAMPLES * (cell + pad) + pad, title + len(rows) * (cell + pad) + pad),
+    cell, pad, label_width, header = 56, 2, 56, 18
+    canvas = Image.new("L", (label_width + GRID_SAMPLES * (cell + pad) + pad, header + len(rows) * (cell + pad) + pad),
                        255)
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 3), f"{title}: Euler samples, seeds 0-{GRID_SAMPLES - 1}", fill=0)
     for index, (nfe, images) in enumerate(rows):
-        top = title + pad + index * (cell + pad)
+        top = header + pad + index * (cell + pad)
         draw.text((4, top + cell // 2 - 6), f"NFE {nfe}", fill=0)
         for column, image in enumerate(images):
             canvas.paste(image.resize((cell, cell), Image.NEAREST), (label_width + pad + column * (cell + pad), top))
