@@ -99,9 +99,9 @@ def parse_args(argv=None):
         # Enough steps for the flow to leave its initial weights: warm-up and EMA scaled to the length.
         args.iterations, args.batchsize, args.warmup_steps = 200, 32, 20
         args.ema_decay, args.ema_after_steps = 0.97, 60
-        args.num_samples, args.euler_nfe, args.heun_nfe, args.adaptive_tol = 50, "1,4", "3", 1e-3
+        args.num_samples, args.euler_nfe, args.heun_nfe, args.adaptive_tol = 32, "1,4", "3", 1e-3
         args.teacher_nfe, args.test_pairs, args.distill_iterations = 4, 16, 40
-        args.ref_images, args.bootstrap = 100, 50
+        args.ref_images, args.bootstrap = 64, 50
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     for name in ("iterations", "batchsize", "num_samples", "test_pairs", "distill_iterations", "ref_images",
@@ -706,6 +706,24 @@ def report(args, work, steps, cells, timings):
     return rows, unfinished
 
 
+# Arguments that decide what a finished step holds: continuing with other values would mix two runs.
+RUN_DEFINING = ("config_de", "config_en", "weight_prior", "iterations", "batchsize", "learning_rate", "warmup_steps",
+                "ema_decay", "ema_after_steps", "teacher_nfe", "test_pairs", "distill_iterations", "detector")
+
+
+def check_same_run(args, path):
+    """A --out that holds a run made with other run-defining arguments is refused (one line naming them)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        before = json.load(handle)
+    changed = [f"--{key} {before[key]} -> {getattr(args, key)}" for key in RUN_DEFINING
+               if key in before and before[key] != getattr(args, key)]
+    if changed:
+        raise SystemExit(f"error: {args.out} holds a run made with other arguments ({'; '.join(changed)}); "
+                         f"continue it with the same ones or pass another --out")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.features:
@@ -731,6 +749,7 @@ def main(argv=None):
             write_mnist_pngs(digits, 5000)
         if not os.path.isdir(ref_digits) or len(os.listdir(ref_digits)) < args.ref_images:
             write_mnist_pngs(ref_digits, args.ref_images)
+        check_same_run(args, os.path.join(work, "args.json"))
         save_json(dict(vars(args), started=time.strftime("%Y-%m-%d %H:%M:%S")), os.path.join(work, "args.json"))
     runner = Runner(steps, args.jobs, args.threads, os.path.join(work, "logs"), args.report_only)
     try:

@@ -130,3 +130,12 @@ def test_runner_respects_needs_skips_finished_steps_and_stops_on_a_failure(tmp_p
     with pytest.raises(SystemExit, match="broken"):
         bench.Runner([broken, after], 1, 1, str(tmp_path / "logs"), False).run()
     assert not (tmp_path / "d").exists() and after.state == "waiting"
+
+
+def test_continuing_with_other_run_defining_arguments_is_refused(tmp_path):
+    path = tmp_path / "args.json"
+    first = bench.parse_args(["--out", str(tmp_path)])
+    path.write_text(__import__("json").dumps(vars(first)))
+    bench.check_same_run(bench.parse_args(["--out", str(tmp_path), "--jobs", "1", "--bootstrap", "50"]), str(path))
+    with pytest.raises(SystemExit, match="--iterations 3000 -> 4000"):
+        bench.check_same_run(bench.parse_args(["--out", str(tmp_path), "--iterations", "4000"]), str(path))
