@@ -315,7 +315,13 @@ class Runner:
         self.lock = threading.Condition()
         self.failed, self.processes, self.stopping = [], {}, False
         self.timing_path = os.path.join(log_dir, "step_seconds.json")
-        self.timings = json.load(open(self.timing_path)) if os.path.isfile(self.timing_path) else {}
+        self.timings = {}
+        committed = os.path.join(os.path.dirname(os.path.dirname(log_dir)), "results.json")
+        for path, key in ((committed, "step_seconds"), (self.timing_path, None)):   # a checkout's, then this run's
+            if os.path.isfile(path):
+                with open(path) as handle:
+                    data = json.load(handle)
+                self.timings.update(data.get(key, {}) if key else data)
 
     def ready(self, step):
         return step.state == "waiting" and all(need.state == "finished" for need in step.needs)
@@ -510,9 +516,17 @@ def build_steps(args, work):
 # Tables, grids, plot, weights.
 
 def training_seconds(run_dir):
-    """Training wall time from the run's own stats.jsonl (mean seconds per iteration x iterations)."""
+    """Training wall time from the run's own stats.jsonl (mean seconds per iteration x iterations); else the
+    committed results.json's."""
     path = os.path.join(run_dir, "stats.jsonl")
     if not os.path.isfile(path):
+        committed = os.path.join(os.path.dirname(os.path.dirname(run_dir)), "results.json")
+        if os.path.isfile(committed):
+            with open(committed) as handle:
+                rows = json.load(handle).get("rows", [])
+            coupling = os.path.basename(run_dir)[len("run-"):]
+            return next((r["train_seconds"] for r in rows if r["coupling"] == coupling and r.get("train_seconds")),
+                        None)
         return None
     with open(path) as handle:
         records = [json.loads(line) for line in handle if line.strip()]
@@ -525,7 +539,7 @@ def collect_rows(args, work, cells, timings):
     """One row per finished cell, and the calibration row (the training digits themselves) or None."""
     rows, data_row = [], None
     for (coupling, solver, nfe), (sample, fid_step) in cells.items():
-        if sample.state != "finished" or fid_step.state != "finished":
+        if fid_step.state != "finished":
             continue
         with open(fid_step.done) as handle:
             interval = json.load(handle)
@@ -534,8 +548,7 @@ def collect_rows(args, work, cells, timings):
                             fid_high=interval["high"], fid_std=interval["std"], fid_pct_low=interval["pct_low"],
                             fid_pct_high=interval["pct_high"])
             continue
-        with open(sample.done) as handle:
-            result = json.load(handle)
+        result = sampling_result(args, sample, fid_step)
         beta = coupling_beta(coupling, args.weight_prior)[1]
         cell = fid_step.name.rsplit("/", 1)[0]
         rows.append(dict(coupling=coupling, weight_prior=beta, solver=solver, nfe=result["nfes_mean"],
@@ -667,6 +680,8 @@ def check_against_fid_py(args, work, rows):
     if row is None:
         return
     folder = os.path.join(work, f"run-{row['coupling']}", f"euler-N{row['nfe']:g}", "samples")
+    if not os.path.isdir(folder) or not os.path.isfile(os.path.join(work, f"mnist_ref{args.ref_images}.npz")):
+        return   # every cell came from committed records: nothing was computed here to check
     output = subprocess.run([sys.executable, "fid.py", "calc", f"--images={folder}",
                              f"--ref={os.path.join(work, f'mnist_ref{args.ref_images}.npz')}",
                              f"--num={args.num_samples}", f"--detector={args.detector}", "--device=cpu"], cwd=ROOT,
@@ -691,9 +706,11 @@ def report(args, work, steps, cells, timings):
             with open(path) as handle:
                 records = [json.loads(line) for line in handle if line.strip()]
             distill_loss[coupling] = [[r["iter"], r["test_loss"]] for r in records if r.get("test_loss") is not None]
+    write_cell_records(args, cells)
     weights = copy_weights(args, work, couplings)
     grids = [f"grid_{c}.png" for c in couplings
-             if write_grid(os.path.join(work, f"run-{c}"), c, os.path.join(args.out, f"grid_{c}.png"), grid_nfes(args))]
+             if write_grid(os.path.join(work, f"run-{c}"), c, os.path.join(args.out, f"grid_{c}.png"), grid_nfes(args))
+             or os.path.isfile(os.path.join(args.out, f"grid_{c}.png"))]   # made before, from samples not kept
     save_json(dict(args={k: v for k, v in vars(args).items() if k not in ("features", "features_out", "fid_cell")},
                    rows=rows, data=data_row, unfinished_steps=unfinished, step_seconds=timings, distill_test_loss=distill_loss,
                    weights=weights, grids=grids), os.path.join(args.out, "results.json"))
@@ -706,6 +723,72 @@ def report(args, work, steps, cells, timings):
     return rows, unfinished
 
 
+# ----------------------------------------------------------------------------
+# Continuing from a checkout: the committed weights and cell records stand for the work files they came from.
+
+def cell_record_path(args, cell):
+    """The committed record of one cell (its sampling result and FID interval): cells/<coupling>/<name>.json."""
+    return os.path.join(args.out, "cells", cell + ".json")
+
+
+def restore_committed(args, work, cells):
+    """Copy the committed weights back into --out/work and turn committed cell records into finished FID steps,
+    so that a fresh checkout continues the run instead of redoing it (samples are re-made only where a later
+    step needs them)."""
+    for coupling in args.couplings.split(","):
+        run_dir = os.path.join(work, f"run-{coupling}")
+        pairs = [(f"flow_model_{args.iterations}_ema.pth", run_dir), (f"forward_model_{args.iterations}_ema.pth", run_dir),
+                 (f"flow_model_distilled_{args.distill_iterations}.pth", os.path.join(run_dir, "distill"))]
+        for name, folder in pairs:
+            source, target = os.path.join(args.out, "weights", coupling, name), os.path.join(folder, name)
+            if os.path.isfile(source) and not os.path.isfile(target):
+                os.makedirs(folder, exist_ok=True)
+                shutil.copy2(source, target)
+    for (sample, fid_step) in cells.values():
+        record = cell_record_path(args, fid_step.name.rsplit("/", 1)[0])
+        if fid_step.state != "finished" and os.path.isfile(record):
+            with open(record) as handle:
+                save_json(json.load(handle)["fid"], fid_step.done)
+            fid_step.state = "finished"
+
+
+def prune(steps):
+    """A step whose every dependent has finished is not needed (e.g. the samples of a committed cell)."""
+    dependents = {id(step): [] for step in steps}
+    for step in steps:
+        for need in step.needs:
+            dependents[id(need)].append(step)
+    changed = True
+    while changed:
+        changed = False
+        for step in steps:
+            users = dependents[id(step)]
+            if step.state == "waiting" and users and all(user.state == "finished" for user in users):
+                step.state, changed = "finished", True
+
+
+def sampling_result(args, sample, fid_step):
+    """result_sampling.json of a cell: from its work folder, else from its committed record."""
+    if os.path.isfile(sample.done):
+        with open(sample.done) as handle:
+            return json.load(handle)
+    with open(cell_record_path(args, fid_step.name.rsplit("/", 1)[0])) as handle:
+        return json.load(handle)["sampling"]
+
+
+def write_cell_records(args, cells):
+    for (sample, fid_step) in cells.values():
+        if fid_step.state != "finished" or not os.path.isfile(fid_step.done):
+            continue
+        path = cell_record_path(args, fid_step.name.rsplit("/", 1)[0])
+        with open(fid_step.done) as handle:
+            record = dict(fid=json.load(handle))
+        if sample.name != "data/features":
+            result = sampling_result(args, sample, fid_step)
+            record["sampling"] = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
+        save_json(record, path)
+
+
 # Arguments that decide what a finished step holds: continuing with other values would mix two runs.
 RUN_DEFINING = ("config_de", "config_en", "weight_prior", "iterations", "batchsize", "learning_rate", "warmup_steps",
                 "ema_decay", "ema_after_steps", "teacher_nfe", "test_pairs", "distill_iterations", "detector")
@@ -713,10 +796,14 @@ RUN_DEFINING = ("config_de", "config_en", "weight_prior", "iterations", "batchsi
 
 def check_same_run(args, path):
     """A --out that holds a run made with other run-defining arguments is refused (one line naming them)."""
+    committed = os.path.join(args.out, "results.json")
+    if not os.path.isfile(path) and os.path.isfile(committed):
+        path = committed   # a fresh checkout: the committed run's arguments
     if not os.path.isfile(path):
         return
     with open(path) as handle:
         before = json.load(handle)
+    before = before.get("args", before)
     changed = [f"--{key} {before[key]} -> {getattr(args, key)}" for key in RUN_DEFINING
                if key in before and before[key] != getattr(args, key)]
     if changed:
@@ -744,12 +831,17 @@ def main(argv=None):
     work = os.path.join(args.out, "work")
     steps, trains, cells, ref_digits, digits = build_steps(args, work)
     if not args.report_only:
+        check_same_run(args, os.path.join(work, "args.json"))
+        restore_committed(args, work, cells)
+        steps, trains, cells, ref_digits, digits = build_steps(args, work)   # states after the restore
+        restore_committed(args, work, cells)
+    prune(steps)
+    if not args.report_only:
         os.makedirs(work, exist_ok=True)
         if not os.path.isdir(digits) or len(os.listdir(digits)) < 5000:
             write_mnist_pngs(digits, 5000)
         if not os.path.isdir(ref_digits) or len(os.listdir(ref_digits)) < args.ref_images:
             write_mnist_pngs(ref_digits, args.ref_images)
-        check_same_run(args, os.path.join(work, "args.json"))
         save_json(dict(vars(args), started=time.strftime("%Y-%m-%d %H:%M:%S")), os.path.join(work, "args.json"))
     runner = Runner(steps, args.jobs, args.threads, os.path.join(work, "logs"), args.report_only)
     try:
