@@ -16,7 +16,7 @@ continues every unfinished part. Writes into ``--out``: results.json, results.md
 grid_<coupling>.png (the same seeds for every coupling) and weights/<coupling>/ (the final EMA weights and
 the distilled student); the runs, samples and features stay in ``--out``/work (not committed).
 
-    python benchmarks/mnist_small.py               # the full run (about 2 hours on 2 idle CPU cores)
+    python benchmarks/mnist_small.py               # the full run (an estimated 1.5 hours on 2 idle cores; resumable)
     python benchmarks/mnist_small.py --quick       # the same pipeline in a few minutes, into a scratch folder
 """
 import argparse
