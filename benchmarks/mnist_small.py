@@ -21,7 +21,6 @@ the distilled student); the runs, samples and features stay in ``--out``/work (n
 """
 import argparse
 import json
-import math
 import os
 import shutil
 import signal
