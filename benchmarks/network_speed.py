@@ -62,7 +62,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from models import build_encoder, build_network, check_encoder_decoder  # noqa: E402
-from models.coupling import FlowWithCoupling  # noqa: E402
+from models.couplings import FlowWithCoupling, build_coupling  # noqa: E402
 from models.songunet import Conv2d  # noqa: E402
 from models.flow import sample_time  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, autocast, resolve_amp  # noqa: E402
@@ -220,7 +220,7 @@ def build_convolution_replay(net, step, device, seed):
 
 def build_step(model, batch, device, channels_last, in_shape, seed, shards=None, amp="none", plain=False):
     """A training step and a no-grad eval-mode forward, as zero-argument functions on fixed random inputs.
-    ``model``: a ``models.coupling.FlowWithCoupling`` (with an encoder: the learned coupling's step, KL
+    ``model``: a ``models.couplings.FlowWithCoupling`` (with an encoder: the learned coupling's step, KL
     weight ``WEIGHT_PRIOR``; the forward is the flow's alone); ``shards``: a ``utils.cpu_shards.ThreadShards`` that runs the step's forward and backward (None: in
     this thread); ``amp``: ``"bf16"`` autocasts the forward passes; ``plain``: ``torch.optim.Adam`` with
     its defaults instead of the fused Adam of the training script."""
@@ -235,8 +235,7 @@ def build_step(model, batch, device, channels_last, in_shape, seed, shards=None,
 
     def losses(x, noise, t):
         with autocast(device, amp):
-            flow_loss, kl = model(x, t, noise)
-        return (flow_loss + WEIGHT_PRIOR * kl,)
+            return (model(x, t, noise).loss,)
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
@@ -299,7 +298,9 @@ def main(argv):
         config_en = load_json(args.config_en, "encoder config")
         check_encoder_decoder(config, config_en, names=(f"--config {args.config}", f"--config_en {args.config_en}"))
         encoder = build_encoder(config_en, args.config_en)
-    net = FlowWithCoupling(net, encoder).to(device)
+    coupling = build_coupling("learned" if encoder is not None else "independent", encoder=encoder,
+                              weight_prior=WEIGHT_PRIOR)
+    net = FlowWithCoupling(net, coupling).to(device)
     for module in net.modules():
         if hasattr(module, "set_sdpa"):
             module.set_sdpa(args.attention == "sdpa")

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from models import build_encoder, build_network  # noqa: E402
-from models.coupling import FlowWithCoupling  # noqa: E402
+from models.couplings import FlowWithCoupling, build_coupling  # noqa: E402
 from models.flow import euler, sample_time  # noqa: E402
 from utils.amp import autocast as amp_autocast  # noqa: E402
 from utils.cpu_shards import ThreadShards, auto_shards  # noqa: E402
@@ -200,14 +200,16 @@ def build_models(config_de, config_en, device, channels_last, seed):
 
 def make_train_step(net, encoder, batch, device, channels_last, amp, weight_prior, seed, shards=1):
     """One learned-coupling training step on a fixed random batch, as a zero-argument function, computed as
-    the training script computes it (``models.coupling.FlowWithCoupling``; on a CPU, ``shards`` > 1 splits
+    the training script computes it (``models.couplings.FlowWithCoupling``; on a CPU, ``shards`` > 1 splits
     the batch into shards in threads, ``utils/cpu_shards.py``). Returns (step, the ThreadShards or None)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     shape = (batch, net.in_channels, net.img_resolution, net.img_resolution)
     x = torch.rand(shape, generator=generator).mul(2).sub(1).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    model = FlowWithCoupling(net, encoder)
+    coupling = build_coupling("learned" if encoder is not None else "independent", encoder=encoder,
+                              weight_prior=weight_prior)
+    model = FlowWithCoupling(net, coupling)
     params = model.optimizer_params()
     optimizer = torch.optim.Adam(params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, fused=True)  # as utils.train
     mode = "bf16" if amp else "none"
@@ -215,8 +217,7 @@ def make_train_step(net, encoder, batch, device, channels_last, amp, weight_prio
 
     def losses(x, t, noise):
         with amp_autocast(device, mode):
-            flow_loss, kl = model(x, t, noise)
-        return (flow_loss + weight_prior * kl,)
+            return (model(x, t, noise).loss,)
 
     def step():
         t = sample_time(batch, device=device)

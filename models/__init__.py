@@ -4,7 +4,8 @@
 JSON configs. The registry below maps ``unet_type`` to a constructor.
 """
 from models.config import ConfigError, check_encoder_decoder, load_config, validate_config
-from models.encoder import Encoder, kl_per_dim
+from models.encoder import Encoder
+from models.losses import kl_per_dim
 from models.songunet import SongUNet
 
 

@@ -9,16 +9,7 @@ exp(logvar / 2)`` (reparameterisation). The U-Net is the only child, named
 import torch
 from torch import nn
 
-
-def gaussian_kl(mu, logvar):
-    """KL(N(mu, exp(logvar)) || N(0, I)) per element: 0.5 * (mu^2 + exp(logvar) - 1 - logvar)."""
-    return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar)
-
-
-def kl_per_dim(mu, logvar):
-    """The training loss's KL term: summed over dimensions, averaged over the batch, divided by the dimension."""
-    per_sample = gaussian_kl(mu, logvar).flatten(1).sum(dim=1)
-    return per_sample.mean() / mu[0].numel()
+from models.losses import gaussian_kl, kl_per_dim  # noqa: F401  (the KL lives with the losses)
 
 
 class Encoder(nn.Module):

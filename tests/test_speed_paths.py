@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from models import build_encoder, build_network
-from models.encoder import kl_per_dim
-from models.flow import flow_matching_loss, interpolate
+from models.losses import flow_matching_loss, kl_per_dim
+from models.flow import interpolate
 from models import songunet
 from models.songunet import Conv2d, SongUNet
 from utils.errors import UserError

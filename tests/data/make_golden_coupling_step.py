@@ -1,4 +1,5 @@
 """Before the method-core refactor: one training step's loss and gradients for each coupling on a fixed batch."""
+# Made at commit e55c422 (before the method-core refactor), with that commit's models/coupling.py and models/flow.py.
 import sys, torch
 sys.path.insert(0, '.')
 from models import build_network, build_encoder, load_config

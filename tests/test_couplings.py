@@ -1,0 +1,127 @@
+"""The couplings of models/couplings.py and the losses of models/losses.py.
+
+The golden step (tests/data/golden_coupling_step.pt) was computed before the method-core refactor, with the
+code of commit e55c422 (tests/data/make_golden_coupling_step.py): a fixed batch, fixed perturbed weights, and
+each coupling's loss terms and gradients. The refactored classes must reproduce them.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from models import build_encoder, build_network
+from models import couplings as couplinglib
+from models.losses import coupled_flow_loss, kl_per_dim
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return torch.load(os.path.join(DATA, "golden_coupling_step.pt"), weights_only=True)
+
+
+@pytest.mark.parametrize("name", ["learned", "independent", "ot"])
+def test_one_step_matches_the_pre_refactor_values(golden, name):
+    flow, encoder = build_network(golden["config_de"]), build_encoder(golden["config_en"])
+    flow.load_state_dict(golden["flow_state"])
+    encoder.load_state_dict(golden["encoder_state"])
+    flow.eval()
+    encoder.eval()
+    coupling = couplinglib.build_coupling(name, encoder=encoder, weight_prior=golden["weight_prior"])
+    model = couplinglib.FlowWithCoupling(flow, coupling)
+    x, t = golden["x"], golden["t"]
+    noise = coupling.assign(x, golden["noise"])
+    expected = golden[name]
+    assert torch.equal(noise, expected["noise_used"])
+    terms = model(x, t, noise)
+    terms.loss.backward()
+    for key in ("loss", "flow_loss", "kl"):
+        torch.testing.assert_close(getattr(terms, key).detach(), expected[key], rtol=0, atol=0)
+    grads = {f"flow.{k}": p.grad for k, p in flow.named_parameters()}
+    if name == "learned":
+        grads.update({f"encoder.{k}": p.grad for k, p in encoder.named_parameters()})
+    else:
+        assert all(p.grad is None for p in encoder.parameters())
+    assert sorted(grads) == sorted(expected["grads"])
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, expected["grads"][key], rtol=0, atol=0, msg=key)
+    assert [p is q for p, q in zip(model.optimizer_params(), list(coupling.parameters()) + list(flow.parameters()))]
+
+
+def test_registry_names_the_known_couplings():
+    with pytest.raises(ValueError, match="unknown coupling 'diagonal'; known: learned, independent, ot, sinkhorn"):
+        couplinglib.build_coupling("diagonal")
+    with pytest.raises(ValueError, match="needs an encoder"):
+        couplinglib.build_coupling("learned")
+    with pytest.raises(ValueError, match="ot_reg > 0"):
+        couplinglib.build_coupling("sinkhorn", ot_reg=0.0)
+
+
+def test_kl_against_the_closed_form_with_a_diagonal_prior():
+    # KL(N(m, s^2) || N(0, v)) = 0.5 * (log(v / s^2) + (s^2 + m^2) / v - 1), one sample, two dimensions.
+    mu, logvar, variances = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, -1.0]]), torch.tensor([36.0, 1.0])
+    expected = sum(0.5 * (math.log(v) - lv + (math.exp(lv) + m * m) / v - 1)
+                   for m, lv, v in zip([1.0, -2.0], [0.5, -1.0], [36.0, 1.0]))
+    assert kl_per_dim(mu, logvar, variances).item() == pytest.approx(expected / 2, rel=1e-6)
+    assert kl_per_dim(torch.zeros(3, 2), variances.log().expand(3, 2), variances).item() == pytest.approx(0, abs=1e-7)
+
+
+def test_prior_scaling_and_grouped_ot():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(8, 2, generator=generator) + torch.tensor([-8.0, 8.0]),
+                   torch.randn(8, 2, generator=generator) + torch.tensor([8.0, 8.0])])
+    noise = torch.randn(16, 2, generator=generator)
+    variances = torch.tensor([36.0, 1.0])
+    independent = couplinglib.build_coupling("independent", prior_variances=variances)
+    torch.testing.assert_close(independent.pair(x, noise).z, noise * torch.tensor([6.0, 1.0]), rtol=0, atol=0)
+    ot = couplinglib.build_coupling("ot", prior_variances=variances, group_size=8)
+    paired = ot.assign(x, noise)
+    assert sorted(paired[:, 0].tolist()) == sorted(noise[:, 0].tolist())   # a permutation of the noise
+    z = ot.pair(x, paired).z
+    for k in range(2):   # group k = points k, k + 2, ...: each group's assignment is the cheapest permutation
+        xs, zs = x[k::2], z[k::2]
+        best = couplinglib.ot_assignment(xs, zs)
+        assert torch.equal(best, torch.arange(8))
+
+
+def test_sinkhorn_plan_two_points_closed_form():
+    # For 2 x 2 with uniform marginals the plan is [[a, 1/2 - a], [1/2 - a, a]] with
+    # a / (1/2 - a) = exp(-(C11 + C22 - C12 - C21) / (2 eps)).
+    cost = torch.tensor([[0.0, 4.0], [2.0, 1.0]], dtype=torch.float64)
+    reg = 0.5
+    epsilon = reg * cost.mean().item()
+    r = math.exp(-(0.0 + 1.0 - 4.0 - 2.0) / (2 * epsilon))
+    a = r / (2 * (1 + r))
+    plan = couplinglib.sinkhorn_plan(cost, reg)
+    torch.testing.assert_close(plan, torch.tensor([[a, 0.5 - a], [0.5 - a, a]], dtype=torch.float64),
+                               rtol=0, atol=1e-9)
+
+
+def test_sinkhorn_limits_exact_ot_and_independence():
+    generator = torch.Generator().manual_seed(3)
+    x, z = torch.randn(12, 5, generator=generator), torch.randn(12, 5, generator=generator)
+    cost = torch.cdist(x.double(), z.double()).square()
+    sharp = couplinglib.sinkhorn_plan(cost, 1e-3, iterations=20000)
+    assert torch.equal(sharp.argmax(dim=1), couplinglib.ot_assignment(x, z))
+    plan = couplinglib.sinkhorn_plan(cost, 0.1)   # converged: both marginals uniform
+    torch.testing.assert_close(plan.sum(dim=1), torch.full((12,), 1 / 12, dtype=torch.float64), rtol=0, atol=1e-8)
+    torch.testing.assert_close(plan.sum(dim=0), torch.full((12,), 1 / 12, dtype=torch.float64), rtol=0, atol=1e-12)
+    flat = couplinglib.sinkhorn_plan(cost, 1e4)
+    torch.testing.assert_close(flat, torch.full((12, 12), 1 / 144, dtype=torch.float64), rtol=1e-3, atol=0)
+    coupling = couplinglib.build_coupling("sinkhorn", ot_reg=1e-3)
+    draws = coupling.assign(x, z, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(draws, z[couplinglib.ot_assignment(x, z)], rtol=0, atol=0)
+
+
+def test_fixed_pairs_use_the_given_partner():
+    x, z = torch.randn(4, 3), torch.randn(4, 3)
+    coupling = couplinglib.FixedPairs()
+    assert coupling.fixed_pairs and coupling.pair(x, z).z is z
+
+    def flow(zt, t):
+        return zt * 0
+    terms = coupled_flow_loss(flow, coupling, x, torch.full((4,), 0.5), z)
+    assert terms.loss.item() == pytest.approx((z - x).square().mean().item(), rel=1e-6)
+    assert terms.kl.item() == 0.0
