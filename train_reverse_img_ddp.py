@@ -48,7 +48,7 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from models import build_encoder, build_network, check_encoder_decoder, load_config  # noqa: E402
-from models.coupling import FlowWithCoupling  # noqa: E402
+from models.couplings import COUPLINGS, DESCRIPTIONS, FlowWithCoupling, build_coupling  # noqa: E402
 from models import flow as flowlib  # noqa: E402
 from utils import dist  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, autocast_velocity, resolve_amp  # noqa: E402
@@ -64,11 +64,10 @@ from utils.images import make_grid, save_png  # noqa: E402
 from utils.io import atomic_write, load_json, load_state_dict_strict, save_json, save_torch  # noqa: E402
 from utils import train as plumbing  # noqa: E402
 
-COUPLINGS = ("learned", "independent", "ot")
 PAPER_ONLY_ARGS = ("weight_cur", "num_samples")   # in the paper's parser, used nowhere in its code
 SAMPLE_COUNT = 4          # images per sample grid, as in the paper
 # config.json entries that define a run: another run with other values must not share its --dir.
-RUN_DEFINING_ARGS = ("dataset", "coupling", "weight_prior", "learning_rate", "batchsize", "optimizer",
+RUN_DEFINING_ARGS = ("dataset", "coupling", "ot_reg", "weight_prior", "learning_rate", "batchsize", "optimizer",
                      "warmup_steps", "ema_decay", "ema_after_steps", "no_ema", "seed", "grad_clip",
                      "resolved_config_de", "resolved_config_en")
 # changed on resume: allowed, but worth a warning
@@ -96,9 +95,12 @@ def build_parser():
     add("--learning_rate", type=float, default=3e-5, help="peak learning rate (after warmup)")
     add("--independent", action="store_true",
         help="the paper's flag for the independent coupling q(x, z) = p(x) p(z): same as --coupling independent")
-    add("--coupling", type=str, default=None, choices=COUPLINGS,
-        help="how x and z are paired: learned (encoder q(z|x), the paper), independent (z ~ N(0, I)), "
-             "ot (N(0, I) noise re-paired by minibatch optimal transport on each rank) [default: learned]")
+    add("--coupling", type=str, default=None, choices=tuple(COUPLINGS),
+        help="how x and z are paired (models/couplings.py): " + "; ".join(
+            f"{name}: {text}" for name, text in DESCRIPTIONS.items()) + " (OT within each rank's batch) [default: learned]")
+    add("--ot_reg", type=float, default=0.05,
+        help="--coupling sinkhorn: entropic regularisation, relative to the batch's mean squared distance "
+             "(small: close to exact OT; large: close to independent)")
     add("--resume", type=str, default=None,
         help="training_state_*.pth to continue from, or 'auto': --dir/training_state_latest.pth when it "
              "exists (else the newest intact training_state_{i}.pth), otherwise start fresh")
@@ -208,8 +210,12 @@ def check_args(args):
     if args.batchsize % world_size:
         raise UserError(f"--batchsize {args.batchsize} is global and must divide evenly over {world_size} "
                         f"processes; use a multiple of {world_size}")
-    if args.coupling == "ot" and args.batchsize // world_size < 2:
-        raise UserError("--coupling ot pairs images and noise within a batch: it needs at least 2 images per process")
+    if COUPLINGS[args.coupling].min_batch > args.batchsize // world_size:
+        raise UserError(f"--coupling {args.coupling} pairs images and noise within a batch: it needs at least "
+                        f"{COUPLINGS[args.coupling].min_batch} images per process")
+    plumbing.check_finite_number(args.ot_reg, "--ot_reg")
+    if not args.ot_reg > 0:
+        raise UserError(f"--ot_reg must be positive, got {args.ot_reg}")
     if args.cpu_shards < 0:
         raise UserError(f"--cpu_shards must be >= 0 (0: automatic), got {args.cpu_shards}")
     device_type = dist.device_type(gpu_ids)
@@ -479,7 +485,8 @@ class Trainer:
         flow = build_network(self.config_de, name=f"--config_de {args.config_de}")
         encoder = (build_encoder(self.config_en, name=f"--config_en {args.config_en}")
                    if self.config_en is not None else None)
-        self.model = FlowWithCoupling(flow, encoder).to(device)
+        coupling = build_coupling(args.coupling, encoder=encoder, weight_prior=args.weight_prior, ot_reg=args.ot_reg)
+        self.model = FlowWithCoupling(flow, coupling).to(device)
         self.params = self.model.optimizer_params()
         self.optimizer = plumbing.build_optimizer(self.params, args.optimizer, args.learning_rate)
         self.ema = None if args.no_ema else plumbing.EMA(self.model, args.ema_decay, args.ema_after_steps)
@@ -555,12 +562,10 @@ class Trainer:
         x, _ = self.stream.next()
         x = x.to(self.device, non_blocking=True)
         t = flowlib.sample_time(x.shape[0], device=self.device)
-        noise = torch.randn_like(x)
-        if args.coupling == "ot":
-            noise = flowlib.minibatch_ot_pairing(x, noise)
+        noise = self.model.coupling.assign(x, torch.randn_like(x))   # batch-level re-pairing (OT), else as drawn
+
         def losses(x, t, noise):
-            flow_loss, kl = self.train_model(x, t, noise)
-            return flow_loss + args.weight_prior * kl, flow_loss, kl
+            return self.train_model(x, t, noise)
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.shards is None:
