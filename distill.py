@@ -32,11 +32,8 @@ SIGINT). ``--resume auto`` continues from it.
         --ckpt runs/mnist-beta20/flow_model_60000_ema.pth
 """
 import argparse
-import contextlib
-import math
 import os
 import re
-import time
 
 from utils.errors import exit_cleanly_on_signals
 from utils.threads import choose_omp_wait_policy
@@ -51,27 +48,21 @@ OMP_WAIT_POLICY = choose_omp_wait_policy()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from models import build_network, load_config  # noqa: E402
 from models.config import resolve_image_options  # noqa: E402
-from models import flow as flowlib  # noqa: E402
 from utils import dist  # noqa: E402
 from utils import runlock  # noqa: E402
 from utils import train as plumbing  # noqa: E402
-from utils.amp import AMP_CHOICES, AMP_HELP, autocast, autocast_velocity, resolve_amp  # noqa: E402
+from utils.amp import AMP_CHOICES, AMP_HELP, resolve_amp  # noqa: E402
 from utils.checkpoint import load_weights  # noqa: E402
-from utils.console import progress_bar  # noqa: E402
 from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
-from utils.images import save_grid  # noqa: E402
-from utils.io import atomic_write, did_you_mean, load_state_dict_strict, load_torch, save_json, save_torch  # noqa: E402
+from training.pairs import ADAM_BETAS, ADAM_EPS, PairTrainer  # noqa: E402
+from utils.io import did_you_mean, load_state_dict_strict  # noqa: E402
 
 MODES = ("distill", "reflow")
-STATE_FORMAT = "fast-ode-distill-state-v1"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 IMAGE_MODES = {1: "L", 3: "RGB"}          # PIL mode of the images for each channel count
-GRID_SIZE = 64                            # most samples in a pred_{i}.png (the paper: one batch)
-ADAM_BETAS, ADAM_EPS = (0.9, 0.9999), 1e-8  # the paper's distill.py
 MODEL_PATTERN = re.compile(r"flow_model_(distilled|reflow)_\d+\.pth$")
 
 
@@ -270,41 +261,6 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------
-# Losses and the test error.
-
-def distill_loss(net, x, z):
-    """The paper's: mean over all elements of (z - v(z, 1) - x)^2."""
-    prediction = z - net(z, torch.ones(z.shape[0], device=z.device))
-    return (prediction.float() - x.float()).square().mean()
-
-
-def reflow_loss(net, x, z):
-    """Flow matching on the given pairs: t ~ U(1e-5, 1), z_t = t z + (1 - t) x, target z - x."""
-    t = flowlib.sample_time(x.shape[0], device=x.device)
-    return flowlib.flow_matching_loss(net(flowlib.interpolate(x, z, t), t), x, z)
-
-
-LOSSES = {"distill": distill_loss, "reflow": reflow_loss}
-
-
-@torch.no_grad()
-def sample(net, z, N):
-    """Euler from t = 1 to 0 with N steps (N = 1: z - v(z, 1))."""
-    return flowlib.euler(net, z, N=N).x
-
-
-@torch.no_grad()
-def mean_sample_error(net, loader, N, device):
-    """Mean squared error, over all elements of all pairs, between ``sample(net, z, N)`` and x."""
-    total, count = 0.0, 0
-    for x, z in loader:
-        x, z = x.to(device), z.to(device)
-        total += (sample(net, z, N).float() - x.float()).square().sum().item()
-        count += x.numel()
-    return total / count
-
-
-# ----------------------------------------------------------------------------
 # Checks before any work: every problem a user can fix is one line.
 
 def check_args(args):
@@ -379,34 +335,25 @@ def check_args(args):
 
 def find_state(args):
     """``(path, state)`` to resume from, or ``(None, None)``; a folder already holding a run needs --resume."""
-    latest = os.path.join(args.dir, plumbing.LATEST_NAME)
     if args.resume is None:
+        latest = os.path.join(args.dir, plumbing.LATEST_NAME)
         existing = [name for name in sorted(os.listdir(args.dir)) if MODEL_PATTERN.search(name)] \
             if os.path.isdir(args.dir) else []
         if os.path.exists(latest) or existing:
             found = plumbing.LATEST_NAME if os.path.exists(latest) else existing[-1]
             raise UserError(f"--dir {args.dir} already holds a run ({found}); pass --resume auto to continue it, "
                             f"or choose another --dir")
-        return None, None
-    if args.resume == "auto":
-        if not os.path.exists(latest):
-            return None, None
-        path = latest
-    elif os.path.isdir(args.resume):
-        raise UserError(f"--resume {args.resume} is a folder; give its {plumbing.LATEST_NAME}, or --resume auto "
-                        f"to continue the run in --dir")
-    else:
-        path = args.resume
-    state = load_torch(path, what="--resume training state")
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise UserError(f"--resume {path} is not a distill.py training state (format {STATE_FORMAT!r})")
-    return path, state
+    return plumbing.find_resume_state(args.dir, args.resume, warn=lambda text: None)
 
 
 def check_state(state, path, args, config):
     """The state must be of this mode and network config; other changed arguments only warn (in the log)."""
-    if state["mode"] != args.mode:
-        raise UserError(f"--resume {path} is a --mode {state['mode']} run, not {args.mode}; use the same mode "
+    task = state.get("task", "flow")
+    if task not in MODES:
+        raise UserError(f"--resume {path} is an image flow training state (train_reverse_img_ddp.py), not a "
+                        f"distill.py one; give the distill run's {plumbing.LATEST_NAME} or another --dir")
+    if task != args.mode:
+        raise UserError(f"--resume {path} is a --mode {task} run, not {args.mode}; use the same mode "
                         f"or another --dir")
     if state["config_de"] != config:
         keys = sorted(k for k in set(state["config_de"]) | set(config) if state["config_de"].get(k) != config.get(k))
@@ -415,163 +362,13 @@ def check_state(state, path, args, config):
                         f"run's own config or choose another --dir")
 
 
-# ----------------------------------------------------------------------------
-# Files.
-
-def model_path(args, iteration):
-    return os.path.join(args.dir, f"flow_model_{'distilled' if args.mode == 'distill' else 'reflow'}_{iteration}.pth")
-
-
-# ----------------------------------------------------------------------------
-# The loop.
-
-def train(args, plan):
-    """Load the student, restore a state if any, train, write the files."""
-    device, config = plan["device"], plan["config"]
-    log = plumbing.RunLog(args.dir, True, echo=tqdm.write)
-    student, state = plan["student"].to(device), plan["state"]
-    optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS)
-    plumbing.seed_everything(args.seed)
-    if state is None:
-        start, batches_consumed = 0, 0
-        with atomic_write(os.path.join(args.dir, "stats.jsonl"), "w"):
-            pass
-    else:
-        try:
-            optimizer.load_state_dict(state["optimizer_state_dict"])
-        except (ValueError, KeyError) as error:
-            raise UserError(f"--resume {plan['state_path']}: the optimizer state does not fit the network "
-                            f"({error})") from None
-        start, order = state["iter"], state["data_order"]
-        batches_consumed = order["batches_consumed"]
-        if (order["global_batch"], order["seed"], order["dataset_size"]) != (args.batchsize, args.seed,
-                                                                             len(plan["train_set"])):
-            log.line("warning: the pairs, --batchsize or --seed changed since the state was saved: the data order "
-                     "continues but differs from an uninterrupted run")
-        plumbing.restore_rng_state(state["rng"], device)
-        plumbing.truncate_stats(args.dir, start)
-        log.line(f"resumed from {plan['state_path']} at iteration {start}")
-    plan["state"] = state = None
-    student.train()
-    # the learning rate of this command, also after a resume
-    for group in optimizer.param_groups:
-        group["lr"] = args.learning_rate
-
-    sampler = plumbing.ResumableBatchSampler(len(plan["train_set"]), args.batchsize, 0, 1, args.seed)
-    stream = plumbing.DataStream(plan["train_set"], sampler, args.num_workers, pin_memory=device.type == "cuda",
-                                 batches_consumed=batches_consumed)
-    test_loader = torch.utils.data.DataLoader(plan["test_set"], batch_size=args.batchsize, shuffle=False,
-                                              num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
-    grid_noise = torch.randn(min(GRID_SIZE, args.batchsize), args.input_nc, args.res, args.res,
-                             generator=torch.Generator().manual_seed(args.seed)).to(device)
-    loss_fn = LOSSES[args.mode]
-    amp = plan["amp"]
-    velocity = autocast_velocity(student, device, amp)   # evaluation and grids, under the same autocast
-    save_json({**vars(args), "resolved_config_de": config, "amp_used": amp, "amp_reason": plan["amp_reason"]},
-              os.path.join(args.dir, "config.json"))
-    parameters = sum(p.numel() for p in student.parameters())
-    log.line(f"distill: mode {args.mode}, {device}, {len(plan['train_set'])} training pairs, "
-             f"{len(plan['test_set'])} test pairs, batch {args.batchsize}, lr {args.learning_rate:g}, "
-             f"{f'iterations {start + 1}..{args.iterations}' if start < args.iterations else 'no iterations left'}, student {parameters / 1e6:.3f}M parameters from {plan['teacher_path']}, "
-             f"test loss with {args.N} Euler step(s), amp {amp} ({plan['amp_reason']}) -> {args.dir}")
-    for warning in plan["warnings"]:
-        log.line(warning)
-    if start >= args.iterations:
-        log.line(f"nothing to do: the state is at iteration {start} and --iterations is {args.iterations}")
-        return
-
-    def next_batch():
-        # A DataLoader draws its workers' base seed from the global CPU generator whenever it starts an
-        # iterator (each epoch, and after a resume): keep that away from the training noise (t, dropout),
-        # so that a resumed run continues exactly.
-        with torch.random.fork_rng(devices=[]):
-            x, z = stream.next()
-        return x.to(device, non_blocking=True), z.to(device, non_blocking=True)
-
-    def evaluate(iteration):
-        """Test loss and the fixed-noise grid, with dropout off."""
-        student.eval()
-        with torch.random.fork_rng(devices=[]):
-            error = mean_sample_error(velocity, test_loader, args.N, device)
-        save_grid(sample(velocity, grid_noise, args.N), os.path.join(args.dir, f"pred_{iteration}.png"))
-        student.train()
-        log.line(f"iteration {iteration}: test loss {error:.6f}")
-        return error
-
-    def save_state(iteration):
-        save_torch({
-            "format": STATE_FORMAT,
-            "iter": iteration,
-            "mode": args.mode,
-            "teacher": plan["teacher_path"],
-            "model_state_dict": student.state_dict(),
-            "optimizer_state_dict": optimizer.state_dict(),
-            "args": dict(vars(args)),
-            "config_de": config,
-            "rng": plumbing.capture_rng_state(device),
-            "data_order": stream.state_dict(),
-        }, os.path.join(args.dir, plumbing.LATEST_NAME))
-
-    if start == 0:
-        log.stats({"iter": 0, "loss": None, "test_loss": evaluate(0)})
-    loss_sum, loss_count, timer = torch.zeros((), device=device), 0, (time.time(), start)
-    progress = progress_bar(total=args.iterations, initial=start, dynamic_ncols=True, desc=args.mode)
-    with plumbing.StopSignals() as signals, progress, contextlib.closing(log):
-        for iteration in range(start + 1, args.iterations + 1):
-            x, z = next_batch()
-            with autocast(device, amp):
-                loss = loss_fn(student, x, z)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
-            loss_count += 1
-
-            stop = signals.received is not None
-            last = iteration == args.iterations
-            if stop:   # the state first: Ctrl-C through `| tee` has closed the console already
-                save_state(iteration)
-            progress.update(1)
-            tested = iteration % args.eval_every == 0 or last
-            if iteration % args.log_every == 0 or tested or stop:
-                mean_loss = loss_sum.item() / loss_count
-                if not math.isfinite(mean_loss):
-                    raise UserError(f"the training loss is {mean_loss} at iteration {iteration}; lower "
-                                    f"--learning_rate (the last saved state is kept)")
-                now = time.time()
-                record = {"iter": iteration, "loss": mean_loss, "test_loss": evaluate(iteration) if tested else None,
-                          "sec_per_iter": (now - timer[0]) / max(iteration - timer[1], 1)}
-                log.stats(record)
-                log.line(f"iteration {iteration}: loss {mean_loss:.6f}")
-                progress.set_postfix(loss=f"{mean_loss:.5f}")
-                loss_sum.zero_()
-                loss_count, timer = 0, (time.time(), iteration)
-            saved = []
-            if (iteration % args.save_every == 0 or last or stop) and not plumbing.all_finite(
-                    student.state_dict().values()):
-                raise UserError(f"stopped at iteration {iteration}: the student's weights hold inf or NaN, so "
-                                f"nothing was saved (the files of earlier iterations are kept); lower "
-                                f"--learning_rate")
-            if iteration % args.save_every == 0 or last:
-                save_torch(student.state_dict(), model_path(args, iteration))
-                saved.append(os.path.basename(model_path(args, iteration)))
-            if saved or stop:
-                if not stop:
-                    save_state(iteration)
-                log.line(f"iteration {iteration}: saved {', '.join(saved + [plumbing.LATEST_NAME])}")
-            if stop:
-                log.line(f"stopped by {signals.received} at iteration {iteration}; continue with the same command "
-                         f"and --resume auto")
-                break
-
-
 def main(argv=None):
     args = parse_args(argv)
     try:
         plan = check_args(args)
         runlock.acquire(args.dir)
         plumbing.check_writable(args.dir)
-        train(args, plan)
+        PairTrainer(args, plan).run()
     finally:
         runlock.release(args.dir)
 

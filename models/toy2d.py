@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from models import flow as flowlib
+from models.couplings import ot_assignment
+from models.losses import flow_matching_loss
 from models.mlp import EncoderMLP, VelocityMLP
 
 MODE_MEANS = ((-8.0, 8.0), (8.0, 8.0))
@@ -161,7 +163,7 @@ def ot_pairing_in_groups(x, z, ot_batch):
     groups = 1 if ot_batch <= 0 else max(1, x.shape[0] // ot_batch)
     paired = torch.empty_like(z)
     for k in range(groups):
-        paired[k::groups] = flowlib.minibatch_ot_pairing(x[k::groups], z[k::groups])
+        paired[k::groups] = z[k::groups][ot_assignment(x[k::groups], z[k::groups])]
     return paired
 
 
@@ -201,7 +203,7 @@ def training_step(flow_model,       # VelocityMLP v(z_t, t)
         loss_fm = (flow_model(z_t, t).float() - target.float()).square().mean()
     else:
         z_t = flowlib.interpolate(x, z, t)
-        loss_fm = flowlib.flow_matching_loss(flow_model(z_t, t), x, z)
+        loss_fm = flow_matching_loss(flow_model(z_t, t), x, z)
     loss = loss_fm
     kl = None
     if mu is not None:

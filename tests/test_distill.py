@@ -355,3 +355,33 @@ def test_the_papers_config_en_is_accepted_with_a_warning(pairs, tmp_path):
     plan = distill.check_args(distill.parse_args(command(pairs, str(tmp_path / "out"), "--config_en",
                                                          os.path.join(ROOT, "configs", "tiny28_en.json"))))
     assert any("--config_en has no effect" in warning for warning in plan["warnings"])
+
+
+def test_a_state_of_the_old_distill_format_resumes_exactly(pairs, tmp_path):
+    """A training_state_latest.pth written in distill.py's own v1 format (before the one training loop: its
+    ``mode`` and a bare random state) is read and continues as exactly as the current format."""
+    def run(out, iterations, *extra):
+        distill.main(command(pairs, out, "--mode", "reflow", "--iterations", str(iterations), "--batchsize", "8",
+                             "--learning_rate", "1e-3", "--eval_every", "100", "--save_every", "100", *extra))
+
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run(straight, 6)
+    run(resumed, 3)
+    path = os.path.join(resumed, "training_state_latest.pth")
+    state = torch.load(path, weights_only=True)
+    old = {key: value for key, value in state.items() if key != "task"}
+    old.update(format="fast-ode-distill-state-v1", rng=state["rng"]["ranks"][0])
+    torch.save(old, path)
+    run(resumed, 6, "--resume", "auto")
+    one = torch.load(os.path.join(straight, "flow_model_reflow_6.pth"), weights_only=True)
+    two = torch.load(os.path.join(resumed, "flow_model_reflow_6.pth"), weights_only=True)
+    assert all(torch.equal(one[key], two[key]) for key in one)
+
+
+def test_a_flow_training_state_is_refused_in_one_line(pairs, tmp_path):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    path = os.path.join(out, "x.pth")
+    torch.save({"format": "fast-ode-training-state-v1", "iter": 5, "model_state_dict": {}}, path)
+    with pytest.raises(UserError, match="is an image flow training state .train_reverse_img_ddp.py., not a distill"):
+        distill.main(command(pairs, out, "--iterations", "6", "--resume", path))

@@ -19,7 +19,17 @@ import re
 from utils.errors import UserError
 from utils.io import did_you_mean, load_torch, strip_wrapper_prefixes
 
-TRAINING_STATE_FORMAT = "fast-ode-training-state-v1"
+TRAINING_STATE_FORMAT = "fast-ode-training-state-v1"   # every training state; ``task``: flow (absent), distill, reflow
+LEGACY_DISTILL_FORMAT = "fast-ode-distill-state-v1"     # distill.py's own format before the one loop
+
+
+def upgrade_state(state):
+    """A state in an earlier format of this project as the current one (distill.py's v1: ``mode`` -> ``task``,
+    its one random state -> ``rng.ranks``); other states as they are."""
+    if isinstance(state, dict) and state.get("format") == LEGACY_DISTILL_FORMAT:
+        return {**state, "format": TRAINING_STATE_FORMAT, "task": state["mode"],
+                "rng": {"world_size": 1, "ranks": [state["rng"]]}}
+    return state
 
 # which network -> keys to try in a training state, best first
 _STATE_KEYS = {

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from utils.checkpoint import TRAINING_STATE_FORMAT
+from utils.checkpoint import TRAINING_STATE_FORMAT, upgrade_state
 from utils.errors import UserError
 from utils.io import append_text, atomic_write, load_torch
 
@@ -364,7 +364,7 @@ def numbered_states(folder):
 
 def load_training_state(path, what="--resume"):
     """Load a training state file; a truncated, corrupt or foreign file is one :class:`UserError` line."""
-    state = load_torch(path, what=f"{what} training state")
+    state = upgrade_state(load_torch(path, what=f"{what} training state"))
     if not isinstance(state, dict) or "iter" not in state or "model_state_dict" not in state:
         raise UserError(f"{what} {path} is not a training state (no 'iter' / 'model_state_dict'); "
                         f"give a training_state_*.pth file")
