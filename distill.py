@@ -52,7 +52,7 @@ from PIL import Image  # noqa: E402
 from models import build_network, load_config  # noqa: E402
 from models.config import resolve_image_options  # noqa: E402
 from utils import dist  # noqa: E402
-from utils import runlock  # noqa: E402
+from utils import rundir, runlock  # noqa: E402
 from utils import train as plumbing  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, resolve_amp  # noqa: E402
 from utils.checkpoint import load_weights  # noqa: E402
@@ -63,7 +63,6 @@ from utils.io import did_you_mean, load_state_dict_strict  # noqa: E402
 MODES = ("distill", "reflow")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 IMAGE_MODES = {1: "L", 3: "RGB"}          # PIL mode of the images for each channel count
-MODEL_PATTERN = re.compile(r"flow_model_(distilled|reflow)_\d+\.pth$")
 
 
 # ----------------------------------------------------------------------------
@@ -336,11 +335,11 @@ def check_args(args):
 def find_state(args):
     """``(path, state)`` to resume from, or ``(None, None)``; a folder already holding a run needs --resume."""
     if args.resume is None:
-        latest = os.path.join(args.dir, plumbing.LATEST_NAME)
-        existing = [name for name in sorted(os.listdir(args.dir)) if MODEL_PATTERN.search(name)] \
-            if os.path.isdir(args.dir) else []
-        if os.path.exists(latest) or existing:
-            found = plumbing.LATEST_NAME if os.path.exists(latest) else existing[-1]
+        existing = rundir.existing_outputs(args.dir, (plumbing.LATEST_NAME, "flow_model_distilled_*.pth",
+                                                      "flow_model_reflow_*.pth"))
+        if existing:
+            names = [os.path.basename(path) for path in existing]
+            found = plumbing.LATEST_NAME if plumbing.LATEST_NAME in names else names[-1]
             raise UserError(f"--dir {args.dir} already holds a run ({found}); pass --resume auto to continue it, "
                             f"or choose another --dir")
     return plumbing.find_resume_state(args.dir, args.resume, warn=lambda text: None)

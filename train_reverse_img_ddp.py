@@ -46,15 +46,15 @@ from models import check_encoder_decoder, load_config  # noqa: E402
 from models.couplings import COUPLINGS, DESCRIPTIONS  # noqa: E402
 from utils import dist  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, resolve_amp  # noqa: E402
-from utils import runlock  # noqa: E402
-from utils.console import progress_bar, protect_console  # noqa: E402
+from utils import rundir, runlock  # noqa: E402
+from utils.console import protect_console  # noqa: E402
 from utils.cpu_shards import auto_shards  # noqa: E402
-from utils.data import (DATASETS, FOLDER_DATASETS, ImageFolderDataset, build_dataset,  # noqa: E402
-                        check_dataset_config, conversions, describe_images)
+from utils.data import DATASETS, FOLDER_DATASETS, build_dataset, check_dataset_config  # noqa: E402
 from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
-from utils.io import atomic_write, load_json, save_json  # noqa: E402
+from utils.io import atomic_write, save_json  # noqa: E402
 from utils import train as plumbing  # noqa: E402
-from training.image_flow import Trainer  # noqa: E402
+from training.image_flow import Trainer, check_image_dataset, check_resume_state  # noqa: E402
+from training.run import ImageRun  # noqa: E402
 
 PAPER_ONLY_ARGS = ("weight_cur", "num_samples")   # in the paper's parser, used nowhere in its code
 SAMPLE_COUNT = 4          # images per sample grid, as in the paper
@@ -62,10 +62,6 @@ SAMPLE_COUNT = 4          # images per sample grid, as in the paper
 RUN_DEFINING_ARGS = ("dataset", "coupling", "ot_reg", "weight_prior", "learning_rate", "batchsize", "optimizer",
                      "warmup_steps", "ema_decay", "ema_after_steps", "no_ema", "seed", "grad_clip",
                      "resolved_config_de", "resolved_config_en")
-# changed on resume: allowed, but worth a warning
-RESUME_WARN_ARGS = ("dataset", "weight_prior", "learning_rate", "batchsize", "optimizer", "warmup_steps",
-                    "ema_decay", "ema_after_steps", "no_ema", "seed", "grad_clip", "amp")
-
 
 # ----------------------------------------------------------------------------
 # Arguments.
@@ -165,7 +161,8 @@ def launch_layout(gpu_ids):
 
 
 def check_args(args):
-    """Validate the arguments; returns the plan (configs, coupling, world size, resume file)."""
+    """Validate the arguments; returns the :class:`ImageRun` they describe (``args`` itself is not changed)."""
+    args = argparse.Namespace(**vars(args))   # resolved below
     if args.independent and args.coupling not in (None, "independent"):
         raise UserError(f"--independent contradicts --coupling {args.coupling}; pass only one of them")
     args.coupling = "independent" if args.independent else (args.coupling or "learned")
@@ -232,85 +229,29 @@ def check_args(args):
         check_encoder_decoder(config_de, config_en,
                               names=(f"--config_de {args.config_de}", f"--config_en {args.config_en}"))
     check_dataset_config(args.dataset, config_de)
-    return {"config_de": config_de, "config_en": config_en, "gpu_ids": gpu_ids, "world_size": world_size,
-            "spawn": spawn, "is_main": is_main, "cpu_shards": cpu_shards, "amp": amp, "amp_reason": amp_reason}
+    return ImageRun(options=vars(args), flow_config=config_de, encoder_config=config_en, gpu_ids=tuple(gpu_ids),
+                    world_size=world_size, spawn=spawn, is_main=is_main, cpu_shards=cpu_shards, amp=amp,
+                    amp_reason=amp_reason, omp_wait_policy=tuple(OMP_WAIT_POLICY))
 
 
-def run_record(args, plan):
-    """What config.json holds: the resolved arguments and the network configs they name."""
-    record = dict(vars(args))
-    record["resolved_config_de"] = plan["config_de"]
-    record["resolved_config_en"] = plan["config_en"]
-    record["cpu_shards_used"] = plan["cpu_shards"]
-    record["amp_used"], record["amp_reason"] = plan["amp"], plan["amp_reason"]   # what --amp resolved to, and why
-    record["omp_wait_policy"] = list(OMP_WAIT_POLICY)  # (value, why): it changes CPU speed several-fold
-    return record
-
-
-def check_output_dir(args, plan, resuming):
+def check_output_dir(run, resuming):
     """A fresh run must not share --dir with another run's config.json or overwrite a run's checkpoints."""
     if resuming:
         return
-    previous_path = os.path.join(args.dir, "config.json")
-    if os.path.isfile(previous_path):
-        try:
-            previous = load_json(previous_path, "config.json")
-        except UserError:
-            previous = None
-        if not isinstance(previous, dict):
-            raise UserError(f"--dir {args.dir} holds an unreadable config.json; choose another --dir")
-        current = run_record(args, plan)
-        changed = [f"{key} {previous[key]!r} vs {current[key]!r}" for key in RUN_DEFINING_ARGS
-                   if key in previous and previous[key] != current[key]]
-        if changed:
-            raise UserError(f"--dir {args.dir} holds a run with another configuration (config.json: "
-                            f"{'; '.join(changed[:2])}); choose another --dir, or pass --resume auto to continue "
-                            f"that run")
-    existing = sorted(glob.glob(os.path.join(args.dir, "training_state_*.pth"))
-                      + glob.glob(os.path.join(args.dir, "flow_model_*_ema.pth")))
-    if existing:
-        fix = ("it holds no training state to continue from" if args.resume else
-               "pass --resume auto to continue that run")
-        raise UserError(f"--dir {args.dir} already holds {os.path.basename(existing[-1])}; {fix}, or choose "
-                        f"another --dir")
-
-
-def check_resume_state(state, path, args, plan, warn):
-    """A training state must match this run's coupling and network configs (one line naming the difference)."""
-    for key in ("model_state_dict", "ema_model_state_dict", "forward_model_state_dict", "ema_forward_model_state_dict"):
-        bad = plumbing.first_nonfinite(state.get(key) or {})
-        if bad is not None:
-            raise UserError(f"--resume {path} holds inf or NaN weights ({key} {bad}); resume from an earlier "
-                            f"training_state_{{i}}.pth with --resume PATH")
-    if state.get("task", "flow") != "flow":
-        raise UserError(f"--resume {path} is a distill.py --mode {state['task']} state, not an image flow training "
-                        f"state; give this run's own training_state_*.pth or another --dir")
-    if state.get("format") is None:
-        has_encoder = state.get("forward_model_state_dict") is not None
-        if has_encoder != (args.coupling == "learned"):
-            raise UserError(f"--resume {path} is a paper-format state {'with' if has_encoder else 'without'} an "
-                            f"encoder, but --coupling is {args.coupling}")
-        warn(f"warning: --resume {path} is a paper-format training state: networks, optimizer, EMA and "
-             f"iteration are restored; data order and random states start afresh")
-        return
-    saved_args = state.get("args") or {}
-    if saved_args.get("coupling", args.coupling) != args.coupling:
-        raise UserError(f"--resume {path} was trained with --coupling {saved_args['coupling']}, not "
-                        f"{args.coupling}; use the same coupling or another --dir")
-    for role, key in (("--config_de", "config_de"), ("--config_en", "config_en")):
-        saved, given = state.get(key), plan[key]
-        if saved != given:
-            if saved is None or given is None:
-                detail = f"{'no' if saved is None else 'an'} {role} in the state"
-            else:
-                keys = sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k))
-                detail = f"key {keys[0]!r}: {saved.get(keys[0])!r} in the state vs {given.get(keys[0])!r}"
-            raise UserError(f"--resume {path} was trained with a different {role} ({detail}); "
-                            f"give the run's own configs or choose another --dir")
-    changed = [f"--{key} {saved_args[key]} -> {getattr(args, key)}" for key in RESUME_WARN_ARGS
-               if key in saved_args and saved_args[key] != getattr(args, key)]
+    previous = rundir.previous_record(run.dir, "config.json")
+    if previous == rundir.UNREADABLE:
+        raise UserError(f"--dir {run.dir} holds an unreadable config.json; choose another --dir")
+    changed = rundir.differences(previous, run.record(), RUN_DEFINING_ARGS) if previous else []
     if changed:
-        warn(f"warning: resuming with changed arguments: {', '.join(changed)}")
+        raise UserError(f"--dir {run.dir} holds a run with another configuration (config.json: "
+                        f"{'; '.join(changed[:2])}); choose another --dir, or pass --resume auto to continue "
+                        f"that run")
+    existing = rundir.existing_outputs(run.dir, ("training_state_*.pth", "flow_model_*_ema.pth"))
+    if existing:
+        fix = ("it holds no training state to continue from" if run.resume else
+               "pass --resume auto to continue that run")
+        raise UserError(f"--dir {run.dir} already holds {os.path.basename(existing[-1])}; {fix}, or choose "
+                        f"another --dir")
 
 
 def check_args_once(args):
@@ -323,108 +264,76 @@ def check_args_once(args):
         raise
 
 
-def check_images(args, plan, dataset):
-    """Read every header of a --data_path dataset before training: unreadable images (stop: one line naming
-    them; skip: left out and reported), and images that the config's shape would resize or convert (a
-    --dataset folder needs --resize for that). Returns (names to leave out, the data's description)."""
-    resolution, channels = plan["config_de"]["img_resolution"], plan["config_de"]["in_channels"]
-    wanted = f"{resolution}x{resolution}x{channels}"
-    if not isinstance(dataset, ImageFolderDataset):   # torchvision's mnist / cifar10: checked by check_dataset_config
-        return [], f"data {args.dataset} in {args.data_root}: {len(dataset)} images, {wanted}"
-    with progress_bar(total=len(dataset), desc="checking images", unit="images") as progress:
-        report = dataset.scan(progress=lambda done: progress.update(done - progress.n))
-    bad = report["bad"]
-    shown = ", ".join(f"{name} ({reason})" for name, reason in bad[:3]) + (", ..." if len(bad) > 3 else "")
-    if bad and args.bad_images == "stop":
-        raise UserError(f"{len(bad)} unreadable image(s) in --data_path {args.data_path}: {shown}; remove them or "
-                        f"pass --bad_images skip")
-    if len(bad) == len(dataset):
-        raise UserError(f"no readable image in --data_path {args.data_path} ({shown})")
-    found = describe_images(report)
-    resized, converted = conversions(report, resolution, channels)
-    changes = [word for word, done in (("resized", resized),
-                                       (f"converted to {'grey' if channels == 1 else 'RGB'}", converted)) if done]
-    if changes and args.dataset == "folder" and not args.resize:
-        raise UserError(f"--data_path {args.data_path} holds {found} images but {plan['config_de_name']} is for "
-                        f"{wanted}: they would be {' and '.join(changes)}; pass --resize to allow that, or use a "
-                        f"config for the images' size and channels")
-    summary = (f"data {args.data_path}: {len(dataset) - len(bad)} images, {found}"
-               + (f" {' and '.join(changes)} to {wanted}" if changes else f" = {wanted}"))
-    if bad:
-        summary += f", {len(bad)} unreadable skipped ({shown})"
-    return [name for name, _ in bad], summary
-
-
 def prepare(args):
-    """Everything that can fail because of the user's input, before any process group or long work.
+    """Everything that can fail because of the user's input, before any process group or long work; returns
+    (the :class:`ImageRun`, the loaded training state or None).
 
     --dir is created only once the run can start: a failed start leaves nothing behind."""
-    plan = check_args_once(args)
-    plan["config_de_name"] = f"--config_de {args.config_de}"
-    warn = print if plan["is_main"] else (lambda text: None)
+    run = check_args_once(args)
+    warn = print if run.is_main else (lambda text: None)
     for name in PAPER_ONLY_ARGS:
-        if getattr(args, name) is not None:
+        if getattr(run, name) is not None:
             warn(f"warning: --{name} has no effect (the paper's script accepts it without using it)")
-    if plan["is_main"]:
-        plumbing.check_can_create(args.dir)
+    if run.is_main:
+        plumbing.check_can_create(run.dir)
         # One owner per --dir: an existing folder is locked before anything in it is read (released in main);
         # a new one only once the checks below pass, so that a failed start leaves nothing behind.
-        if os.path.isdir(args.dir):
-            runlock.acquire(args.dir)
-    resume_path, state = plumbing.find_resume_state(args.dir, args.resume, warn=warn)
+        if os.path.isdir(run.dir):
+            runlock.acquire(run.dir)
+    resume_path, state = plumbing.find_resume_state(run.dir, run.resume, warn=warn)
     if state is not None:
-        check_resume_state(state, resume_path, args, plan, warn)
-    elif args.resume == "auto":
-        warn(f"--resume auto: no training state in {args.dir}; starting fresh")
-    plan["excluded_images"], plan["data_summary"] = [], None
-    if plan["is_main"]:
-        check_output_dir(args, plan, resuming=state is not None)
+        check_resume_state(state, resume_path, run, warn)
+    elif run.resume == "auto":
+        warn(f"--resume auto: no training state in {run.dir}; starting fresh")
+    shape = run.flow_config["img_resolution"], run.flow_config["in_channels"]
+    if run.is_main:
+        check_output_dir(run, resuming=state is not None)
         # the datasets download here, once, before the workers start
-        shape = plan["config_de"]["img_resolution"], plan["config_de"]["in_channels"]
-        dataset = build_dataset(args.dataset, *shape, data_path=args.data_path, data_root=args.data_root,
-                                bad_images=args.bad_images)
-        plan["excluded_images"], plan["data_summary"] = check_images(args, plan, dataset)
-        usable = len(dataset) - len(plan["excluded_images"])
-        if usable < args.batchsize:
-            raise UserError(f"--dataset {args.dataset} has {usable} images, fewer than one global batch "
-                            f"(--batchsize {args.batchsize}); lower --batchsize")
-        build_dataset(args.dataset, *shape, data_path=args.data_path, data_root=args.data_root, train=False,
-                      bad_images=args.bad_images)
-        runlock.acquire(args.dir)   # creates --dir if need be (a no-op when already held)
-        plumbing.check_writable(args.dir)
-    elif args.bad_images == "skip" and args.dataset in FOLDER_DATASETS:
+        dataset = build_dataset(run.dataset, *shape, data_path=run.data_path, data_root=run.data_root,
+                                bad_images=run.bad_images)
+        excluded, summary = check_image_dataset(dataset, run.dataset, *shape, data_path=run.data_path,
+                                                data_root=run.data_root, bad_images=run.bad_images,
+                                                resize=run.resize, config_name=f"--config_de {run.config_de}")
+        run = run.replace(excluded_images=tuple(excluded), data_summary=summary)
+        usable = len(dataset) - len(excluded)
+        if usable < run.batchsize:
+            raise UserError(f"--dataset {run.dataset} has {usable} images, fewer than one global batch "
+                            f"(--batchsize {run.batchsize}); lower --batchsize")
+        build_dataset(run.dataset, *shape, data_path=run.data_path, data_root=run.data_root, train=False,
+                      bad_images=run.bad_images)
+        runlock.acquire(run.dir)   # creates --dir if need be (a no-op when already held)
+        plumbing.check_writable(run.dir)
+    elif run.bad_images == "skip" and run.dataset in FOLDER_DATASETS:
         # another torchrun rank: it must leave out the same images as rank 0, so it reads the headers too
-        shape = plan["config_de"]["img_resolution"], plan["config_de"]["in_channels"]
-        dataset = build_dataset(args.dataset, *shape, data_path=args.data_path, bad_images="skip", download=False)
-        plan["excluded_images"] = [name for name, _ in dataset.scan()["bad"]]
-    plan["resume_path"] = resume_path
-    # a spawned worker re-reads the file; in this process the loaded state is handed over as is
-    plan["state"] = None if plan["spawn"] else state
-    if plan["is_main"]:
+        dataset = build_dataset(run.dataset, *shape, data_path=run.data_path, bad_images="skip", download=False)
+        run = run.replace(excluded_images=tuple(name for name, _ in dataset.scan()["bad"]))
+    run = run.replace(resume_path=resume_path)
+    if run.is_main:
         # left by a write that was killed: this process holds the lock, so no live writer owns them
-        for stale in glob.glob(os.path.join(args.dir, ".*.tmp")):
+        for stale in glob.glob(os.path.join(run.dir, ".*.tmp")):
             os.unlink(stale)
         if state is None:   # a fresh run starts a fresh stats.jsonl
-            with atomic_write(os.path.join(args.dir, "stats.jsonl"), "w"):
+            with atomic_write(os.path.join(run.dir, "stats.jsonl"), "w"):
                 pass
-        save_json(run_record(args, plan), os.path.join(args.dir, "config.json"))
-    return plan
+        save_json(run.record(), os.path.join(run.dir, "config.json"))
+    # a spawned worker re-reads the file; in this process the loaded state is handed over as is
+    return run, None if run.spawn else state
 
 
-def worker(info, args, plan):
+def worker(info, run, state=None):
     """One rank's training."""
-    Trainer(info, args, plan).run()
+    Trainer(info, run, state).run()
 
 
-def spawned_worker(info, args, plan):
+def spawned_worker(info, run, state=None):
     """A worker started by --gpu a,b: its errors are one line on stderr (rank 0) and exit code 1."""
     try:
         with protect_console():   # a closed pipe must not stop the save (utils/console.py)
-            worker(info, args, plan)
+            worker(info, run, state)
     except Exception as error:  # noqa: BLE001 - the parent only sees the exit code
-        if args.debug:
+        if run.debug:
             traceback.print_exc()
-        if info.is_main or args.debug:
+        if info.is_main or run.debug:
             kind = "" if isinstance(error, UserError) else f"{type(error).__name__}: "
             first = (str(error).strip().splitlines() or [""])[0]
             print(f"error: {kind}{first}", file=sys.stderr, flush=True)
@@ -434,14 +343,14 @@ def spawned_worker(info, args, plan):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        plan = prepare(args)
-        if not plan["spawn"]:
-            dist.launch(worker, plan["gpu_ids"], args, plan)
+        run, state = prepare(args)
+        if not run.spawn:
+            dist.launch(worker, list(run.gpu_ids), run, state)
             return
         import torch.multiprocessing as mp
         plumbing.forward_signals_to_children()
         try:
-            dist.launch(spawned_worker, plan["gpu_ids"], args, plan)
+            dist.launch(spawned_worker, list(run.gpu_ids), run)
         except mp.ProcessExitedException:
             sys.exit(1)   # the worker has printed the error
     finally:

@@ -1,7 +1,7 @@
 """Image flow training, one rank: the networks, the coupling's loss step, EMA, sample grids, saves and resume.
 
 Driven by the one loop of ``training/loop.py``; ``train_reverse_img_ddp.py`` is the command line that checks the
-arguments and launches the ranks. The run's description is the CLI's ``args`` and its checked ``plan``.
+arguments and launches the ranks. The run's description is the frozen ``training.run.ImageRun``.
 """
 import os
 import time
@@ -20,12 +20,86 @@ from utils.amp import autocast as amp_autocast
 from utils.amp import autocast_velocity
 from utils.checkpoint import TRAINING_STATE_FORMAT
 from utils.cpu_shards import ThreadShards
-from utils.data import build_dataset
+from utils.console import progress_bar
+from utils.data import ImageFolderDataset, build_dataset, conversions, describe_images
 from utils.errors import UserError
 from utils.images import make_grid, save_png
 from utils.io import load_state_dict_strict, save_torch
 
 SAMPLE_COUNT = 4          # images per sample grid, as in the paper
+# changed on resume: allowed, but worth a warning
+RESUME_WARN_ARGS = ("dataset", "weight_prior", "learning_rate", "batchsize", "optimizer", "warmup_steps",
+                    "ema_decay", "ema_after_steps", "no_ema", "seed", "grad_clip", "amp", "ot_reg")
+
+
+def check_resume_state(state, path, run, warn):
+    """A training state must match this run's coupling and network configs (one line naming the difference)."""
+    for key in ("model_state_dict", "ema_model_state_dict", "forward_model_state_dict", "ema_forward_model_state_dict"):
+        bad = plumbing.first_nonfinite(state.get(key) or {})
+        if bad is not None:
+            raise UserError(f"--resume {path} holds inf or NaN weights ({key} {bad}); resume from an earlier "
+                            f"training_state_{{i}}.pth with --resume PATH")
+    if state.get("task", "flow") != "flow":
+        raise UserError(f"--resume {path} is a distill.py --mode {state['task']} state, not an image flow training "
+                        f"state; give this run's own training_state_*.pth or another --dir")
+    if state.get("format") is None:
+        has_encoder = state.get("forward_model_state_dict") is not None
+        if has_encoder != (run.coupling == "learned"):
+            raise UserError(f"--resume {path} is a paper-format state {'with' if has_encoder else 'without'} an "
+                            f"encoder, but --coupling is {run.coupling}")
+        warn(f"warning: --resume {path} is a paper-format training state: networks, optimizer, EMA and "
+             f"iteration are restored; data order and random states start afresh")
+        return
+    saved_args = state.get("args") or {}
+    if saved_args.get("coupling", run.coupling) != run.coupling:
+        raise UserError(f"--resume {path} was trained with --coupling {saved_args['coupling']}, not "
+                        f"{run.coupling}; use the same coupling or another --dir")
+    for role, key, given in (("--config_de", "config_de", run.flow_config),
+                             ("--config_en", "config_en", run.encoder_config)):
+        saved = state.get(key)
+        if saved != given:
+            if saved is None or given is None:
+                detail = f"{'no' if saved is None else 'an'} {role} in the state"
+            else:
+                keys = sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k))
+                detail = f"key {keys[0]!r}: {saved.get(keys[0])!r} in the state vs {given.get(keys[0])!r}"
+            raise UserError(f"--resume {path} was trained with a different {role} ({detail}); "
+                            f"give the run's own configs or choose another --dir")
+    changed = [f"--{key} {saved_args[key]} -> {getattr(run, key)}" for key in RESUME_WARN_ARGS
+               if key in saved_args and saved_args[key] != getattr(run, key)]
+    if changed:
+        warn(f"warning: resuming with changed arguments: {', '.join(changed)}")
+
+
+def check_image_dataset(dataset, name, resolution, channels, data_path, data_root, bad_images, resize, config_name):
+    """Read every header of a --data_path dataset before training: unreadable images (``bad_images`` stop: one
+    line naming them; skip: left out and reported), and images that the config's shape would resize or convert
+    (a --dataset folder needs --resize for that). Returns (names to leave out, the data's description)."""
+    wanted = f"{resolution}x{resolution}x{channels}"
+    if not isinstance(dataset, ImageFolderDataset):   # torchvision's mnist / cifar10: checked by check_dataset_config
+        return [], f"data {name} in {data_root}: {len(dataset)} images, {wanted}"
+    with progress_bar(total=len(dataset), desc="checking images", unit="images") as progress:
+        report = dataset.scan(progress=lambda done: progress.update(done - progress.n))
+    bad = report["bad"]
+    shown = ", ".join(f"{item} ({reason})" for item, reason in bad[:3]) + (", ..." if len(bad) > 3 else "")
+    if bad and bad_images == "stop":
+        raise UserError(f"{len(bad)} unreadable image(s) in --data_path {data_path}: {shown}; remove them or "
+                        f"pass --bad_images skip")
+    if len(bad) == len(dataset):
+        raise UserError(f"no readable image in --data_path {data_path} ({shown})")
+    found = describe_images(report)
+    resized, converted = conversions(report, resolution, channels)
+    changes = [word for word, done in (("resized", resized),
+                                       (f"converted to {'grey' if channels == 1 else 'RGB'}", converted)) if done]
+    if changes and name == "folder" and not resize:
+        raise UserError(f"--data_path {data_path} holds {found} images but {config_name} is for {wanted}: they "
+                        f"would be {' and '.join(changes)}; pass --resize to allow that, or use a config for the "
+                        f"images' size and channels")
+    summary = (f"data {data_path}: {len(dataset) - len(bad)} images, {found}"
+               + (f" {' and '.join(changes)} to {wanted}" if changes else f" = {wanted}"))
+    if bad:
+        summary += f", {len(bad)} unreadable skipped ({shown})"
+    return [item for item, _ in bad], summary
 
 
 # ----------------------------------------------------------------------------
@@ -75,11 +149,14 @@ def sample_grids(nets, test_images, args, iteration, device, arrays=None, amp="n
 class Trainer:
     """One rank's training run: networks, optimizer, EMA, data stream, and the loop over iterations."""
 
-    def __init__(self, info, args, plan):
-        self.info, self.args, self.plan = info, args, plan
+    def __init__(self, info, run, state=None):
+        """``run``: the training.run.ImageRun; ``state``: the loaded training state (or None: read
+        ``run.resume_path`` when there is one)."""
+        self.info, self.args = info, run
+        args = run
         self.device = device = info.device
         self.log = plumbing.RunLog(args.dir, info.is_main, echo=tqdm.write)
-        self.config_de, self.config_en = plan["config_de"], plan["config_en"]
+        self.config_de, self.config_en = run.flow_config, run.encoder_config
         resolution, channels = self.config_de["img_resolution"], self.config_de["in_channels"]
 
         # Data (downloaded by prepare() on rank 0); fixed test images for the reconstruction grids.
@@ -87,9 +164,9 @@ class Trainer:
             return build_dataset(args.dataset, resolution, channels, data_path=args.data_path,
                                  data_root=args.data_root, train=train, bad_images=args.bad_images, download=False)
         self.dataset, test_set = dataset(True), dataset(False)
-        if plan["excluded_images"]:   # unreadable images found by check_images (--bad_images skip)
-            self.dataset.exclude(plan["excluded_images"])
-            test_set.exclude(plan["excluded_images"])
+        if run.excluded_images:   # unreadable images found by check_images (--bad_images skip)
+            self.dataset.exclude(list(run.excluded_images))
+            test_set.exclude(list(run.excluded_images))
         self.test_images = torch.stack([test_set[k][0] for k in range(min(SAMPLE_COUNT, len(test_set)))]).to(device)
 
         # Networks: the same initial weights on every rank.
@@ -105,8 +182,8 @@ class Trainer:
 
         self.start_iteration, batches_consumed, nonfinite_total = 1, 0, 0
         plumbing.seed_everything(plumbing.rank_seed(args.seed, info.rank))   # each rank draws its own noise
-        if plan["resume_path"] is not None:
-            batches_consumed, nonfinite_total = self.resume()
+        if run.resume_path is not None:
+            batches_consumed, nonfinite_total = self.resume(state)
         self.train_model = self.model
         if args.compile:
             self.train_model = torch.compile(self.train_model)
@@ -118,7 +195,7 @@ class Trainer:
         self.stream = plumbing.DataStream(self.dataset, sampler, args.num_workers, pin_memory=device.type == "cuda",
                                           batches_consumed=batches_consumed)
         self.agreement = plumbing.RankAgreement(info.distributed)
-        self.shards = ThreadShards(plan["cpu_shards"]) if plan["cpu_shards"] > 1 else None
+        self.shards = ThreadShards(run.cpu_shards) if run.cpu_shards > 1 else None
 
         # Running sums on the device, read by the host only at log and save steps.
         self.window = torch.zeros(5, device=device)   # loss, flow loss, KL, grad norm, finite steps
@@ -137,14 +214,14 @@ class Trainer:
             f"train: {device} x {info.world_size} process(es){backend}, global batch {args.batchsize} = "
             f"{info.world_size} x {args.batchsize // info.world_size}, flow network "
             f"{count(self.model.flow) / 1e6:.2f}M parameters, {encoder}, coupling {args.coupling}, "
-            f"{plan.get('data_summary') or f'{len(self.dataset)} images'} ({sampler.steps_per_epoch} steps per "
+            f"{run.data_summary or f'{len(self.dataset)} images'} ({sampler.steps_per_epoch} steps per "
             f"epoch), {f'{self.shards.shards} batch shards in threads, ' if self.shards else ''}{iterations}, "
-            f"amp {plan['amp']} ({plan['amp_reason']}){', compiled' if args.compile else ''} -> {args.dir}")
+            f"amp {run.amp} ({run.amp_reason}){', compiled' if args.compile else ''} -> {args.dir}")
 
-    def resume(self):
-        """Restore from the plan's training state; returns (batches consumed, non-finite steps so far)."""
-        info, path = self.info, self.plan["resume_path"]
-        state = self.plan.pop("state", None) or plumbing.load_training_state(path)
+    def resume(self, state):
+        """Restore from the run's training state; returns (batches consumed, non-finite steps so far)."""
+        info, path = self.info, self.args.resume_path
+        state = state or plumbing.load_training_state(path)
         restore(state, path, self.model, self.ema, self.optimizer)
         self.start_iteration = state["iter"] + 1
         batches_consumed, nonfinite_total, rng_restored = state["iter"], 0, False
@@ -166,7 +243,7 @@ class Trainer:
         return batches_consumed, nonfinite_total
 
     def autocast(self):   # a fresh context each time: the shards of a CPU step enter one per thread
-        return amp_autocast(self.device, self.plan["amp"])
+        return amp_autocast(self.device, self.args.amp)
 
     def step(self, iteration):
         """One optimizer step; a step whose gradient is not finite is skipped on the device."""
@@ -242,7 +319,7 @@ class Trainer:
         self.model.eval()
         grids = {}
         self.pending_samples = sample_grids(nets, self.test_images, self.args, iteration, self.device, grids,
-                                            self.plan["amp"])
+                                            self.args.amp)
         self.model.train()
         self.log.images(grids, iteration)
         self.log.line(f"iteration {iteration}: samples, " + ", ".join(
@@ -284,7 +361,7 @@ class Trainer:
             "model_state_dict": weights["flow"],
             "optimizer_state_dict": self.optimizer.state_dict(),
             "ema_model_state_dict": averaged["flow"] if ema is not None else None,
-            "args": dict(vars(args)),
+            "args": dict(args.options),
             "config_de": self.config_de,
             "config_en": self.config_en,
             "rng": {"world_size": self.info.world_size, "ranks": rng},

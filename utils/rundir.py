@@ -1,0 +1,42 @@
+"""Does an output folder already hold a run? One answer for every script (train, distill, generate, 2D).
+
+A script's ``--dir`` holds a record of the run that wrote it (config.json, config_sampling.json) and its
+outputs (checkpoints, samples). A new run may only write there when the record describes the same run, or
+when the script is told to continue it (``--resume``) or to replace it (``--overwrite``); the scripts say so
+in one line. These helpers find what is there; each script words its own fix.
+"""
+import glob
+import os
+
+from utils.errors import UserError
+from utils.io import load_json
+
+UNREADABLE = "unreadable"
+
+
+def previous_record(folder, name="config.json"):
+    """The JSON record ``name`` in ``folder``: a dict, None when absent, or :data:`UNREADABLE`."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return None
+    try:
+        record = load_json(path, name)
+    except UserError:
+        return UNREADABLE
+    return record if isinstance(record, dict) else UNREADABLE
+
+
+def differences(previous, current, keys=None):
+    """``"key old vs new"`` for each of ``keys`` (default: every key of ``current``) that ``previous`` holds with
+    another value; keys the previous record lacks (written by an older version) are not differences."""
+    keys = current.keys() if keys is None else keys
+    return [f"{key} {previous[key]!r} vs {current[key]!r}" for key in keys
+            if key in previous and key in current and previous[key] != current[key]]
+
+
+def existing_outputs(folder, patterns):
+    """The files in ``folder`` matching any of the glob ``patterns`` (relative to it), sorted."""
+    found = []
+    for pattern in patterns:
+        found.extend(glob.glob(os.path.join(folder, pattern)))
+    return sorted(found)
