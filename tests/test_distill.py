@@ -281,6 +281,21 @@ def test_resume_continues_exactly(pairs, tmp_path):
     assert [record["iter"] for record in read_stats(resumed)] == [0, 3, 6]
 
 
+def test_distill_mode_resume_continues_exactly(pairs, tmp_path):
+    """The same for --mode distill: 3 + 3 iterations with --resume auto equal 6 in one go."""
+    def run(out, iterations, *extra):
+        distill.main(command(pairs, out, "--iterations", str(iterations), "--batchsize", "8",
+                             "--learning_rate", "1e-3", "--eval_every", "100", "--save_every", "100", *extra))
+
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run(straight, 6)
+    run(resumed, 3)
+    run(resumed, 6, "--resume", "auto")
+    one = torch.load(os.path.join(straight, "flow_model_distilled_6.pth"), weights_only=True)
+    two = torch.load(os.path.join(resumed, "flow_model_distilled_6.pth"), weights_only=True)
+    assert all(torch.equal(one[key], two[key]) for key in one)
+
+
 def test_sigterm_saves_state_and_exits_cleanly(pairs, tmp_path):
     out = str(tmp_path / "stopped")
     process = subprocess.Popen([sys.executable, "distill.py", *command(pairs, out, "--iterations", "100000",

@@ -153,6 +153,22 @@ def test_bf16_ot_coupling_and_grad_clip(digits, tmp_path):
     assert records[-1]["nonfinite_steps"] == 0
 
 
+def test_sinkhorn_coupling_with_a_tiny_regularisation_trains_as_exact_ot(digits, tmp_path):
+    """--coupling sinkhorn (models/couplings.py) on images: with --ot_reg 1e-4 its plan is the exact OT
+    permutation, so one step gives bit for bit the weights of --coupling ot (the reference)."""
+    weights = {}
+    for coupling in ("ot", "sinkhorn"):
+        folder = str(tmp_path / coupling)
+        train(base_args(digits, folder, "--coupling", coupling, "--ot_reg", 1e-4, "--batchsize", 8,
+                        "--iterations", 1, "--no_ema", "--cpu_shards", 1))
+        weights[coupling] = torch.load(os.path.join(folder, "training_state_latest.pth"),
+                                       weights_only=True)["model_state_dict"]
+        with open(os.path.join(folder, "config.json")) as handle:
+            record = json.load(handle)
+        assert record["coupling"] == coupling and record["ot_reg"] == 1e-4
+    assert all(torch.equal(weights["ot"][key], weights["sinkhorn"][key]) for key in weights["ot"])
+
+
 def check_compiled_run(digits, folder):
     train(base_args(digits, folder, "--compile", "--batchsize", 4, "--iterations", 2, "--log_every", 1))
     state = torch.load(os.path.join(folder, "training_state_latest.pth"), weights_only=True)
