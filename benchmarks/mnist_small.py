@@ -443,6 +443,9 @@ def build_steps(args, work):
         command = [py, "generate.py", "--dir", out, "--ckpt", ckpt, "--config_de", args.config_de,
                    "--solver", solver, "--N", str(nfe), "--num_samples", str(count), "--seed", str(seed),
                    "--batchsize", "250", "--amp", AMP, *extra]
+        # The step runs only while result_sampling.json is missing: whatever an interrupted attempt left in
+        # its folder (written by another version, say) is replaced, not a reason to stop.
+        command.append("--overwrite")
         if solver == "rk45":
             command += ["--rtol", f"{args.adaptive_tol:g}", "--atol", f"{args.adaptive_tol:g}"]
         return Step(f"{coupling}/{name}", command, os.path.join(out, "result_sampling.json"), needs)
