@@ -263,7 +263,8 @@ class PairDataset(torch.utils.data.Dataset):
 # Checks before any work: every problem a user can fix is one line.
 
 def check_args(args):
-    """Validate ``args`` (filling --res / --input_nc); returns the plan: device, config, datasets, state."""
+    """Validate ``args`` (filling --res / --input_nc); returns the plan: device, config, the checked pairs,
+    the state to resume and the student's weights. Builds no network (:func:`load_student` does)."""
     for option in ("iterations", "batchsize", "log_every", "eval_every", "save_every", "N"):
         if getattr(args, option) < 1:
             raise UserError(f"--{option} must be at least 1, got {getattr(args, option)}")
@@ -299,19 +300,17 @@ def check_args(args):
     if config["out_channels"] != config["in_channels"]:
         raise UserError(f"--config_de {args.config_de}: a flow network needs out_channels = in_channels")
 
-    # The student: the teacher's weights, or those of the state to resume.
-    student = build_network(config, name=f"--config_de {args.config_de}")
+    # The student's weights: the teacher's, or those of the state to resume (built by load_student).
     state_path, state = find_state(args)
     if state is not None:
         check_state(state, state_path, args, config)
-        load_state_dict_strict(student, state["model_state_dict"], state_path, what="--resume")
-        teacher_path = state["teacher"]
+        weights, weights_path, teacher_path = state["model_state_dict"], state_path, state["teacher"]
     elif args.ckpt is None:
         raise UserError("--ckpt is required: the teacher flow's weights (e.g. runs/mnist-beta20/"
                         "flow_model_60000_ema.pth), where the student starts")
     else:
         weights, teacher_path = load_weights(args.ckpt, "flow")
-        load_state_dict_strict(student, weights, teacher_path, what="--ckpt")
+        weights_path = teacher_path
 
     train_set = PairDataset(args.im_dir, args.z_dir, args.res, args.input_nc, ("--im_dir", "--z_dir"))
     test_set = PairDataset(args.im_dir_test, args.z_dir_test, args.res, args.input_nc,
@@ -328,8 +327,17 @@ def check_args(args):
                         f"({test_set.pairs[0][1]}): were both sets generated with the same --seed? The test loss "
                         f"is then not measured on unseen pairs")
     amp, amp_reason = resolve_amp(args.amp, device)
-    return {"device": device, "amp": amp, "amp_reason": amp_reason, "config": config, "train_set": train_set, "test_set": test_set, "student": student,
-            "teacher_path": teacher_path, "state_path": state_path, "state": state, "warnings": warnings}
+    return {"device": device, "amp": amp, "amp_reason": amp_reason, "config": config, "train_set": train_set,
+            "test_set": test_set, "weights": (weights, weights_path), "teacher_path": teacher_path,
+            "state_path": state_path, "state": state, "warnings": warnings}
+
+
+def load_student(args, plan):
+    """The student network with the weights the checks found (the teacher's, or the state's)."""
+    student = build_network(plan["config"], name=f"--config_de {args.config_de}")
+    weights, path = plan.pop("weights")
+    load_state_dict_strict(student, weights, path, what="--resume" if plan["state"] is not None else "--ckpt")
+    return student
 
 
 def find_state(args):
@@ -365,6 +373,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         plan = check_args(args)
+        plan["student"] = load_student(args, plan)
         runlock.acquire(args.dir)
         plumbing.check_writable(args.dir)
         PairTrainer(args, plan).run()
