@@ -1,9 +1,10 @@
 """Sample from a trained flow: integrate dz/dt = v(z, t) from noise (t = 1) to images (t = 0).
 
-Solvers (models.flow): ``euler`` (N steps, NFE = N), ``heun`` (N = NFE, odd:
-(N + 1) / 2 steps, the last one Euler), and the adaptive ``rk45`` / ``rk23`` / ``dop853``
-(the paper's scipy names, run on the device as torchdiffeq's dopri5 / bosh3 / dopri8, from
-t = 1 to t = 1e-3 with --rtol / --atol; the NFE used is reported).
+Solvers (the registry models.solvers.SOLVERS): ``euler`` (N steps, NFE = N), ``heun`` (N = NFE,
+odd: (N + 1) / 2 steps, the last one Euler), both on the time grid of --schedule (uniform by default,
+the paper's), and the adaptive ``rk45`` / ``rk23`` / ``dop853`` (the paper's scipy names, run on the
+device as torchdiffeq's dopri5 / bosh3 / dopri8, from t = 1 to t = 1e-3 with --rtol / --atol; the NFE
+used is reported).
 
 Sample k always starts from the noise drawn by ``torch.Generator().manual_seed(seed + k)``
 on the CPU, whatever the batch size or the number of processes, so image k is
@@ -44,6 +45,7 @@ from PIL import Image  # noqa: E402
 
 from models import build_encoder, build_network, check_encoder_decoder, load_config  # noqa: E402
 from models import flow as flowlib  # noqa: E402
+from models import solvers  # noqa: E402
 from models.config import config_differences, resolve_image_options, validate_config  # noqa: E402
 from utils import dist  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, autocast, autocast_velocity, resolve_amp  # noqa: E402
@@ -56,11 +58,11 @@ from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
 from utils.images import save_labelled_grid, save_png, to_uint8  # noqa: E402
 from utils.io import atomic_write, load_json, load_state_dict_strict, save_json  # noqa: E402
 
-SOLVER_NAMES = ("euler", "heun", "rk45", "dopri5", "rk23", "bosh3", "dop853", "dopri8")
-FIXED_STEP_SOLVERS = ("euler", "heun")
 TRAJ_COLUMNS = 8  # x0 predictions drawn per trajectory strip (evenly spaced steps)
 # Arguments that change how a run is executed but not what it writes; a rerun may differ in them.
 RERUN_FREE_ARGS = ("gpu", "debug", "overwrite", "batchsize", "dir", "grid", "amp_used", "amp_reason")   # amp_*: derived from --amp
+# Arguments added after runs were recorded: a config_sampling.json without one means the default.
+LATER_ARGS = {"schedule": "uniform"}
 # Arguments holding paths; compared as absolute paths so "./x" and "x" are the same run.
 PATH_ARGS = ("ckpt", "encoder", "config_de", "config_en", "data_path", "data_root")
 OUTPUT_PATTERNS = ("samples/*.png", "trajs/*.png", "zs/*.npy", "data/*.png", "result_sampling.json", "grid.png")
@@ -69,6 +71,22 @@ GRID_IMAGES = 64          # most samples in --grid's grid.png
 
 # ----------------------------------------------------------------------------
 # Arguments.
+
+def fixed_step_solvers():
+    """The names of the fixed-step solvers (euler, heun), from the registry."""
+    return [name for name, spec in solvers.SOLVERS.items() if spec.fixed_step]
+
+
+def solver_help():
+    """--solver's help, from the registry: each solver once, adaptive ones with the paper's scipy names."""
+    own = [spec for name, spec in solvers.SOLVERS.items() if name == spec.name]
+    fixed = [f"{spec.name} ({spec.summary})" for spec in own if spec.fixed_step]
+    adaptive = [f"{spec.name} ({spec.summary}; the paper's {'/'.join(a.upper() for a in solvers.aliases(spec))})"
+                for spec in own if spec.adaptive]
+    return (f"ODE solver: {', '.join(fixed)} on the --schedule grid; or an adaptive one from t = 1 to "
+            f"{solvers.ADAPTIVE_T_END:g} on the device (torchdiffeq, --rtol / --atol): {', '.join(adaptive)}. "
+            f"Names in any case: the paper's scipy names run as the torchdiffeq methods")
+
 
 def build_parser():
     parser = argparse.ArgumentParser(
@@ -98,13 +116,19 @@ def build_parser():
                              "ignored by the adaptive solvers")
     parser.add_argument("--num_samples", type=int, default=None,
                         help="number of images to generate [default: 64, or as many as --seeds]")
-    parser.add_argument("--solver", type=str.lower, choices=SOLVER_NAMES, default="euler", metavar="SOLVER",
-                        help="ODE solver: euler, heun (2nd order, N = NFE odd), or an adaptive one from t = 1 to "
-                             "1e-3 on the device (torchdiffeq): the paper's scipy names RK45, RK23, DOP853 (any "
-                             "case) run as dopri5, bosh3, dopri8 (Dormand-Prince 5(4), Bogacki-Shampine 3(2), "
-                             "Dormand-Prince 8), which can also be named directly")
-    parser.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance of the adaptive solvers")
-    parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of the adaptive solvers")
+    parser.add_argument("--solver", type=str.lower, choices=tuple(solvers.SOLVERS), default="euler",
+                        metavar="SOLVER", help=solver_help())
+    parser.add_argument("--schedule", type=str, choices=tuple(solvers.TIME_GRIDS), default="uniform",
+                        help=f"time grid of the fixed-step solvers ({', '.join(fixed_step_solvers())}): uniform "
+                             f"(equal steps, the paper's) or quadratic (t = (j / steps)^2 for j = steps..0: smaller "
+                             f"steps near the data at t = 0); straightness_mean is reported for uniform only. The "
+                             f"adaptive solvers choose their own steps")
+    parser.add_argument("--rtol", type=float, default=None,
+                        help=f"relative tolerance of the adaptive solvers (default: {solvers.DEFAULT_RTOL:g}); a "
+                             f"fixed-step solver ignores it, with a warning")
+    parser.add_argument("--atol", type=float, default=None,
+                        help=f"absolute tolerance of the adaptive solvers (default: {solvers.DEFAULT_ATOL:g}); a "
+                             f"fixed-step solver ignores it, with a warning")
     parser.add_argument("--seed", type=int, default=0,
                         help="sample k starts from noise seeded with seed + k (same image whatever the batch "
                              "size or number of processes)")
@@ -231,24 +255,49 @@ def encoder_config(args, encoder_file):
     return saved, (f"--config_en {args.config_en}" if given is not None else f"the encoder config in {where}")
 
 
-def check_args(args):
-    """Validate ``args`` (filling --res / --input_nc); returns the plan: configs and resolved weight files."""
-    seeds = resolve_seeds(args)
-    if args.batchsize < 1:
-        raise UserError(f"--batchsize must be at least 1, got {args.batchsize}")
+def check_solver(args):
+    """--solver with --N, --schedule, --rtol / --atol and --save_traj (filling the tolerances' defaults);
+    returns the warnings: tolerances given to a fixed-step solver have no effect."""
+    spec = solvers.solver_spec(args.solver)
     try:
-        flowlib.check_nfe(args.solver, args.N)
+        solvers.check_nfe(args.solver, args.N)
     except ValueError as error:
         raise UserError(str(error)) from None
-    plumbing.check_seed(args.seed)
+    given = [f"--{name}" for name in ("rtol", "atol") if getattr(args, name) is not None]
+    args.rtol = solvers.DEFAULT_RTOL if args.rtol is None else args.rtol
+    args.atol = solvers.DEFAULT_ATOL if args.atol is None else args.atol
     plumbing.check_finite_number(args.rtol, "--rtol")
     plumbing.check_finite_number(args.atol, "--atol")
-    if args.solver not in FIXED_STEP_SOLVERS:
+    fixed = " or ".join(fixed_step_solvers())
+    if spec.adaptive:
         if not (args.rtol > 0 and args.atol > 0):
             raise UserError(f"--rtol and --atol must be positive, got {args.rtol} and {args.atol}")
         if args.save_traj:
-            raise UserError(f"--save_traj draws x0 predictions at fixed steps; use --solver euler or heun "
+            raise UserError(f"--save_traj draws x0 predictions at fixed steps; use --solver {fixed} "
                             f"(got {args.solver})")
+        if args.schedule != "uniform":
+            raise UserError(f"--schedule {args.schedule} is the time grid of a fixed-step solver; {args.solver} "
+                            f"chooses its own steps: use --solver {fixed} or drop --schedule")
+        return []
+    if given:
+        return [f"warning: {' and '.join(given)} {'have' if len(given) > 1 else 'has'} no effect with "
+                f"{args.solver}, a fixed-step solver (--N sets its NFE); tolerances apply to the adaptive solvers"]
+    return []
+
+
+def check_args(args):
+    """Check ``args`` before anything is loaded or written; returns the plan (seeds, configs, resolved weight
+    files, warnings). Fills --res / --input_nc from the config and the tolerances' defaults.
+
+    Only checks: the arguments, the files they name and the network configs (a training state is read for
+    its config). Whether the weights fit is :func:`load_networks`'s job, and --dir is
+    :func:`prepare_output_dir`'s; main runs both after this, before anything is written.
+    """
+    seeds = resolve_seeds(args)
+    if args.batchsize < 1:
+        raise UserError(f"--batchsize must be at least 1, got {args.batchsize}")
+    warnings = check_solver(args)
+    plumbing.check_seed(args.seed)
     dist.check_gpus(dist.parse_gpu_list(args.gpu))
 
     if args.ckpt is None:
@@ -257,7 +306,7 @@ def check_args(args):
     config_de, config_de_name = flow_config(args, ckpt_file)
     resolve_image_options(args, config_de, args.config_de, where=config_de_name)
     plan = {"config_de": config_de, "config_de_name": config_de_name, "config_en": None, "config_en_name": None,
-            "ckpt_file": ckpt_file, "encoder_file": None, "seeds": seeds}
+            "ckpt_file": ckpt_file, "encoder_file": None, "seeds": seeds, "warnings": warnings}
 
     if args.encoder is not None:
         if args.dataset is None:
@@ -269,17 +318,6 @@ def check_args(args):
     elif args.save_data:
         raise UserError("--save_data saves the real images that --encoder reconstructs; give --encoder "
                         "(with --config_en and --dataset) or drop --save_data")
-
-    # The weights must fit the configs: load them once here, on the CPU, before anything is written.
-    load_flow_network(args, plan, torch.device("cpu"))
-    if args.encoder is not None:
-        dataset = load_encoder_dataset(args)
-        if len(dataset) < args.num_samples:
-            raise UserError(f"--num_samples {args.num_samples} exceeds the {len(dataset)} images of --dataset "
-                            f"{args.dataset}; lower --num_samples")
-        load_encoder(args, plan, torch.device("cpu"))
-
-    check_output_dir(args, plan)
     return plan
 
 
@@ -297,6 +335,7 @@ def run_record(args, plan):
 
 def _comparable(record):
     """The part of a run record that decides what the run writes."""
+    record = {**LATER_ARGS, **record}
     keys = [key for key in record if key not in RERUN_FREE_ARGS]
     return {key: (os.path.abspath(record[key]) if key in PATH_ARGS and record[key] else record[key]) for key in keys}
 
@@ -308,8 +347,9 @@ def differences(previous, current):
             if old.get(key) != new.get(key)]
 
 
-def check_output_dir(args, plan):
-    """--dir must be writable and must not hold a different run's outputs (unless --overwrite)."""
+def prepare_output_dir(args, plan):
+    """Take --dir's lock and create it; it must be writable and must not hold a different run's outputs
+    (unless --overwrite, which marks them to be deleted just before sampling)."""
     if not dist.under_launcher() or int(os.environ["RANK"]) == 0:
         runlock.acquire(args.dir)   # one writer per --dir (released in main); rank 0 writes it
     try:
@@ -371,7 +411,21 @@ def load_encoder_dataset(args):
     dataset = build_dataset(args.dataset, args.res, args.input_nc, data_path=args.data_path,
                             data_root=args.data_root, train=args.split == "train")
     dataset.flip = False  # image k must be the same image in every run
+    if len(dataset) < args.num_samples:
+        raise UserError(f"--num_samples {args.num_samples} exceeds the {len(dataset)} images of --dataset "
+                        f"{args.dataset}; lower --num_samples")
     return dataset
+
+
+def load_networks(args, plan, device):
+    """What sampling runs, built on ``device``: ``(flow network, encoder, dataset)``, the last two None without
+    --encoder. Weights that do not fit their config, or hold inf / NaN, stop here in one line."""
+    net = load_flow_network(args, plan, device)
+    encoder = dataset = None
+    if args.encoder is not None:
+        dataset = load_encoder_dataset(args)
+        encoder = load_encoder(args, plan, device)
+    return net, encoder, dataset
 
 
 def rank_indices(num_samples, rank, world_size):
@@ -410,13 +464,23 @@ def starting_points(indices,                # sample indices of this batch
 
 def sample_batch(net,                       # velocity network, called as net(z, t) with t [B]
                  z,                         # starting points at t = 1, [B, C, H, W]
-                 solver="euler",            # a name in models.flow.SOLVERS
+                 solver="euler",            # a name in models.solvers.SOLVERS
                  N=20,                      # NFE of the fixed-step solvers
-                 rtol=1e-5, atol=1e-5,      # tolerances of the adaptive solvers
+                 rtol=solvers.DEFAULT_RTOL,  # tolerances of the adaptive solvers (fixed-step ones ignore them)
+                 atol=solvers.DEFAULT_ATOL,
+                 schedule="uniform",        # time grid of the fixed-step solvers, a name in models.solvers.TIME_GRIDS
                  return_traj=False):        # keep states and x0 predictions (fixed-step solvers)
-    """Integrate one batch from t = 1 to 0; returns models.flow.SolveResult (x, nfe, traj, x0_preds, times)."""
-    solve = flowlib.get_solver(solver)
-    return solve(lambda state, t: net(state, t), z, N=N, rtol=rtol, atol=atol, return_traj=return_traj)
+    """Integrate one batch from t = 1 to 0; returns models.solvers.SolveResult (x, nfe, traj, x0_preds, times)."""
+    spec = solvers.solver_spec(solver)
+
+    def velocity(state, t):
+        return net(state, t)
+
+    if spec.adaptive:
+        return spec.function(velocity, z, rtol=rtol, atol=atol, return_traj=return_traj)
+    # uniform is the solvers' own default grid: steps of exactly -1 / steps, the paper's arithmetic
+    times = None if schedule == "uniform" else solvers.time_grid(schedule, spec.steps_for_nfe(N))
+    return spec.function(velocity, z, times=times, N=N, return_traj=return_traj)
 
 
 def to_images(x, no_scale=False):
@@ -451,12 +515,9 @@ def worker(info, args, plan):
     device = info.device
     amp, amp_reason = resolve_amp(args.amp, device)
     plan = dict(plan, amp=amp, amp_reason=amp_reason)
-    net = load_flow_network(args, plan, device)
+    net, encoder, dataset = load_networks(args, plan, device)
     velocity = autocast_velocity(net, device, amp)
-    encoder = dataset = None
-    if args.encoder is not None:
-        encoder = load_encoder(args, plan, device)
-        dataset = load_encoder_dataset(args)
+    spec = solvers.solver_spec(args.solver)
     folders = ["samples"] + ["trajs"] * args.save_traj + ["zs"] * args.save_z + ["data"] * args.save_data
 
     if info.is_main:
@@ -467,18 +528,23 @@ def worker(info, args, plan):
         save_json(run_record(args, plan), os.path.join(args.dir, "config_sampling.json"))
         parameters = sum(p.numel() for p in net.parameters()) / 1e6
         extra = f", encoder {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M" if encoder is not None else ""
-        nfe = f"NFE {args.N}" if args.solver in FIXED_STEP_SOLVERS else f"adaptive (rtol {args.rtol}, atol {args.atol})"
+        nfe = (f"NFE {args.N}, {args.schedule} grid" if spec.fixed_step
+               else f"adaptive (rtol {args.rtol}, atol {args.atol})")
         print(f"generate: {device} x {info.world_size} process(es), global batch {args.batchsize}, "
               f"{args.num_samples} samples, solver {args.solver}, {nfe}, flow network {parameters:.2f}M "
               f"parameters{extra}, start {'encoder(' + args.dataset + ')' if encoder is not None else 'noise'}, "
               f"amp {amp} ({amp_reason})",
               flush=True)
+        for warning in plan["warnings"]:
+            print(warning, flush=True)
     dist.barrier()
 
     indices = rank_indices(args.num_samples, info.rank, info.world_size)
     batch = max(1, math.ceil(args.batchsize / info.world_size))
     batches = [indices[i:i + batch] for i in range(0, len(indices), batch)]
-    fixed_step = args.solver in FIXED_STEP_SOLVERS
+    fixed_step = spec.fixed_step
+    # flowlib.straightness assumes equal steps (dt = 1 / steps): not defined here for another grid
+    measure_straightness = fixed_step and args.schedule == "uniform"
 
     # Per-sample statistics in global-index slots; summing over ranks fills every slot once.
     straightness = torch.zeros(args.num_samples, dtype=torch.float64, device=device)
@@ -493,10 +559,11 @@ def worker(info, args, plan):
     with torch.inference_mode():
         for batch_indices in batches:
             z, data = starting_points(batch_indices, plan["seeds"], args, device, encoder, dataset, amp)
-            result = sample_batch(velocity, z, args.solver, args.N, args.rtol, args.atol, return_traj=fixed_step)
+            result = sample_batch(velocity, z, args.solver, args.N, args.rtol, args.atol, args.schedule,
+                                  return_traj=fixed_step)
             slots = torch.as_tensor(batch_indices, device=device)
             z_norms[slots] = z.flatten(1).double().norm(dim=1)
-            if fixed_step:
+            if measure_straightness:
                 straightness[slots] = flowlib.straightness(result.traj, per_sample=True).double()
             written[slots] += 1
             nfe_total += torch.tensor([result.nfe, 1.0], dtype=torch.float64, device=device)
@@ -533,10 +600,11 @@ def worker(info, args, plan):
         results = {
             "num_samples": args.num_samples,
             "solver": args.solver,
-            "method": flowlib.ADAPTIVE_METHODS.get(args.solver, args.solver),
+            "method": spec.name,
             "N": args.N,
+            "schedule": args.schedule if fixed_step else None,
             "nfes_mean": nfe_total[0].item() / nfe_total[1].item(),
-            "straightness_mean": straightness.mean().item() if fixed_step else None,
+            "straightness_mean": straightness.mean().item() if measure_straightness else None,
             "z_norm_mean": norms.mean().item(),
             "z_norm_std": norms.std().item() if args.num_samples > 1 else 0.0,
             "z_norms": norms.tolist(),
@@ -548,7 +616,7 @@ def worker(info, args, plan):
         save_json(results, os.path.join(args.dir, "result_sampling.json"))
         if args.grid:
             write_grid(args, plan, results)
-        straight = f"{results['straightness_mean']:.6g}" if fixed_step else "n/a"
+        straight = f"{results['straightness_mean']:.6g}" if measure_straightness else "n/a"
         print(f"generate: {args.num_samples} samples in {seconds:.1f} s, nfes_mean {results['nfes_mean']:.2f}, "
               f"straightness_mean {straight}, z_norm_mean {results['z_norm_mean']:.4g} -> {args.dir}", flush=True)
     dist.barrier()
@@ -559,7 +627,10 @@ def write_grid(args, plan, results):
     count = min(GRID_IMAGES, args.num_samples)
     names = [sample_name(args, plan["seeds"][k], k) for k in range(count)]
     images = [np.asarray(Image.open(os.path.join(args.dir, "samples", f"{name}.png"))) for name in names]
-    nfe = f"NFE {args.N}" if args.solver in FIXED_STEP_SOLVERS else f"NFE {results['nfes_mean']:.0f} (adaptive)"
+    if solvers.solver_spec(args.solver).fixed_step:
+        nfe = f"NFE {args.N}" + (f", {args.schedule} grid" if args.schedule != "uniform" else "")
+    else:
+        nfe = f"NFE {results['nfes_mean']:.0f} (adaptive)"
     title = f"{args.solver}, {nfe}, {os.path.basename(os.path.normpath(plan['ckpt_file']))}"
     save_labelled_grid(images, [f"seed {plan['seeds'][k]}" for k in range(count)], title,
                        os.path.join(args.dir, "grid.png"))
@@ -568,7 +639,9 @@ def write_grid(args, plan, results):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        plan = check_args(args)
+        plan = check_args(args)                            # the arguments: nothing loaded, nothing written
+        load_networks(args, plan, torch.device("cpu"))     # the weights must fit, before --dir is touched
+        prepare_output_dir(args, plan)                     # the lock, then --dir
         dist.launch(worker, dist.parse_gpu_list(args.gpu), args, plan)
     finally:
         runlock.release(args.dir)

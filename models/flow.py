@@ -1,20 +1,15 @@
-"""The flow itself: interpolation and target, ODE solvers, and curvature.
+"""The flow itself: interpolation and target, and curvature.
 
 Conventions (the paper's): data ``x`` sits at t = 0, noise ``z`` at t = 1,
 ``z_t = t * z + (1 - t) * x`` and the velocity target is ``z - x``. Sampling
-integrates dz/dt = v(z, t) from t = 1 down to t = 0.
-
-Every solver has the same signature ``solver(velocity, z, N=..., rtol=...,
-atol=..., return_traj=False) -> SolveResult`` where ``velocity(z, t)`` takes
-``z`` [B, ...] and ``t`` [B] and returns a tensor shaped like ``z``. The NFE
-a solver used is always reported, never implied.
+integrates dz/dt = v(z, t) from t = 1 down to t = 0 with the solvers of
+models/solvers.py (re-exported here for the callers that import them from this module).
 """
-from dataclasses import dataclass, field
-
 import torch
 
+from models.solvers import ADAPTIVE_T_END, SolveResult, check_nfe, dopri5, euler, get_solver, heun  # noqa: F401
+
 T_EPS = 1e-5          # training times are drawn from U(T_EPS, 1)
-ADAPTIVE_T_END = 1e-3  # adaptive solvers stop here, as in the paper's code
 
 
 # ----------------------------------------------------------------------------
@@ -76,138 +71,6 @@ def target_velocity_vp(x, z, t):
 
 
 INTERPOLATIONS = ("linear", "vp")
-
-
-# ----------------------------------------------------------------------------
-# Sampling: solvers from t = 1 to t = 0.
-
-@dataclass
-class SolveResult:
-    """What a solver returns. ``traj`` and ``x0_preds`` are filled only with ``return_traj``."""
-    x: torch.Tensor                      # the end point (t = 0, or ADAPTIVE_T_END for adaptive solvers)
-    nfe: int                             # velocity evaluations actually used
-    traj: list = field(default_factory=list)      # states z at each time, traj[0] = start
-    x0_preds: list = field(default_factory=list)  # x0_hat = z - t * v at each step
-    times: list = field(default_factory=list)     # the time of each traj entry
-
-
-def _times(batch, value, like):
-    return torch.full((batch,), float(value), device=like.device, dtype=torch.float32)
-
-
-@torch.no_grad()
-def euler(velocity, z, N=100, rtol=None, atol=None, return_traj=False):
-    """Euler's method with N uniform steps from t = 1 to 0 (NFE = N)."""
-    if N < 1:
-        raise ValueError(f"N must be >= 1 for euler, got {N}")
-    batch, dt = z.shape[0], -1.0 / N
-    result = SolveResult(x=z, nfe=0)
-    if return_traj:
-        result.traj.append(z.clone())
-        result.times.append(1.0)
-    for i in range(N, 0, -1):
-        t = i / N
-        v = velocity(z, _times(batch, t, z))
-        result.nfe += 1
-        if return_traj:
-            result.x0_preds.append(z - t * v)
-        z = z + v * dt
-        if return_traj:
-            result.traj.append(z.clone())
-            result.times.append((i - 1) / N)
-    result.x = z
-    return result
-
-
-@torch.no_grad()
-def heun(velocity, z, N=101, rtol=None, atol=None, return_traj=False):
-    """Heun's 2nd-order method as in the paper: N = NFE (odd), (N + 1) / 2 steps, the last one Euler."""
-    if N < 1 or N % 2 == 0:
-        raise ValueError(f"N must be odd for heun (it is the NFE: (N + 1) / 2 steps), got {N}")
-    steps = (N + 1) // 2
-    batch, dt = z.shape[0], -1.0 / steps
-    result = SolveResult(x=z, nfe=0)
-    if return_traj:
-        result.traj.append(z.clone())
-        result.times.append(1.0)
-    for i in range(steps, 0, -1):
-        t, t_next = i / steps, (i - 1) / steps
-        # Euler predictor.
-        v = velocity(z, _times(batch, t, z))
-        result.nfe += 1
-        # Trapezoidal corrector, except on the last step (t_next = 0), which stays Euler.
-        if i > 1:
-            v_next = velocity(z + v * dt, _times(batch, t_next, z))
-            result.nfe += 1
-            v = (v + v_next) / 2
-        if return_traj:
-            result.x0_preds.append(z - t * v)
-        z = z + v * dt
-        if return_traj:
-            result.traj.append(z.clone())
-            result.times.append(t_next)
-    result.x = z
-    return result
-
-
-def _adaptive(method, velocity, z, rtol, atol, return_traj):
-    """torchdiffeq's ``method`` from t = 1 to 1e-3 on z's device; reports the NFE used."""
-    from torchdiffeq import odeint
-
-    batch = z.shape[0]
-    calls = [0]
-
-    def rhs(t, state):
-        calls[0] += 1
-        return velocity(state, t.to(torch.float32).expand(batch))
-
-    grid = torch.tensor([1.0, ADAPTIVE_T_END], device=z.device, dtype=torch.float32)
-    states = odeint(rhs, z.float(), grid, rtol=rtol, atol=atol, method=method)
-    result = SolveResult(x=states[-1].to(z.dtype), nfe=calls[0])
-    if return_traj:
-        result.traj = [states[0], states[-1]]
-        result.times = [1.0, ADAPTIVE_T_END]
-    return result
-
-
-@torch.no_grad()
-def dopri5(velocity, z, N=None, rtol=1e-5, atol=1e-5, return_traj=False):
-    """Adaptive Dormand-Prince 5(4) (scipy's RK45) from t = 1 to 1e-3 on z's device; reports the NFE used."""
-    return _adaptive("dopri5", velocity, z, rtol, atol, return_traj)
-
-
-@torch.no_grad()
-def bosh3(velocity, z, N=None, rtol=1e-5, atol=1e-5, return_traj=False):
-    """Adaptive Bogacki-Shampine 3(2) (scipy's RK23) from t = 1 to 1e-3 on z's device; reports the NFE used."""
-    return _adaptive("bosh3", velocity, z, rtol, atol, return_traj)
-
-
-@torch.no_grad()
-def dopri8(velocity, z, N=None, rtol=1e-5, atol=1e-5, return_traj=False):
-    """Adaptive Dormand-Prince 8 (as scipy's DOP853) from t = 1 to 1e-3 on z's device; reports the NFE used."""
-    return _adaptive("dopri8", velocity, z, rtol, atol, return_traj)
-
-
-# the paper's scipy solve_ivp names map to the torchdiffeq methods that run on the device
-SOLVERS = {"euler": euler, "heun": heun, "rk45": dopri5, "dopri5": dopri5, "rk23": bosh3, "bosh3": bosh3,
-           "dop853": dopri8, "dopri8": dopri8}
-ADAPTIVE_METHODS = {"rk45": "dopri5", "dopri5": "dopri5", "rk23": "bosh3", "bosh3": "bosh3",
-                    "dop853": "dopri8", "dopri8": "dopri8"}
-
-
-def get_solver(name):
-    """Look up a solver by name; unknown names raise ``ValueError`` listing the known ones."""
-    if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; known: {', '.join(SOLVERS)}")
-    return SOLVERS[name]
-
-
-def check_nfe(solver, N):
-    """Validate N for a fixed-step solver before any work starts (ValueError with the fix)."""
-    if solver in ("euler", "heun") and (not isinstance(N, int) or N < 1):
-        raise ValueError(f"--N must be a positive integer for {solver}, got {N}")
-    if solver == "heun" and N % 2 == 0:
-        raise ValueError(f"N must be odd for heun (N is the NFE; try --N {N + 1}), got {N}")
 
 
 # ----------------------------------------------------------------------------
