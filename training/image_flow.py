@@ -13,6 +13,7 @@ from tqdm import tqdm
 from models import build_encoder, build_network
 from models import flow as flowlib
 from models.couplings import FlowWithCoupling, build_coupling
+from models.solvers import euler
 from training import loop
 from utils import dist
 from utils import train as plumbing
@@ -122,7 +123,7 @@ def sample_grids(nets, test_images, args, iteration, device, arrays=None, amp="n
     stats = {}
 
     def grids(start, N, name, name_x0):
-        result = flowlib.euler(autocast_velocity(nets.flow, device, amp), start, N=N, return_traj=True)
+        result = euler(autocast_velocity(nets.flow, device, amp), start, N=N, return_traj=True)
         for images, grid_name in ((result.traj, name), (result.x0_preds, name_x0)):
             grid = make_grid(torch.cat(images), nrow=SAMPLE_COUNT)
             save_png(grid, os.path.join(args.dir, f"traj_{grid_name}_{iteration}.png"))

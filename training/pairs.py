@@ -17,6 +17,7 @@ from tqdm import tqdm
 from models import flow as flowlib
 from models.couplings import FixedPairs
 from models.losses import coupled_flow_loss, distill_loss
+from models.solvers import euler
 from training import loop
 from utils import train as plumbing
 from utils.amp import autocast, autocast_velocity
@@ -40,7 +41,7 @@ def pair_loss(mode, net, x, z):
 @torch.no_grad()
 def sample(net, z, N):
     """Euler from t = 1 to 0 with N steps (N = 1: z - v(z, 1))."""
-    return flowlib.euler(net, z, N=N).x
+    return euler(net, z, N=N).x
 
 
 @torch.no_grad()
