@@ -35,7 +35,7 @@ def folder(tmp_path):
 
 
 def test_one_extension_list_holds_the_common_formats():
-    assert {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff"} <= set(IMAGE_EXTENSIONS)
+    assert {".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff"} <= set(IMAGE_EXTENSIONS)
     assert all(extension == extension.lower() and extension.startswith(".") for extension in IMAGE_EXTENSIONS)
 
 
