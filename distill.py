@@ -47,7 +47,6 @@ OMP_WAIT_POLICY = choose_omp_wait_policy()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from models import build_network, load_config  # noqa: E402
 from models.config import resolve_image_options  # noqa: E402
@@ -58,10 +57,11 @@ from utils.amp import AMP_CHOICES, AMP_HELP, resolve_amp  # noqa: E402
 from utils.checkpoint import load_weights  # noqa: E402
 from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
 from training.pairs import ADAM_BETAS, ADAM_EPS, PairTrainer  # noqa: E402
+from utils.imagefiles import image_problem, is_image_name, no_images, open_image, to_pixels  # noqa: E402
 from utils.io import did_you_mean, load_state_dict_strict  # noqa: E402
 
 MODES = ("distill", "reflow")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_FIX = "regenerate or remove it"
 IMAGE_MODES = {1: "L", 3: "RGB"}          # PIL mode of the images for each channel count
 
 
@@ -142,10 +142,9 @@ def _listing(folder, option):
 
 def match_pairs(im_dir, z_dir, options=("--im_dir", "--z_dir")):
     """``[(image path, z path)]`` sorted by index; every image must have exactly one z with its index."""
-    images = [name for name in _listing(im_dir, options[0]) if name.lower().endswith(IMAGE_EXTENSIONS)]
+    images = [name for name in _listing(im_dir, options[0]) if is_image_name(name)]
     if not images:
-        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {options[0]} {im_dir}; give the samples/ "
-                        f"folder of a generate.py run")
+        raise no_images(f"{options[0]} {im_dir}", "give the samples/ folder of a generate.py run")
     zs = {}
     for name in _listing(z_dir, options[1]):
         if name.endswith(".npy") and file_index(name) is not None:
@@ -171,22 +170,10 @@ def match_pairs(im_dir, z_dir, options=("--im_dir", "--z_dir")):
     return [(image, z) for _, image, z in sorted(pairs)]
 
 
-def _open_image(path):
-    try:
-        return Image.open(path)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise UserError(f"unreadable image {path} ({error}); regenerate or remove it") from None
-
-
 def _image_problem(image, path, resolution, channels):
     # one channel: any image is converted to grey, as the paper's loader does (its generate.py saves RGB PNGs)
-    if channels == 3 and image.mode != IMAGE_MODES[channels]:
-        return (f"image {path} has PIL mode {image.mode}, expected {IMAGE_MODES[channels]} for {channels} "
-                f"channel(s); check --config_de / --input_nc")
-    if image.size != (resolution, resolution):
-        return (f"image {path} is {image.size[0]}x{image.size[1]}, expected {resolution}x{resolution}; "
-                f"check --config_de / --res")
-    return None
+    return image_problem(image, path, size=(resolution, resolution), modes=("RGB",) if channels == 3 else None,
+                         size_fix="check --config_de / --res", mode_fix="check --config_de / --input_nc")
 
 
 def _load_z(path, mmap_mode=None):
@@ -207,20 +194,15 @@ def _z_problem(array, path, shape):
 
 
 def read_image(path, resolution, channels):
-    """One image as float [C, H, W] in [-1, 1]: x = (u8 - 127.5) / 127.5. For one channel, an RGB (or
-    other) image is first converted to grey with PIL's convert("L"), as the paper's DatasetWithLatent."""
-    with _open_image(path) as image:
+    """One image as float [C, H, W] in [-1, 1]: x = (u8 - 127.5) / 127.5 (the paper's ToTensor + Normalize(0.5,
+    0.5), not the datasets' u8 / 127.5 - 1, which differs in the last bit). For one channel, an RGB (or other)
+    image is first converted to grey with PIL's convert("L"), as the paper's DatasetWithLatent."""
+    with open_image(path, fix=IMAGE_FIX) as image:
         problem = _image_problem(image, path, resolution, channels)
         if problem:
             raise UserError(problem)
-        try:
-            if channels == 1 and image.mode != "L":
-                image = image.convert("L")
-            array = np.asarray(image, dtype=np.uint8)
-        except (OSError, ValueError) as error:
-            raise UserError(f"unreadable image {path} ({error}); regenerate or remove it") from None
-    array = array.reshape(resolution, resolution, channels)
-    return (torch.from_numpy(array.copy()).permute(2, 0, 1).float() - 127.5) / 127.5
+        pixels = to_pixels(image, channels)
+    return (torch.from_numpy(pixels.copy()).float() - 127.5) / 127.5
 
 
 def read_z(path, shape):
@@ -244,7 +226,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.resolution, self.channels = resolution, channels
         shape = (channels, resolution, resolution)
         for image_path, z_path in self.pairs:
-            with _open_image(image_path) as image:
+            with open_image(image_path, fix=IMAGE_FIX) as image:
                 problem = _image_problem(image, image_path, resolution, channels)
             problem = problem or _z_problem(_load_z(z_path, mmap_mode="r"), z_path, shape)
             if problem:
