@@ -23,7 +23,7 @@ seconds of the training loop; reflow's includes generating its pairs).
 Writes into --out: results.json (one row per run), results.md (mean +- std over seeds),
 quality_vs_nfe.png and trajectories.png (first seed).
 
-    python benchmarks/couplings_2d.py --quick     # ~3 minutes on 2 CPU cores, 1 seed -> runs/benchmarks/
+    python benchmarks/couplings_2d.py --quick     # ~2 CPU-minutes (80 s of it sinkhorn), 1 seed -> runs/benchmarks/
     python benchmarks/couplings_2d.py --seeds 3   # the reported run -> benchmarks/results/couplings_2d/
 
 Only the reported configuration (FULL below) writes into the committed
