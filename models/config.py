@@ -1,18 +1,11 @@
 """Validation of the JSON network configs (the paper's ``configs/*.json`` format)."""
-import json
 import numbers
-import os
+
+from utils.errors import UserError
 
 
-class ConfigError(ValueError):
-    """An invalid network config, or a config file that is missing or not JSON: a ``ValueError`` for library
-    users; the command-line programs print it as one line, as their own user errors (``utils.errors``, which
-    adds a suggestion for a ``missing_file`` whose path lost its separators). Defined here, not in ``utils``:
-    ``models`` never imports ``utils``."""
-
-    def __init__(self, message, missing_file=None):
-        super().__init__(message)
-        self.missing_file = missing_file
+class ConfigError(UserError, ValueError):
+    """An invalid network config; a ``ValueError`` for library users, one line for CLI users."""
 
 
 def _is_int(value):
@@ -97,15 +90,10 @@ def validate_config(config, name="config"):
 
 
 def load_config(path, role="--config_de"):
-    """Read and validate a network config file; every problem is one :class:`ConfigError` line naming the file."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{role} file not found: {path}", missing_file=path)
-    try:
-        with open(path) as handle:
-            config = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{role} file {path} is not valid JSON ({error})") from None
-    return validate_config(config, name=f"{role} {path}")
+    """Read and validate a network config file; every problem is one :class:`UserError` line naming the file."""
+    from utils.io import load_json
+
+    return validate_config(load_json(path, what=f"{role} file"), name=f"{role} {path}")
 
 
 def check_encoder_decoder(config_de, config_en, names=("--config_de", "--config_en")):

@@ -24,27 +24,6 @@ class UserError(Exception):
     """A problem with the user's input; printed as one line, no traceback."""
 
 
-def is_user_error(error):
-    """Whether ``error`` is a problem the user can fix, printed as one line: a :class:`UserError`, or a
-    ``models.config.ConfigError`` (defined in ``models``, which never imports ``utils``; importing it here
-    would load torch before the signal handlers are set, and one exists only once models.config is loaded)."""
-    if isinstance(error, UserError):
-        return True
-    config = sys.modules.get("models.config")
-    return config is not None and isinstance(error, config.ConfigError)
-
-
-def user_message(error):
-    """The line for a user error: its message and, for a ConfigError's missing file, a did-you-mean."""
-    message = str(error)
-    missing = getattr(error, "missing_file", None)
-    if missing is not None:
-        from utils.io import did_you_mean   # torch is loaded already: a ConfigError comes from models
-
-        message += did_you_mean(missing)
-    return printable(message)
-
-
 def printable(text):
     """``text`` with control characters (a raw ANSI escape from a file's bytes, say) and undecodable bytes of a
     file name written as escapes, so that an error line cannot garble the terminal."""
@@ -119,12 +98,14 @@ def _run(main, argv):
         main(argv)
     except KeyboardInterrupt as error:
         exit_interrupted(error)
+    except UserError as error:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {printable(error)}", file=sys.stderr)
+        sys.exit(1)
     except Exception as error:  # noqa: BLE001 - last line of defence for a CLI
         if debug:
             traceback.print_exc()
-        if is_user_error(error):
-            print(f"error: {user_message(error)}", file=sys.stderr)
-            sys.exit(1)
         message = str(error).strip().splitlines()
         detail = printable(message[0]) if message else ""
         print(f"error: {type(error).__name__}: {detail} (run with --debug for the traceback)",
