@@ -5,7 +5,9 @@ paper's VP / DDPM-style path z_t = alpha(t) x + sqrt(1 - alpha(t)^2) z instead).
 learned coupling (the default) an encoder MLP gives q(z | x) = N(mu(x), diag(exp(logvar(x))))
 and is trained jointly, with loss = flow-matching MSE + weight_prior * KL(q || prior) / 2;
 ``--independent`` draws z from the prior regardless of x (1-rectified flow), ``--coupling ot``
-pairs x and prior noise by minibatch optimal transport.
+pairs x and prior noise by minibatch optimal transport, ``--coupling sinkhorn`` by entropic
+(Sinkhorn) minibatch OT. The couplings and the loss are those of the image trainer
+(models/couplings.py, models/losses.py), with the wide prior as their prior_variances.
 
 Writes into --dir: figures (PNG, refreshed every 1000 iterations and at the end),
 flow_model_{i}.pth / forward_model_{i}.pth (state dicts), stats.jsonl, config.json and, at the
@@ -27,13 +29,16 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from models import couplings as couplinglib  # noqa: E402
 from models import flow as flowlib  # noqa: E402
 from models import toy2d  # noqa: E402
-from utils import runlock  # noqa: E402
+from utils import metrics2d, plot2d, runlock  # noqa: E402
+from utils.amp import AMP_CHOICES, autocast, autocast_velocity, resolve_amp  # noqa: E402
 from utils.console import progress_bar  # noqa: E402
 from utils.dist import check_gpus, parse_gpu_list  # noqa: E402
 from utils.io import append_text, atomic_write, save_json, save_torch  # noqa: E402
 from utils.train import all_finite, check_finite_number, check_seed  # noqa: E402
+from utils.train2d import training_step  # noqa: E402
 
 LOG_EVERY = 100          # iterations per stats.jsonl line
 FIGURE_EVERY = 1000      # the paper refreshes its figures every 1000 iterations
@@ -46,20 +51,25 @@ PATHS_DRAWN = 30         # trajectories drawn per figure, as in the paper
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description="Two-mode Gaussian example of 'Minimizing Trajectory Curvature of ODE-based "
-                    "Generative Models': learned vs independent coupling.",
+                    "Generative Models': the learned coupling against the independent and minibatch-OT ones.",
         formatter_class=HelpFormatter)
     parser.add_argument("--dir", type=str, default="runs/2d",
                         help="output folder for figures, checkpoints, stats and metrics")
     parser.add_argument("--coupling", choices=toy2d.COUPLINGS, default="learned",
-                        help="how data x and noise z are paired: 'learned' (encoder q(z|x), the paper), "
-                             "'independent' (z ~ prior), 'ot' (minibatch optimal transport of x and prior "
-                             "noise; its batches hold both modes)")
+                        help="how data x and noise z are paired: "
+                             + "; ".join(f"'{name}': {couplinglib.DESCRIPTIONS[name]}" for name in toy2d.COUPLINGS)
+                             + " (ot and sinkhorn re-pair whole batches, so their batches hold both modes)")
     parser.add_argument("--independent", action="store_true",
                         help="the paper's flag for the independent coupling: same as --coupling independent")
     parser.add_argument("--ot_batch", type=int, default=toy2d.OT_BATCH,
-                        help="--coupling ot: points per exact assignment; the batch is split into groups of "
-                             "this size, each holding both modes (the Hungarian solve costs O(n^3): a whole "
+                        help="--coupling ot and sinkhorn: points per assignment; the batch is split into groups "
+                             "of this size, each holding both modes (the Hungarian solve costs O(n^3): a whole "
                              "batch of 512 takes ~25x longer per step); 0: the whole batch")
+    parser.add_argument("--ot_reg", type=float, default=0.05,
+                        help="--coupling sinkhorn: the entropic regularisation, as a fraction of the mean squared "
+                             "distance between a group's data points and noise samples; towards 0 the plan "
+                             "approaches exact OT (and needs more Sinkhorn iterations), large values approach the "
+                             "independent coupling")
     parser.add_argument("--ddpm", action="store_true",
                         help="the paper's VP (DDPM-style) interpolation z_t = alpha(t) x + sqrt(1 - alpha(t)^2) z, "
                              "alpha(t) = exp(-19.9 t^2 / 4 - 0.1 t / 2) (the VP-SDE's beta from 0.1 to 20), with "
@@ -79,6 +89,12 @@ def parse_args(argv):
                         help="comma-separated Euler step counts (NFE) for the final samples and metrics")
     parser.add_argument("--gpu", type=str, default=None,
                         help="CUDA device id, e.g. 0 (omit to run on the CPU)")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="none",
+                        help="mixed precision: 'none' = fp32; 'bf16' = bf16 autocast of the MLPs' evaluations "
+                             "(weights, optimizer and losses stay fp32); 'auto' = bf16 where the device has native "
+                             "bf16 (CUDA with bf16, CPUs with AMX-BF16 or AVX512-BF16), else fp32. Default none, "
+                             "unlike the image scripts: these MLPs (100 hidden units) are too small to run faster "
+                             "in bf16, and fp32 keeps the documented numbers on every machine")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow writing into a --dir that already holds a run")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -87,20 +103,24 @@ def parse_args(argv):
 
 def resolve(args):
     """Check every argument before any work starts; returns (coupling, eval_N, device)."""
-    if args.independent and args.coupling == "ot":
-        raise UserError("--independent contradicts --coupling ot; pass only one of them")
+    if args.independent and args.coupling not in ("learned", "independent"):
+        raise UserError(f"--independent contradicts --coupling {args.coupling}; pass only one of them")
     coupling = "independent" if args.independent else args.coupling
     for name in ("N", "batchsize", "iterations"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if coupling == "ot" and args.batchsize < 2:
-        raise UserError("--coupling ot needs --batchsize of at least 2")
+    min_batch = couplinglib.COUPLINGS[coupling].min_batch
+    if args.batchsize < min_batch:
+        raise UserError(f"--coupling {coupling} needs --batchsize of at least {min_batch}")
     if args.ot_batch < 0:
         raise UserError(f"--ot_batch must be >= 0 (0: the whole batch), got {args.ot_batch}")
     check_finite_number(args.lr, "--lr")
     check_finite_number(args.weight_prior, "--weight_prior")
+    check_finite_number(args.ot_reg, "--ot_reg")
     if not args.lr > 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
+    if not args.ot_reg > 0:
+        raise UserError(f"--ot_reg must be positive, got {args.ot_reg}")
     if not args.weight_prior >= 0:
         raise UserError(f"--weight_prior must be >= 0, got {args.weight_prior}")
     check_seed(args.seed)
@@ -150,12 +170,11 @@ def count_parameters(module):
 class Figures:
     """The paper's figures, drawn from fixed noise so that successive refreshes are comparable."""
 
-    def __init__(self, folder, data, coupling, variances, eval_noise, N, wide_prior, seed, ot_batch,
-                 interpolation="linear"):
-        self.folder, self.coupling, self.variances, self.N, self.seed = folder, coupling, variances, N, seed
-        self.ot_batch, self.interpolation = ot_batch, interpolation
+    def __init__(self, folder, data, model, coupling, eval_noise, N, wide_prior, seed, amp="none"):
+        self.folder, self.model, self.coupling, self.N, self.seed = folder, model, coupling, N, seed
+        self.amp = amp
         self.x = data.plot_batch(PLOT_POINTS)
-        self.colors = toy2d.mode_colors(PLOT_POINTS)
+        self.colors = plot2d.mode_colors(PLOT_POINTS)
         self.noise = eval_noise[:2048]
         self.prior_label = toy2d.prior_name(wide_prior)
 
@@ -169,34 +188,38 @@ class Figures:
     def data_and_prior(self, data):
         """data.png (the two modes) and prior.png (the prior), drawn once."""
         plt, fig, (ax,) = self._new()
-        toy2d.setup_axes(ax, "data: two Gaussians")
+        plot2d.setup_axes(ax, "data: two Gaussians")
         for mode in (0, 1):
-            toy2d.plot_points(ax, data.modes[mode][:2048], toy2d.MODE_COLORS[mode], label=f"mode {mode}")
+            plot2d.plot_points(ax, data.modes[mode][:2048], plot2d.MODE_COLORS[mode], label=f"mode {mode}")
         ax.legend(fontsize=7, markerscale=3, loc="lower right")
         fig.tight_layout()
         save_figure(fig, os.path.join(self.folder, "data.png"))
         plt.close(fig)
         plt, fig, (ax,) = self._new()
-        toy2d.setup_axes(ax, f"prior {self.prior_label}")
-        toy2d.plot_points(ax, self.noise, toy2d.NOISE_COLOR, label="prior samples")
+        plot2d.setup_axes(ax, f"prior {self.prior_label}")
+        plot2d.plot_points(ax, self.noise, plot2d.NOISE_COLOR, label="prior samples")
         ax.legend(fontsize=7, markerscale=3, loc="lower right")
         fig.tight_layout()
         save_figure(fig, os.path.join(self.folder, "prior.png"))
         plt.close(fig)
 
     @torch.no_grad()
-    def refresh(self, flow_model, encoder, iteration, one_step=None, metrics=None):
+    def refresh(self, iteration, one_step=None, metrics=None):
         """traj_generative.png, traj_reconstruction.png, traj_coupling.png and overview.png."""
+        coupling, device = self.model.coupling, self.x.device
         generator = toy2d.make_generator(self.seed, toy2d.STREAM_PLOT)   # the same coupling noise at every refresh
-        z, _, _ = toy2d.pair_noise(self.coupling, self.x, self.variances, generator, encoder, self.ot_batch)
-        generative = flowlib.euler(flow_model, self.noise, N=self.N, return_traj=True)
-        reconstruction = flowlib.euler(flow_model, z, N=self.N, return_traj=True)
-        if self.interpolation == "vp":   # the path z_t of --ddpm, drawn from t = 1 to t = 0
+        noise = coupling.assign(self.x, toy2d.randn(self.x.shape, generator, device), generator)
+        with autocast(device, self.amp):
+            z = coupling.pair(self.x, noise).z.float()
+        velocity = autocast_velocity(self.model.flow, device, self.amp)
+        generative = flowlib.euler(velocity, self.noise, N=self.N, return_traj=True)
+        reconstruction = flowlib.euler(velocity, z, N=self.N, return_traj=True)
+        if self.model.interpolation == "vp":   # the path z_t of --ddpm, drawn from t = 1 to t = 0
             straight = [flowlib.interpolate_vp(self.x, z, torch.full((len(z),), t)) for t in np.linspace(1, 0, 30)]
         else:
             straight = [z, self.x]   # the coupling's straight path, drawn from t = 1 to t = 0
         if one_step is None:
-            one_step = flowlib.euler(flow_model, self.noise, N=1).x
+            one_step = flowlib.euler(velocity, self.noise, N=1).x
         suffix = f"({self.coupling}, iteration {iteration})"
 
         panels = {
@@ -216,9 +239,9 @@ class Figures:
                    generative, reconstruction)
         self._draw(axes[1], "traj_generative.png", f"{self.coupling}: Euler N={self.N} from prior", z,
                    straight, generative, reconstruction)
-        toy2d.setup_axes(axes[2], f"{self.coupling}: one Euler step (NFE 1)")
-        toy2d.plot_points(axes[2], self.x, "0.6", alpha=0.2, label="data")
-        toy2d.plot_points(axes[2], one_step[:2048], toy2d.NOISE_COLOR, alpha=0.25, label="samples")
+        plot2d.setup_axes(axes[2], f"{self.coupling}: one Euler step (NFE 1)")
+        plot2d.plot_points(axes[2], self.x, "0.6", alpha=0.2, label="data")
+        plot2d.plot_points(axes[2], one_step[:2048], plot2d.NOISE_COLOR, alpha=0.25, label="samples")
         axes[2].legend(fontsize=7, markerscale=3, loc="lower right")
         headline = f"{self.coupling} coupling, iteration {iteration}"
         if metrics is not None:
@@ -231,21 +254,21 @@ class Figures:
         plt.close(fig)
 
     def _draw(self, ax, name, title, z, straight, generative, reconstruction):
-        toy2d.setup_axes(ax, title)
+        plot2d.setup_axes(ax, title)
         if name == "traj_coupling.png":
             for mode in (0, 1):
-                toy2d.plot_points(ax, self.x[mode * PLOT_POINTS:(mode + 1) * PLOT_POINTS],
-                                  toy2d.MODE_COLORS[mode], alpha=0.15, label=f"data, mode {mode}")
-            toy2d.plot_trajectories(ax, straight, self.colors, PATHS_DRAWN)
-            toy2d.plot_points(ax, z, "0.4", alpha=0.25, label="coupled z")
+                plot2d.plot_points(ax, self.x[mode * PLOT_POINTS:(mode + 1) * PLOT_POINTS],
+                                  plot2d.MODE_COLORS[mode], alpha=0.15, label=f"data, mode {mode}")
+            plot2d.plot_trajectories(ax, straight, self.colors, PATHS_DRAWN)
+            plot2d.plot_points(ax, z, "0.4", alpha=0.25, label="coupled z")
         elif name == "traj_generative.png":
-            toy2d.plot_trajectories(ax, generative.traj, toy2d.NOISE_COLOR, PATHS_DRAWN)
-            toy2d.plot_points(ax, generative.x, toy2d.NOISE_COLOR, alpha=0.2, label="samples (o: start)")
+            plot2d.plot_trajectories(ax, generative.traj, plot2d.NOISE_COLOR, PATHS_DRAWN)
+            plot2d.plot_points(ax, generative.x, plot2d.NOISE_COLOR, alpha=0.2, label="samples (o: start)")
         else:
-            toy2d.plot_trajectories(ax, reconstruction.traj, self.colors, PATHS_DRAWN)
+            plot2d.plot_trajectories(ax, reconstruction.traj, self.colors, PATHS_DRAWN)
             for mode in (0, 1):
-                toy2d.plot_points(ax, reconstruction.x[mode * PLOT_POINTS:(mode + 1) * PLOT_POINTS],
-                                  toy2d.MODE_COLORS[mode], alpha=0.2, label=f"reconstructed mode {mode}")
+                plot2d.plot_points(ax, reconstruction.x[mode * PLOT_POINTS:(mode + 1) * PLOT_POINTS],
+                                  plot2d.MODE_COLORS[mode], alpha=0.2, label=f"reconstructed mode {mode}")
         ax.legend(fontsize=6, markerscale=3, loc="lower right")
 
     def generated(self, samples, metrics, reference):
@@ -253,9 +276,9 @@ class Figures:
         steps = sorted(samples)
         plt, fig, axes = self._new(len(steps))
         for ax, n in zip(axes, steps):
-            toy2d.setup_axes(ax, f"NFE {n}: energy distance {metrics['energy_distance'][str(n)]:.3f}")
-            toy2d.plot_points(ax, reference[:2048], "0.6", alpha=0.2, label="true mixture")
-            toy2d.plot_points(ax, samples[n][:2048], toy2d.NOISE_COLOR, alpha=0.25, label="samples")
+            plot2d.setup_axes(ax, f"NFE {n}: energy distance {metrics['energy_distance'][str(n)]:.3f}")
+            plot2d.plot_points(ax, reference[:2048], "0.6", alpha=0.2, label="true mixture")
+            plot2d.plot_points(ax, samples[n][:2048], plot2d.NOISE_COLOR, alpha=0.25, label="samples")
             ax.legend(fontsize=6, markerscale=3, loc="lower right")
         fig.suptitle(f"{self.coupling}: Euler samples (blue) vs true mixture (gray)", fontsize=9)
         fig.tight_layout()
@@ -263,15 +286,15 @@ class Figures:
         plt.close(fig)
 
 
-def save_checkpoints(folder, iteration, flow_model, encoder):
+def save_checkpoints(folder, iteration, model):
     """The networks' state dicts; weights holding inf or NaN are never written (one line instead)."""
-    networks = [flow_model] + ([encoder] if encoder is not None else [])
+    networks = [model.flow] + ([model.encoder] if model.encoder is not None else [])
     if not all_finite([tensor for network in networks for tensor in network.state_dict().values()]):
         raise UserError(f"stopped at iteration {iteration}: the weights hold inf or NaN, so nothing was saved "
                         f"(the files of earlier iterations are kept); lower --lr")
-    save_torch(flow_model.state_dict(), os.path.join(folder, f"flow_model_{iteration}.pth"))
-    if encoder is not None:
-        save_torch(encoder.state_dict(), os.path.join(folder, f"forward_model_{iteration}.pth"))
+    save_torch(model.flow.state_dict(), os.path.join(folder, f"flow_model_{iteration}.pth"))
+    if model.encoder is not None:
+        save_torch(model.encoder.state_dict(), os.path.join(folder, f"forward_model_{iteration}.pth"))
 
 
 def main(argv):
@@ -289,31 +312,35 @@ def run(args, coupling, eval_N, device):
         # These MLPs are tiny: one thread is faster than several (measured 6.6 vs 10.3 ms per step).
         torch.set_num_threads(1)
     wide_prior = not args.no_wide_prior
+    amp, amp_reason = resolve_amp(args.amp, device)
+    interpolation = "vp" if args.ddpm else "linear"
 
     # Everything random comes from --seed: the networks' initialisation and one stream per purpose.
-    flow_model, encoder = toy2d.build_models(coupling, args.seed, device)
-    parameters = list(flow_model.parameters()) + (list(encoder.parameters()) if encoder is not None else [])
-    optimizer = torch.optim.Adam(parameters, lr=args.lr)
     variances = toy2d.prior_variances(wide_prior, device)
+    model = toy2d.build_flow_with_coupling(coupling, args.seed, device, variances, args.weight_prior, args.ot_batch,
+                                           args.ot_reg, interpolation)
+    flow_model, encoder = model.flow, model.encoder
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)   # the flow's, then the encoder's
     data = toy2d.TwoModeData(toy2d.make_generator(args.seed, toy2d.STREAM_DATA), device=device)
     train_generator = toy2d.make_generator(args.seed, toy2d.STREAM_TRAIN)
     eval_noise = toy2d.sample_prior(EVAL_POINTS, variances, toy2d.make_generator(args.seed, toy2d.STREAM_EVAL))
     reference = toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(args.seed, toy2d.STREAM_REFERENCE))
-    mixed_batches = coupling == "ot"   # see toy2d.coupled_training_step
-    interpolation = "vp" if args.ddpm else "linear"
 
     config = dict(vars(args), coupling=coupling, eval_N=eval_N, device=str(device),
-                  prior=toy2d.prior_name(wide_prior), mixed_batches=mixed_batches, interpolation=interpolation)
+                  prior=toy2d.prior_name(wide_prior), mixed_batches=toy2d.mixed_batches(model.coupling),
+                  interpolation=interpolation, amp_used=amp, amp_reason=amp_reason)
     save_json(config, os.path.join(args.dir, "config.json"))
     encoder_params = f" + encoder {count_parameters(encoder):,}" if encoder is not None else ""
-    print(f"train_reverse_2d_joint: device {device}, coupling {coupling}, prior {toy2d.prior_name(wide_prior)}, "
+    pairing = {"ot": f" (groups of {args.ot_batch or args.batchsize})",
+               "sinkhorn": f" (ot_reg {args.ot_reg:g}, groups of {args.ot_batch or args.batchsize})"}
+    print(f"train_reverse_2d_joint: device {device}, amp {amp} ({amp_reason}), coupling {coupling}"
+          f"{pairing.get(coupling, '')}, prior {toy2d.prior_name(wide_prior)}, "
           f"interpolation {'VP (--ddpm)' if args.ddpm else 'linear'}, "
           f"weight_prior {args.weight_prior if coupling == 'learned' else 'n/a'}, iterations {args.iterations}, "
           f"batch {args.batchsize}, params flow {count_parameters(flow_model):,}{encoder_params}, "
           f"eval NFE {','.join(map(str, eval_N))}, seed {args.seed}, dir {args.dir}", flush=True)
 
-    figures = Figures(args.dir, data, coupling, variances, eval_noise, args.N, wide_prior, args.seed,
-                      args.ot_batch, interpolation)
+    figures = Figures(args.dir, data, model, coupling, eval_noise, args.N, wide_prior, args.seed, amp)
     figures.data_and_prior(data)
 
     stats_path = os.path.join(args.dir, "stats.jsonl")
@@ -324,9 +351,8 @@ def run(args, coupling, eval_N, device):
     for iteration in range(1, args.iterations + 1):
         progress.update(1)
         step_start = time.time()
-        losses = toy2d.coupled_training_step(iteration, data, coupling, flow_model, encoder, optimizer,
-                                             variances, train_generator, args.batchsize, args.weight_prior,
-                                             args.ot_batch, interpolation)
+        x, noise = toy2d.training_batch(iteration, data, model.coupling, args.batchsize, train_generator)
+        losses = training_step(model, optimizer, x, noise, train_generator, amp)
         train_seconds += time.time() - step_start
         for key, value in losses.items():
             if value is not None:
@@ -341,15 +367,15 @@ def run(args, coupling, eval_N, device):
             progress.set_postfix(loss=f"{means['loss']:.3f}", refresh=False)
             sums, count = {}, 0
         if iteration % SAVE_EVERY == 0 and iteration != args.iterations:
-            save_checkpoints(args.dir, iteration, flow_model, encoder)
+            save_checkpoints(args.dir, iteration, model)
         if iteration % FIGURE_EVERY == 0 and iteration != args.iterations:
-            figures.refresh(flow_model, encoder, iteration)
+            figures.refresh(iteration)
     progress.close()
 
     # Final checkpoints, metrics and samples, all from the same prior noise.
-    save_checkpoints(args.dir, args.iterations, flow_model, encoder)
-    metrics, samples = toy2d.evaluate(flow_model, eval_noise, eval_N, reference)
-    floor = toy2d.energy_distance(
+    save_checkpoints(args.dir, args.iterations, model)
+    metrics, samples = metrics2d.evaluate(autocast_velocity(flow_model, device, amp), eval_noise, eval_N, reference)
+    floor = metrics2d.energy_distance(
         toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(args.seed, toy2d.STREAM_FLOOR)), reference)
     measured = [metrics["straightness"], floor, *metrics["energy_distance"].values()]
     if not all(np.isfinite(measured)):
@@ -363,7 +389,7 @@ def run(args, coupling, eval_N, device):
                "seed": args.seed, "iterations": args.iterations, **metrics,
                "energy_distance_floor": floor, "train_seconds": round(train_seconds, 3)}
     save_json(metrics, os.path.join(args.dir, "metrics.json"))
-    figures.refresh(flow_model, encoder, args.iterations, one_step=samples.get(1), metrics=metrics)
+    figures.refresh(args.iterations, one_step=samples.get(1), metrics=metrics)
     figures.generated(samples, metrics, reference)
 
     distances = ", ".join(f"N={n}: {metrics['energy_distance'][str(n)]:.4f}" for n in eval_N)

@@ -5,14 +5,17 @@ Trains, with the same velocity MLP, optimiser, batch size and number of iteratio
 - independent: z ~ prior regardless of x (1-rectified flow);
 - learned: the paper's encoder q(z | x) with the KL towards the prior, for each --weight_priors;
 - ot: minibatch optimal-transport pairing of data and prior noise within each batch;
+- sinkhorn: entropic (Sinkhorn) minibatch OT with regularisation --ot_reg, in the same groups;
 - reflow: 2-rectified flow. The trained independent flow maps prior noise z to x by
   Euler with --reflow_N steps; a new flow, initialised from the independent one, is then
   trained for --iterations more on those (z, x) pairs with the same straight-line
   flow-matching loss (so its total budget is twice the others').
 
-All use the wide prior N(0, diag(36, 1)) and the data, seeds and evaluation of
-``train_reverse_2d_joint.py`` (models/toy2d.py): the learned row with weight_prior 10
-reproduces that script's metrics for the same seed and iterations. For each run:
+All use the wide prior N(0, diag(36, 1)), the couplings and loss of models/couplings.py and
+models/losses.py (reflow: their fixed-pairs coupling), and the data, seeds, training step and
+evaluation of ``train_reverse_2d_joint.py`` (models/toy2d.py, utils/train2d.py, utils/metrics2d.py):
+a row reproduces that script's metrics for the same coupling, seed and iterations (the learned
+row with weight_prior 10 the script's default run). For each run:
 straightness (Euler, N = max NFE, from prior noise), the energy distance of Euler samples
 to a fresh draw of the true mixture at each NFE, and the training time (wall and CPU
 seconds of the training loop; reflow's includes generating its pairs).
@@ -20,7 +23,7 @@ seconds of the training loop; reflow's includes generating its pairs).
 Writes into --out: results.json (one row per run), results.md (mean +- std over seeds),
 quality_vs_nfe.png and trajectories.png (first seed).
 
-    python benchmarks/couplings_2d.py --quick     # ~3 minutes on 2 CPU cores, 1 seed -> runs/benchmarks/
+    python benchmarks/couplings_2d.py --quick     # ~2 CPU-minutes (80 s of it sinkhorn), 1 seed -> runs/benchmarks/
     python benchmarks/couplings_2d.py --seeds 3   # the reported run -> benchmarks/results/couplings_2d/
 
 Only the reported configuration (FULL below) writes into the committed
@@ -37,15 +40,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from models import couplings as couplinglib  # noqa: E402
 from models import flow as flowlib  # noqa: E402
 from models import toy2d  # noqa: E402
+from utils import metrics2d, plot2d  # noqa: E402
 from utils.console import progress_bar  # noqa: E402
 from utils.dist import check_gpus, parse_gpu_list  # noqa: E402
 from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
 from utils.io import atomic_write, save_json  # noqa: E402
+from utils.train import check_finite_number  # noqa: E402
+from utils.train2d import training_step  # noqa: E402
 
 EVAL_POINTS = 4096          # as in train_reverse_2d_joint.py
-METHODS = ("independent", "learned", "ot", "reflow")
+METHODS = ("independent", "learned", "ot", "sinkhorn", "reflow")
 FULL = {"iterations": 4000, "seeds": 3, "reflow_pairs": 50000}
 COMMITTED_OUT = "benchmarks/results/couplings_2d/"      # what docs/RESULTS.md cites: only the FULL run
 SMOKE_OUT = "runs/benchmarks/couplings_2d-quick/"
@@ -80,8 +87,11 @@ def parse_args(argv):
                         help="comma-separated KL weights (beta) of the learned coupling")
     parser.add_argument("--eval_N", default="1,2,4,8,128", help="comma-separated Euler NFEs to evaluate")
     parser.add_argument("--ot_batch", type=int, default=toy2d.OT_BATCH,
-                        help="ot: points per exact assignment (groups of the batch holding both modes); "
+                        help="ot and sinkhorn: points per assignment (groups of the batch holding both modes); "
                              "0: the whole batch, ~25x slower per step")
+    parser.add_argument("--ot_reg", type=float, default=0.05,
+                        help="sinkhorn: the entropic regularisation, as a fraction of the mean squared distance "
+                             "between a group's data points and noise samples (train_reverse_2d_joint.py --ot_reg)")
     parser.add_argument("--batchsize", type=int, default=512, help="points per training batch")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--gpu", default=None, help="CUDA device id, e.g. 0 (omit to run on the CPU)")
@@ -112,6 +122,9 @@ def resolve(args):
             raise UserError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.ot_batch < 0:
         raise UserError(f"--ot_batch must be >= 0 (0: the whole batch), got {args.ot_batch}")
+    check_finite_number(args.ot_reg, "--ot_reg")
+    if not args.ot_reg > 0:
+        raise UserError(f"--ot_reg must be positive, got {args.ot_reg}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -128,26 +141,23 @@ def resolve(args):
     return methods, weight_priors, eval_N, device
 
 
-def train(flow_model, encoder, coupling, data, variances, seed, args, weight_prior=0.0, pairs=None):
-    """Train in place for --iterations; returns (wall seconds, CPU seconds) of the loop.
-
-    ``pairs`` = (z, x) tensors: reflow, random minibatches of the fixed pairs.
-    """
-    parameters = list(flow_model.parameters()) + (list(encoder.parameters()) if encoder is not None else [])
-    optimizer = torch.optim.Adam(parameters, lr=args.lr)
+def train(model, label, data, seed, args, pairs=None):
+    """Train ``model`` (a FlowWithCoupling) in place for --iterations; returns (wall seconds, CPU seconds) of
+    the loop. ``pairs`` = (z, x) tensors: reflow, random minibatches of the fixed pairs."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     generator = toy2d.make_generator(seed, toy2d.STREAM_TRAIN)
     wall, cpu = time.perf_counter(), time.process_time()
-    progress = progress_bar(total=args.iterations, desc=f"seed {seed} {coupling}", leave=False, mininterval=2.0,
+    progress = progress_bar(total=args.iterations, desc=f"seed {seed} {label}", leave=False, mininterval=2.0,
                             dynamic_ncols=True)   # plain lines every 30 s in a redirected log
     for iteration in range(1, args.iterations + 1):
         progress.update(1)
         if pairs is None:
-            toy2d.coupled_training_step(iteration, data, coupling, flow_model, encoder, optimizer, variances,
-                                        generator, args.batchsize, weight_prior, args.ot_batch)
+            x, noise = toy2d.training_batch(iteration, data, model.coupling, args.batchsize, generator)
         else:
             index = torch.randint(0, pairs[0].shape[0], (args.batchsize,), generator=generator)
             index = index.to(pairs[0].device)
-            toy2d.training_step(flow_model, optimizer, pairs[1][index], pairs[0][index], generator)
+            x, noise = pairs[1][index], pairs[0][index]
+        training_step(model, optimizer, x, noise, generator)
     progress.close()
     return time.perf_counter() - wall, time.process_time() - cpu
 
@@ -160,7 +170,7 @@ def run_seed(seed, methods, weight_priors, eval_N, device, args, record):
     reference = toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(seed, toy2d.STREAM_REFERENCE))
 
     def finish(coupling, weight_prior, flow_model, seconds, label, extra=None):
-        metrics, samples = toy2d.evaluate(flow_model, noise, eval_N, reference)
+        metrics, samples = metrics2d.evaluate(flow_model, noise, eval_N, reference)
         row = {"coupling": coupling, "weight_prior": weight_prior, "seed": seed,
                "straightness": metrics["straightness"], "energy_distance": metrics["energy_distance"],
                "train_seconds": round(seconds[0], 2), "train_cpu_seconds": round(seconds[1], 2),
@@ -172,16 +182,17 @@ def run_seed(seed, methods, weight_priors, eval_N, device, args, record):
         runs.append(("independent", None))
     if "learned" in methods:
         runs.extend(("learned", beta) for beta in weight_priors)
-    if "ot" in methods:
-        runs.append(("ot", None))
+    runs.extend((name, None) for name in ("ot", "sinkhorn") if name in methods)
     independent_flow = None
     for coupling, weight_prior in runs:
-        flow_model, encoder = toy2d.build_models(coupling, seed, device)
-        seconds = train(flow_model, encoder, coupling, data, variances, seed, args, weight_prior or 0.0)
-        label = coupling if weight_prior is None else f"learned β={weight_prior:g}"
-        finish(coupling, weight_prior, flow_model, seconds, label)
+        model = toy2d.build_flow_with_coupling(coupling, seed, device, variances, weight_prior or 0.0, args.ot_batch,
+                                               args.ot_reg)
+        label = label_of({"coupling": coupling, "weight_prior": weight_prior, "ot_reg": args.ot_reg})
+        seconds = train(model, label, data, seed, args)
+        finish(coupling, weight_prior, model.flow, seconds, label,
+               {"ot_reg": args.ot_reg} if coupling == "sinkhorn" else None)
         if coupling == "independent":
-            independent_flow = flow_model
+            independent_flow = model.flow
 
     if "reflow" in methods:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -190,7 +201,8 @@ def run_seed(seed, methods, weight_priors, eval_N, device, args, record):
         pair_seconds = (time.perf_counter() - wall, time.process_time() - cpu)
         flow_model, _ = toy2d.build_models("reflow", seed, device)
         flow_model.load_state_dict(independent_flow.state_dict())
-        seconds = train(flow_model, None, "reflow", data, variances, seed, args, pairs=(z, x))
+        model = couplinglib.FlowWithCoupling(flow_model, couplinglib.FixedPairs())
+        seconds = train(model, "reflow", data, seed, args, pairs=(z, x))
         total = (seconds[0] + pair_seconds[0], seconds[1] + pair_seconds[1])
         finish("reflow", None, flow_model, total, "reflow (2-rectified)",
                {"initialised_from": "independent", "reflow_pairs": args.reflow_pairs, "reflow_N": args.reflow_N})
@@ -199,6 +211,8 @@ def run_seed(seed, methods, weight_priors, eval_N, device, args, record):
 def label_of(row):
     if row["coupling"] == "learned":
         return f"learned β={row['weight_prior']:g}"
+    if row["coupling"] == "sinkhorn":
+        return f"sinkhorn ot_reg={row['ot_reg']:g}"
     return {"reflow": "reflow (2-rectified)"}.get(row["coupling"], row["coupling"])
 
 
@@ -238,7 +252,8 @@ def write_markdown(path, summary, eval_N, args, command, floor, device):
         "",
         f"{args.iterations} iterations per run (reflow: {args.iterations} more, starting from the independent flow, "
         f"on {args.reflow_pairs} pairs from Euler {args.reflow_N} steps), batch {args.batchsize}, Adam lr {args.lr:g}, "
-        f"wide prior N(0, diag(36, 1)), OT assignments within groups of {args.ot_batch or args.batchsize} points, "
+        f"wide prior N(0, diag(36, 1)), OT and Sinkhorn assignments within groups of {args.ot_batch or args.batchsize} "
+        f"points (Sinkhorn's ot_reg {args.ot_reg:g} of the mean squared distance), "
         f"{seeds} seed(s)" + (" (mean ± std)" if seeds > 1 else "") + ". "
         f"Straightness: Euler N={max(eval_N)} from {EVAL_POINTS} prior samples (0 = straight, constant speed). "
         f"Energy distance of {EVAL_POINTS} Euler samples to a fresh draw of the mixture, by NFE; two true draws "
@@ -300,12 +315,12 @@ def plot_trajectories(path, drawn, data_points):
     """Row 1: Euler trajectories from prior noise; row 2: one-step samples over the data."""
     plt, fig, axes = _figure(len(drawn), rows=2, width=3.0, height=2.6)
     for column, (label, traj, one_step) in enumerate(drawn):
-        toy2d.setup_axes(axes[0, column], f"{label}\nEuler N={TRAJECTORY_N} from prior")
-        toy2d.plot_trajectories(axes[0, column], traj, toy2d.NOISE_COLOR, 30, linewidth=0.7)
-        toy2d.plot_points(axes[0, column], traj[-1][:2048], toy2d.NOISE_COLOR, size=2, alpha=0.15)
-        toy2d.setup_axes(axes[1, column], "one Euler step (NFE 1)")
-        toy2d.plot_points(axes[1, column], data_points, "0.6", size=2, alpha=0.2)
-        toy2d.plot_points(axes[1, column], one_step[:2048], toy2d.NOISE_COLOR, size=2, alpha=0.25)
+        plot2d.setup_axes(axes[0, column], f"{label}\nEuler N={TRAJECTORY_N} from prior")
+        plot2d.plot_trajectories(axes[0, column], traj, plot2d.NOISE_COLOR, 30, linewidth=0.7)
+        plot2d.plot_points(axes[0, column], traj[-1][:2048], plot2d.NOISE_COLOR, size=2, alpha=0.15)
+        plot2d.setup_axes(axes[1, column], "one Euler step (NFE 1)")
+        plot2d.plot_points(axes[1, column], data_points, "0.6", size=2, alpha=0.2)
+        plot2d.plot_points(axes[1, column], one_step[:2048], plot2d.NOISE_COLOR, size=2, alpha=0.25)
     fig.tight_layout()
     _save(plt, fig, path)
 
@@ -317,7 +332,7 @@ def main(argv):
     if device.type == "cpu":
         torch.set_num_threads(1)   # tiny MLPs: one thread is faster than several
     command = "python benchmarks/couplings_2d.py " + " ".join(argv)
-    runs_per_seed = ("independent" in methods) + ("ot" in methods) + ("reflow" in methods) \
+    runs_per_seed = sum(name in methods for name in ("independent", "ot", "sinkhorn", "reflow")) \
         + len(weight_priors) * ("learned" in methods)
     print(f"couplings_2d: device {device}, methods {','.join(methods)}, weight_priors "
           f"{','.join(f'{b:g}' for b in weight_priors)}, {args.seeds} seed(s) x {runs_per_seed} runs x "
@@ -342,7 +357,7 @@ def main(argv):
         run_seed(seed, methods, weight_priors, eval_N, device, args, record)
 
     floor_reference = toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(0, toy2d.STREAM_REFERENCE))
-    floor = toy2d.energy_distance(
+    floor = metrics2d.energy_distance(
         toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(0, toy2d.STREAM_FLOOR)), floor_reference)
     summary = summarise(rows, eval_N)
     device_name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"

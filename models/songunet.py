@@ -12,9 +12,7 @@ Conventions of this architecture worth knowing:
 - down/up sampling uses a [1, 1] box filter (depthwise conv / conv-transpose);
 - the skip of a resampling block is a 1x1 conv ("resample_proj").
 """
-import contextlib
 import math
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -112,19 +110,21 @@ class GroupNorm(nn.Module):
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
-_local = threading.local()
+def _global_generator():
+    return None
 
 
-@contextlib.contextmanager
-def dropout_generator(generator):
-    """In this thread, the CPU dropout masks of ``dropout`` draw from ``generator`` instead of the global
-    generator (the shards of ``utils.cpu_shards`` run in threads: each needs its own reproducible stream)."""
-    previous = getattr(_local, "generator", None)
-    _local.generator = generator
-    try:
-        yield generator
-    finally:
-        _local.generator = previous
+_dropout_generator_source = _global_generator
+
+
+def set_dropout_generator_source(source):
+    """Make the CPU masks of :func:`dropout` draw from ``source()`` (a ``torch.Generator``, or None for the
+    global generator; called once per mask); returns the previous source. The hook through which
+    ``utils.cpu_shards`` gives each shard's thread its own reproducible stream; by default every mask draws
+    from the global generator."""
+    global _dropout_generator_source
+    previous, _dropout_generator_source = _dropout_generator_source, source
+    return previous
 
 
 def dropout(x, p, training=True):
@@ -153,7 +153,7 @@ def dropout(x, p, training=True):
         return F.dropout(x, p=p, training=training)
     numel = x.numel()
     words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((numel + 3) // 4,), dtype=torch.int64, device=x.device,
-                          generator=getattr(_local, "generator", None))
+                          generator=_dropout_generator_source())
     bits = words.view(torch.int16)[:numel].view(shape)
     if order is not None:
         bits = bits.permute(order)  # same memory layout as x

@@ -10,8 +10,8 @@ import torch
 from models import build_network
 from models.flow import interpolate
 from models.losses import flow_matching_loss
-from models.songunet import dropout, dropout_generator
-from utils.cpu_shards import ThreadShards, auto_shards, shard_sizes
+from models.songunet import dropout
+from utils.cpu_shards import ThreadShards, auto_shards, dropout_generator, shard_sizes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

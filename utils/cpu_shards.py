@@ -16,11 +16,32 @@ generator, seeded from the global generator in the calling thread (so a run is r
 resumed run, which restores the global generator, continues the same random streams).
 """
 import contextlib
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from models.songunet import dropout_generator
+from models import songunet
+
+_local = threading.local()
+
+
+def _thread_generator():
+    return getattr(_local, "generator", None)
+
+
+@contextlib.contextmanager
+def dropout_generator(generator):
+    """In this thread, the CPU dropout masks of ``models.songunet.dropout`` draw from ``generator`` instead of
+    the global generator (the shards run in threads: each needs its own reproducible stream). Outside such a
+    block, and in other threads, the masks draw from the global generator as before."""
+    songunet.set_dropout_generator_source(_thread_generator)   # idempotent: the same source every time
+    previous = getattr(_local, "generator", None)
+    _local.generator = generator
+    try:
+        yield generator
+    finally:
+        _local.generator = previous
 
 
 def auto_shards(device, world_size=1, compiled=False):
