@@ -123,13 +123,24 @@ class MinibatchOT(Grouped):
 
 def sinkhorn_plan(cost, reg, iterations=2000, tolerance=1e-9):
     """The entropic OT plan between uniform marginals: argmin <P, C> - eps H(P), eps = ``reg`` x the mean
-    cost (scale-free), by Sinkhorn's iterations in the log domain (float64). Returns P [n, m] (rows sum to
+    cost (scale-free), by Sinkhorn's iterations (float64; in the log domain when exp(-C / eps) would underflow). Returns P [n, m] (rows sum to
     1/n, columns to 1/m, up to ``tolerance``)."""
     cost = cost.double()
     epsilon = reg * cost.mean().clamp_min(1e-300)
     n, m = cost.shape
     log_a, log_b = -math.log(n), -math.log(m)
     kernel = -cost / epsilon
+    if kernel.min() > -300:
+        # exp(kernel) and the scalings u, v stay far inside float64's range: the same iteration by matrix-vector
+        # products, several times faster than the log domain's logsumexps
+        gibbs = kernel.exp()
+        v = torch.ones(m, dtype=torch.float64, device=cost.device)
+        for _ in range(iterations):
+            u = (1.0 / n) / (gibbs @ v)
+            v = (1.0 / m) / (gibbs.T @ u)
+            if (u * (gibbs @ v) - 1.0 / n).abs().max() < tolerance:
+                break
+        return u[:, None] * gibbs * v[None, :]
     f = torch.zeros(n, dtype=torch.float64, device=cost.device)
     g = torch.zeros(m, dtype=torch.float64, device=cost.device)
     for _ in range(iterations):

@@ -179,7 +179,8 @@ def distill_argv(inputs, folder):
 # Each script's checks, in this process.
 
 TRAIN_PARSER, GENERATE_PARSER, DISTILL_PARSER = trainer.build_parser(), generate.build_parser(), distill.build_parser()
-OPTIONS_2D = ["--N", "--lr", "--weight_prior", "--batchsize", "--iterations", "--seed", "--ot_batch", "--eval_N"]
+OPTIONS_2D = ["--N", "--lr", "--weight_prior", "--batchsize", "--iterations", "--seed", "--ot_batch", "--eval_N",
+              "--ot_reg"]
 
 
 @QUICK
@@ -208,11 +209,11 @@ def test_distill_numeric_options(inputs, pairs, mode):
 
 
 @QUICK
-@given(pairs=assignments(OPTIONS_2D), coupling=st.sampled_from(["learned", "independent", "ot"]))
+@given(pairs=assignments(OPTIONS_2D), coupling=st.sampled_from(["learned", "independent", "ot", "sinkhorn"]))
 @example(pairs=[("--lr", "inf")], coupling="learned")
 @example(pairs=[("--weight_prior", "nan")], coupling="learned")
 def test_2d_numeric_options(pairs, coupling):
-    parse_then_check(script_2d.parse_args, ["lr", "weight_prior"], script_2d.resolve,
+    parse_then_check(script_2d.parse_args, ["lr", "weight_prior", "ot_reg"], script_2d.resolve,
                      ["--coupling", coupling] + flatten(pairs))
 
 
