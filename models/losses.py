@@ -44,8 +44,8 @@ def kl_per_dim(mu, logvar, variances=None):
 
 
 class LossTerms(NamedTuple):
-    """One batch's loss and its parts, 0-dim tensors: ``loss`` (what is minimised) = ``flow_loss`` +
-    ``coupling_loss`` (``weight_prior * kl`` for the learned coupling); ``kl`` unweighted (0 without an encoder)."""
+    """One batch's loss and its parts, 0-dim tensors: ``loss`` (what is minimised) = ``flow_loss`` (+
+    ``weight_prior * kl`` for the learned coupling); ``kl`` unweighted (0 without an encoder)."""
     loss: torch.Tensor
     flow_loss: torch.Tensor
     kl: torch.Tensor
