@@ -38,7 +38,7 @@ from utils.console import progress_bar  # noqa: E402
 from utils.dist import check_gpus, parse_gpu_list  # noqa: E402
 from utils.io import append_text, atomic_write, save_json, save_torch  # noqa: E402
 from utils.train import all_finite, check_finite_number, check_seed  # noqa: E402
-from utils.train2d import training_step  # noqa: E402
+from training.train2d import evaluate, training_step  # noqa: E402
 
 LOG_EVERY = 100          # iterations per stats.jsonl line
 FIGURE_EVERY = 1000      # the paper refreshes its figures every 1000 iterations
@@ -374,7 +374,7 @@ def run(args, coupling, eval_N, device):
 
     # Final checkpoints, metrics and samples, all from the same prior noise.
     save_checkpoints(args.dir, args.iterations, model)
-    metrics, samples = metrics2d.evaluate(autocast_velocity(flow_model, device, amp), eval_noise, eval_N, reference)
+    metrics, samples = evaluate(autocast_velocity(flow_model, device, amp), eval_noise, eval_N, reference)
     floor = metrics2d.energy_distance(
         toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(args.seed, toy2d.STREAM_FLOOR)), reference)
     measured = [metrics["straightness"], floor, *metrics["energy_distance"].values()]

@@ -13,7 +13,7 @@ Trains, with the same velocity MLP, optimiser, batch size and number of iteratio
 
 All use the wide prior N(0, diag(36, 1)), the couplings and loss of models/couplings.py and
 models/losses.py (reflow: their fixed-pairs coupling), and the data, seeds, training step and
-evaluation of ``train_reverse_2d_joint.py`` (models/toy2d.py, utils/train2d.py, utils/metrics2d.py):
+evaluation of ``train_reverse_2d_joint.py`` (models/toy2d.py, training/train2d.py, utils/metrics2d.py):
 a row reproduces that script's metrics for the same coupling, seed and iterations (the learned
 row with weight_prior 10 the script's default run). For each run:
 straightness (Euler, N = max NFE, from prior noise), the energy distance of Euler samples
@@ -49,7 +49,7 @@ from utils.dist import check_gpus, parse_gpu_list  # noqa: E402
 from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
 from utils.io import atomic_write, save_json  # noqa: E402
 from utils.train import check_finite_number  # noqa: E402
-from utils.train2d import training_step  # noqa: E402
+from training.train2d import evaluate, training_step  # noqa: E402
 
 EVAL_POINTS = 4096          # as in train_reverse_2d_joint.py
 METHODS = ("independent", "learned", "ot", "sinkhorn", "reflow")
@@ -170,7 +170,7 @@ def run_seed(seed, methods, weight_priors, eval_N, device, args, record):
     reference = toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(seed, toy2d.STREAM_REFERENCE))
 
     def finish(coupling, weight_prior, flow_model, seconds, label, extra=None):
-        metrics, samples = metrics2d.evaluate(flow_model, noise, eval_N, reference)
+        metrics, samples = evaluate(flow_model, noise, eval_N, reference)
         row = {"coupling": coupling, "weight_prior": weight_prior, "seed": seed,
                "straightness": metrics["straightness"], "energy_distance": metrics["energy_distance"],
                "train_seconds": round(seconds[0], 2), "train_cpu_seconds": round(seconds[1], 2),

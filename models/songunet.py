@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.cpu_shards import thread_generator
+
 
 def _xavier_uniform(shape, fan_in, fan_out, gain=1.0):
     bound = math.sqrt(6.0 / (fan_in + fan_out)) * gain
@@ -110,18 +112,16 @@ class GroupNorm(nn.Module):
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
-def _global_generator():
-    return None
-
-
-_dropout_generator_source = _global_generator
+# The masks draw from utils.cpu_shards' per-thread generator: the global one, except inside a shard's
+# ``dropout_generator`` block (each shard's thread has its own reproducible stream).
+_dropout_generator_source = thread_generator
 
 
 def set_dropout_generator_source(source):
     """Make the CPU masks of :func:`dropout` draw from ``source()`` (a ``torch.Generator``, or None for the
     global generator; called once per mask); returns the previous source. The hook through which
-    ``utils.cpu_shards`` gives each shard's thread its own reproducible stream; by default every mask draws
-    from the global generator."""
+    ``utils.cpu_shards`` gives each shard's thread its own reproducible stream (the default source); outside a
+    shard every mask draws from the global generator."""
     global _dropout_generator_source
     previous, _dropout_generator_source = _dropout_generator_source, source
     return previous

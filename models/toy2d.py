@@ -3,7 +3,7 @@
 Shared by ``train_reverse_2d_joint.py`` and ``benchmarks/couplings_2d.py`` (scripts never import each
 other). The couplings and the loss are the images' own (``models/couplings.py``, ``models/losses.py``),
 with the wide prior as their ``prior_variances``; the metrics are in ``utils/metrics2d.py``, the figures'
-helpers in ``utils/plot2d.py`` and the training step in ``utils/train2d.py``.
+helpers in ``utils/plot2d.py`` and the training step in ``training/train2d.py``.
 
 Data (as in the paper's ``train_reverse_2d_joint.py``): two Gaussians with means
 (-8, 8) and (8, 8), covariance diag(3, 0.1) and equal weights. The paper draws a

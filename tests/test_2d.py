@@ -19,7 +19,7 @@ from models.mlp import EncoderMLP, VelocityMLP
 from utils import metrics2d
 from utils.amp import autocast_velocity
 from utils.errors import UserError
-from utils.train2d import training_step
+from training.train2d import evaluate, training_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_reverse_2d_joint.py")
@@ -160,7 +160,7 @@ def train_and_evaluate(amp, seed=0, iterations=1500, batchsize=256):
             training_step(model, optimizer, x, noise, generator, amp)
         noise = toy2d.sample_prior(4096, variances, toy2d.make_generator(seed, toy2d.STREAM_EVAL))
         reference = toy2d.sample_mixture(4096, toy2d.make_generator(seed, toy2d.STREAM_REFERENCE))
-        return metrics2d.evaluate(autocast_velocity(model.flow, "cpu", amp), noise, (1, 128), reference)[0]
+        return evaluate(autocast_velocity(model.flow, "cpu", amp), noise, (1, 128), reference)[0]
     finally:
         torch.set_num_threads(threads)
 

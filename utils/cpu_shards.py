@@ -21,12 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from models import songunet
-
 _local = threading.local()
 
 
-def _thread_generator():
+def thread_generator():
+    """The generator this thread's CPU dropout masks draw from (None: the global one); ``models.songunet.dropout``
+    asks for it at every mask."""
     return getattr(_local, "generator", None)
 
 
@@ -35,7 +35,6 @@ def dropout_generator(generator):
     """In this thread, the CPU dropout masks of ``models.songunet.dropout`` draw from ``generator`` instead of
     the global generator (the shards run in threads: each needs its own reproducible stream). Outside such a
     block, and in other threads, the masks draw from the global generator as before."""
-    songunet.set_dropout_generator_source(_thread_generator)   # idempotent: the same source every time
     previous = getattr(_local, "generator", None)
     _local.generator = generator
     try:

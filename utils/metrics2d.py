@@ -1,8 +1,6 @@
-"""Metrics of the 2D example: the energy distance of samples to the true mixture, and ``evaluate`` (Euler
-samples from fixed prior noise at several NFE, their energy distances and the straightness)."""
+"""Metrics of the 2D example: the energy distance of samples to the true mixture (``training.train2d.evaluate``
+samples a flow and scores it with them)."""
 import torch
-
-from models import flow as flowlib
 
 
 def _mean_distance(a, b, exclude_diagonal, chunk=1024):
@@ -35,29 +33,3 @@ def mean_pairwise_distance(points):
     """E|Y - Y'| over the pairs i != j of ``points`` [m, D], in float64."""
     points = points.detach().flatten(1).double().cpu()
     return _mean_distance(points, points, exclude_diagonal=True)
-
-
-@torch.no_grad()
-def evaluate(velocity,              # v(z, t): the flow MLP, or utils.amp.autocast_velocity of it
-             noise,                 # [n, 2] prior noise, the same for every NFE
-             eval_N,                # Euler step counts, e.g. (1, 2, 4, 8, 128)
-             reference):            # [m, 2] fresh samples of the true mixture
-    """Euler samples from ``noise`` for each N, their energy distances, and the straightness at max N.
-
-    Returns ``(metrics, samples)``: metrics has ``straightness`` (Euler, N = max(eval_N)),
-    ``straightness_N`` and ``energy_distance`` {N: value}; samples maps N to [n, 2] tensors.
-    """
-    longest = max(eval_N)
-    within_reference = mean_pairwise_distance(reference)
-    result = flowlib.euler(velocity, noise, N=longest, return_traj=True)
-    samples = {longest: result.x}
-    for steps in eval_N:
-        if steps != longest:
-            samples[steps] = flowlib.euler(velocity, noise, N=steps).x
-    metrics = {
-        "straightness": flowlib.straightness(result.traj).item(),
-        "straightness_N": longest,
-        "energy_distance": {str(steps): energy_distance(samples[steps], reference, within_reference)
-                            for steps in eval_N},
-    }
-    return metrics, samples
