@@ -34,10 +34,10 @@ from models import flow as flowlib  # noqa: E402
 from models import toy2d  # noqa: E402
 from utils import metrics2d, plot2d, runlock  # noqa: E402
 from utils.amp import AMP_CHOICES, autocast, autocast_velocity, resolve_amp  # noqa: E402
-from utils.console import progress_bar  # noqa: E402
 from utils.dist import check_gpus, parse_gpu_list  # noqa: E402
 from utils.io import append_text, atomic_write, save_json, save_torch  # noqa: E402
 from utils.train import all_finite, check_finite_number, check_seed  # noqa: E402
+from training import loop  # noqa: E402
 from training.train2d import evaluate, training_step  # noqa: E402
 
 LOG_EVERY = 100          # iterations per stats.jsonl line
@@ -306,6 +306,49 @@ def main(argv):
         runlock.release(args.dir)
 
 
+class Training2D:
+    """The 2D run as a task of training/loop.py: a step, a stats.jsonl line every LOG_EVERY iterations, the
+    figures every FIGURE_EVERY and the checkpoints every SAVE_EVERY and at the end."""
+
+    def __init__(self, args, model, optimizer, data, generator, amp, figures):
+        self.args, self.model, self.optimizer, self.data = args, model, optimizer, data
+        self.generator, self.amp, self.figures = generator, amp, figures
+        self.schedule = loop.Schedule(log_every=LOG_EVERY, evaluate_every=FIGURE_EVERY, save_every=SAVE_EVERY,
+                                      snapshot_every=args.iterations)   # the end (and a stop) as well
+        self.log = loop.ConsoleLog()
+        self.stats_path = os.path.join(args.dir, "stats.jsonl")
+        self.sums, self.count, self.train_seconds, self.start = {}, 0, 0.0, time.time()
+
+    def step(self, iteration):
+        step_start = time.time()
+        x, noise = toy2d.training_batch(iteration, self.data, self.model.coupling, self.args.batchsize,
+                                        self.generator)
+        losses = training_step(self.model, self.optimizer, x, noise, self.generator, self.amp)
+        self.train_seconds += time.time() - step_start
+        for key, value in losses.items():
+            if value is not None:
+                self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def check(self, iteration):
+        pass   # the final metrics are checked for inf / NaN before they are written; checkpoints in save
+
+    def evaluate(self, iteration):
+        if iteration != self.args.iterations:   # the final figures come with the metrics
+            self.figures.refresh(iteration)
+
+    def write_stats(self, iteration, progress):
+        means = {key: value / self.count for key, value in self.sums.items()}
+        record = {"iter": iteration, "loss": means["loss"], "loss_fm": means["loss_fm"], "kl": means.get("kl"),
+                  "seconds": round(time.time() - self.start, 3)}
+        append_text(self.stats_path, json.dumps(record) + "\n")
+        progress.set_postfix(loss=f"{means['loss']:.3f}", refresh=False)
+        self.sums, self.count = {}, 0
+
+    def save(self, iteration, numbered, final):
+        save_checkpoints(self.args.dir, iteration, self.model)
+
+
 def run(args, coupling, eval_N, device):
     prepare_dir(args.dir, args.overwrite)
     if device.type == "cpu":
@@ -343,37 +386,16 @@ def run(args, coupling, eval_N, device):
     figures = Figures(args.dir, data, model, coupling, eval_noise, args.N, wide_prior, args.seed, amp)
     figures.data_and_prior(data)
 
-    stats_path = os.path.join(args.dir, "stats.jsonl")
-    sums, count = {}, 0
+    task = Training2D(args, model, optimizer, data, train_generator, amp, figures)
     start = time.time()
-    train_seconds = 0.0
-    progress = progress_bar(total=args.iterations, desc=f"2d {coupling}", mininterval=1.0, dynamic_ncols=True)
-    for iteration in range(1, args.iterations + 1):
-        progress.update(1)
-        step_start = time.time()
-        x, noise = toy2d.training_batch(iteration, data, model.coupling, args.batchsize, train_generator)
-        losses = training_step(model, optimizer, x, noise, train_generator, amp)
-        train_seconds += time.time() - step_start
-        for key, value in losses.items():
-            if value is not None:
-                sums[key] = sums.get(key, 0.0) + value
-        count += 1
+    stopped = loop.run(task, 1, args.iterations, task.schedule, desc=f"2d {coupling}", mininterval=1.0,
+                       stop_hint="the checkpoints of that iteration are saved, no metrics; run the command again "
+                                 "(with --overwrite) to train from the start")
+    if stopped:
+        return
+    train_seconds = task.train_seconds
 
-        if iteration % LOG_EVERY == 0 or iteration == args.iterations:
-            means = {key: value / count for key, value in sums.items()}
-            record = {"iter": iteration, "loss": means["loss"], "loss_fm": means["loss_fm"],
-                      "kl": means.get("kl"), "seconds": round(time.time() - start, 3)}
-            append_text(stats_path, json.dumps(record) + "\n")
-            progress.set_postfix(loss=f"{means['loss']:.3f}", refresh=False)
-            sums, count = {}, 0
-        if iteration % SAVE_EVERY == 0 and iteration != args.iterations:
-            save_checkpoints(args.dir, iteration, model)
-        if iteration % FIGURE_EVERY == 0 and iteration != args.iterations:
-            figures.refresh(iteration)
-    progress.close()
-
-    # Final checkpoints, metrics and samples, all from the same prior noise.
-    save_checkpoints(args.dir, args.iterations, model)
+    # Final metrics and samples, all from the same prior noise (the final checkpoints are saved by the loop).
     metrics, samples = evaluate(autocast_velocity(flow_model, device, amp), eval_noise, eval_N, reference)
     floor = metrics2d.energy_distance(
         toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(args.seed, toy2d.STREAM_FLOOR)), reference)

@@ -30,16 +30,32 @@ class Schedule:
     log_with_evaluation: bool = False   # also write a stats record at every evaluation (distill.py's test loss)
 
 
-def run(task, start, iterations, schedule, desc, is_main=True, agreement=None, closing=()):
+class ConsoleLog:
+    """A task's ``log`` that only prints (for runs that keep no log.txt)."""
+
+    def line(self, text):
+        print(text, flush=True)
+
+    def close(self):
+        pass
+
+
+CONTINUE_HINT = "continue with the same command and --resume auto"
+
+
+def run(task, start, iterations, schedule, desc, is_main=True, agreement=None, closing=(), stop_hint=CONTINUE_HINT,
+        **progress_options):
     """Iterations ``start`` .. ``iterations`` of ``task``; returns the signal name when stopped by one, else None.
 
-    ``closing``: context managers closed with the loop (thread pools, the log), before an error is printed."""
+    ``closing``: context managers closed with the loop (thread pools, the log), before an error is printed;
+    ``stop_hint``: what the stop line tells the user to do; ``progress_options`` go to the progress bar."""
     if start > iterations:
         task.log.line(f"nothing to do: the state is at iteration {start - 1} and --iterations is {iterations}; "
                       f"raise --iterations to train longer")
         return None
     agreement = agreement or RankAgreement(False)
-    progress = progress_bar(total=iterations, initial=start - 1, disable=not is_main, dynamic_ncols=True, desc=desc)
+    progress = progress_bar(total=iterations, initial=start - 1, disable=not is_main, dynamic_ncols=True, desc=desc,
+                            **progress_options)
     with contextlib.ExitStack() as stack:
         signals = stack.enter_context(StopSignals())
         stack.enter_context(progress)
@@ -68,6 +84,6 @@ def run(task, start, iterations, schedule, desc, is_main=True, agreement=None, c
                 task.save(iteration, numbered, final=last)
             if stop:
                 task.log.line(f"stopped by {signals.received or 'a signal to another rank'} at iteration "
-                              f"{iteration}; continue with the same command and --resume auto")
+                              f"{iteration}; {stop_hint}")
                 return signals.received or "signal"
     return None
