@@ -7,8 +7,8 @@ Each step draws images x, pairs them with noise z, and minimises
 with z_t = t z + (1 - t) x and t ~ U(1e-5, 1). The coupling is ``learned`` (the
 paper: z ~ q(z|x) from an encoder trained jointly; the KL term is summed over
 dimensions, averaged over the batch, divided by the data dimension, as in the
-paper's ``get_kl``), ``independent`` (z ~ N(0, I), rectified flow) or ``ot``
-(N(0, I) noise re-paired by minibatch optimal transport on each rank).
+paper's ``get_kl``), ``independent`` (z ~ N(0, I), rectified flow), ``ot`` or ``sinkhorn``
+(N(0, I) noise re-paired by exact or entropic minibatch optimal transport on each rank): models/couplings.py.
 
 Processes: no --gpu = one CPU process; --gpu 0,1 = one process per GPU (NCCL);
 under torchrun the launcher's ranks (NCCL on GPUs, gloo on CPUs). --batchsize is
@@ -46,22 +46,17 @@ from models import check_encoder_decoder, load_config  # noqa: E402
 from models.couplings import COUPLINGS, DESCRIPTIONS  # noqa: E402
 from utils import dist  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, resolve_amp  # noqa: E402
-from utils import rundir, runlock  # noqa: E402
+from utils import runlock  # noqa: E402
 from utils.console import protect_console  # noqa: E402
 from utils.cpu_shards import auto_shards  # noqa: E402
 from utils.data import DATASETS, FOLDER_DATASETS, build_dataset, check_dataset_config  # noqa: E402
 from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
 from utils.io import atomic_write, save_json  # noqa: E402
 from utils import train as plumbing  # noqa: E402
-from training.image_flow import Trainer, check_image_dataset, check_resume_state  # noqa: E402
+from training.image_flow import Trainer, check_image_dataset, check_output_dir, check_resume_state  # noqa: E402
 from training.run import ImageRun  # noqa: E402
 
 PAPER_ONLY_ARGS = ("weight_cur", "num_samples")   # in the paper's parser, used nowhere in its code
-SAMPLE_COUNT = 4          # images per sample grid, as in the paper
-# config.json entries that define a run: another run with other values must not share its --dir.
-RUN_DEFINING_ARGS = ("dataset", "coupling", "ot_reg", "weight_prior", "learning_rate", "batchsize", "optimizer",
-                     "warmup_steps", "ema_decay", "ema_after_steps", "no_ema", "seed", "grad_clip",
-                     "resolved_config_de", "resolved_config_en")
 
 # ----------------------------------------------------------------------------
 # Arguments.
@@ -153,13 +148,6 @@ def parse_args(argv):
 # ----------------------------------------------------------------------------
 # Checks before any work: every problem a user can fix is one line.
 
-def launch_layout(gpu_ids):
-    """(world size, whether this process spawns the workers, whether this process is rank 0)."""
-    if dist.under_launcher():
-        return int(os.environ["WORLD_SIZE"]), False, int(os.environ["RANK"]) == 0
-    return max(1, len(gpu_ids)), len(gpu_ids) > 1, True
-
-
 def check_args(args):
     """Validate the arguments; returns the :class:`ImageRun` they describe (``args`` itself is not changed)."""
     args = argparse.Namespace(**vars(args))   # resolved below
@@ -195,7 +183,7 @@ def check_args(args):
     gpu_ids = dist.parse_gpu_list(args.gpu)
     if not dist.under_launcher():
         dist.check_gpus(gpu_ids)
-    world_size, spawn, is_main = launch_layout(gpu_ids)
+    world_size, spawn, is_main = dist.launch_layout(gpu_ids)
     if args.batchsize % world_size:
         raise UserError(f"--batchsize {args.batchsize} is global and must divide evenly over {world_size} "
                         f"processes; use a multiple of {world_size}")
@@ -232,26 +220,6 @@ def check_args(args):
     return ImageRun(options=vars(args), flow_config=config_de, encoder_config=config_en, gpu_ids=tuple(gpu_ids),
                     world_size=world_size, spawn=spawn, is_main=is_main, cpu_shards=cpu_shards, amp=amp,
                     amp_reason=amp_reason, omp_wait_policy=tuple(OMP_WAIT_POLICY))
-
-
-def check_output_dir(run, resuming):
-    """A fresh run must not share --dir with another run's config.json or overwrite a run's checkpoints."""
-    if resuming:
-        return
-    previous = rundir.previous_record(run.dir, "config.json")
-    if previous == rundir.UNREADABLE:
-        raise UserError(f"--dir {run.dir} holds an unreadable config.json; choose another --dir")
-    changed = rundir.differences(previous, run.record(), RUN_DEFINING_ARGS) if previous else []
-    if changed:
-        raise UserError(f"--dir {run.dir} holds a run with another configuration (config.json: "
-                        f"{'; '.join(changed[:2])}); choose another --dir, or pass --resume auto to continue "
-                        f"that run")
-    existing = rundir.existing_outputs(run.dir, ("training_state_*.pth", "flow_model_*_ema.pth"))
-    if existing:
-        fix = ("it holds no training state to continue from" if run.resume else
-               "pass --resume auto to continue that run")
-        raise UserError(f"--dir {run.dir} already holds {os.path.basename(existing[-1])}; {fix}, or choose "
-                        f"another --dir")
 
 
 def check_args_once(args):

@@ -15,7 +15,7 @@ from models import flow as flowlib
 from models.couplings import FlowWithCoupling, build_coupling
 from models.solvers import euler
 from training import loop
-from utils import dist
+from utils import dist, rundir
 from utils import train as plumbing
 from utils.amp import autocast as amp_autocast
 from utils.amp import autocast_velocity
@@ -31,6 +31,31 @@ SAMPLE_COUNT = 4          # images per sample grid, as in the paper
 # changed on resume: allowed, but worth a warning
 RESUME_WARN_ARGS = ("dataset", "weight_prior", "learning_rate", "batchsize", "optimizer", "warmup_steps",
                     "ema_decay", "ema_after_steps", "no_ema", "seed", "grad_clip", "amp", "ot_reg")
+
+# config.json entries that define a run: another run with other values must not share its --dir.
+RUN_DEFINING_ARGS = ("dataset", "coupling", "ot_reg", "weight_prior", "learning_rate", "batchsize", "optimizer",
+                     "warmup_steps", "ema_decay", "ema_after_steps", "no_ema", "seed", "grad_clip",
+                     "resolved_config_de", "resolved_config_en")
+
+
+def check_output_dir(run, resuming):
+    """A fresh run must not share --dir with another run's config.json or overwrite a run's checkpoints."""
+    if resuming:
+        return
+    previous = rundir.previous_record(run.dir, "config.json")
+    if previous == rundir.UNREADABLE:
+        raise UserError(f"--dir {run.dir} holds an unreadable config.json; choose another --dir")
+    changed = rundir.differences(previous, run.record(), RUN_DEFINING_ARGS) if previous else []
+    if changed:
+        raise UserError(f"--dir {run.dir} holds a run with another configuration (config.json: "
+                        f"{'; '.join(changed[:2])}); choose another --dir, or pass --resume auto to continue "
+                        f"that run")
+    existing = rundir.existing_outputs(run.dir, ("training_state_*.pth", "flow_model_*_ema.pth"))
+    if existing:
+        fix = ("it holds no training state to continue from" if run.resume else
+               "pass --resume auto to continue that run")
+        raise UserError(f"--dir {run.dir} already holds {os.path.basename(existing[-1])}; {fix}, or choose "
+                        f"another --dir")
 
 
 def check_resume_state(state, path, run, warn):

@@ -279,3 +279,10 @@ def physical_cores():
         except OSError:
             cores.add(("0", str(cpu)))
     return max(1, len(cores))
+
+
+def launch_layout(gpu_ids):
+    """(world size, whether this process spawns the workers, whether this process is rank 0)."""
+    if under_launcher():
+        return int(os.environ["WORLD_SIZE"]), False, int(os.environ["RANK"]) == 0
+    return max(1, len(gpu_ids)), len(gpu_ids) > 1, True
