@@ -49,14 +49,14 @@ from models import solvers  # noqa: E402
 from models.config import config_differences, resolve_image_options, validate_config  # noqa: E402
 from utils import dist  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, autocast, autocast_velocity, resolve_amp  # noqa: E402
-from utils import runlock  # noqa: E402
+from utils import rundir, runlock  # noqa: E402
 from utils import train as plumbing  # noqa: E402
 from utils.console import progress_bar  # noqa: E402
 from utils.checkpoint import load_weights, resolve_weights_path, saved_configs  # noqa: E402
 from utils.data import DATASETS, build_dataset, check_dataset_config  # noqa: E402
 from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
 from utils.images import save_labelled_grid, save_png, to_uint8  # noqa: E402
-from utils.io import atomic_write, load_json, load_state_dict_strict, save_json  # noqa: E402
+from utils.io import atomic_write, load_state_dict_strict, save_json  # noqa: E402
 
 TRAJ_COLUMNS = 8  # x0 predictions drawn per trajectory strip (evenly spaced steps)
 # Arguments that change how a run is executed but not what it writes; a rerun may differ in them.
@@ -360,16 +360,13 @@ def prepare_output_dir(args, plan):
         raise UserError(f"output folder --dir {args.dir} is not writable ({error.strerror or error}); "
                         f"choose another --dir") from None
     problem = None
-    previous_path = os.path.join(args.dir, "config_sampling.json")
-    if os.path.isfile(previous_path):
-        try:
-            previous = load_json(previous_path, "config_sampling.json")
-            changed = differences(previous, run_record(args, plan)) if isinstance(previous, dict) else ["unreadable"]
-        except UserError:
-            changed = ["its config_sampling.json is unreadable"]
+    previous = rundir.previous_record(args.dir, "config_sampling.json")
+    if previous is not None:
+        changed = (["its config_sampling.json is unreadable"] if previous == rundir.UNREADABLE
+                   else differences(previous, run_record(args, plan)))
         if changed:
             problem = (f"--dir {args.dir} holds the outputs of a run with other arguments ({'; '.join(changed[:3])})")
-    elif glob.glob(os.path.join(args.dir, "samples", "*.png")):
+    elif rundir.existing_outputs(args.dir, ("samples/*.png",)):
         problem = f"--dir {args.dir} already holds samples/ but no config_sampling.json"
     # With --overwrite the other run's outputs are deleted (by rank 0, just before sampling).
     plan["clear_outputs"] = problem is not None

@@ -134,11 +134,12 @@ def sinkhorn_plan(cost, reg, iterations=2000, tolerance=1e-9):
         # exp(kernel) and the scalings u, v stay far inside float64's range: the same iteration by matrix-vector
         # products, several times faster than the log domain's logsumexps
         gibbs = kernel.exp()
-        v = torch.ones(m, dtype=torch.float64, device=cost.device)
+        gibbs_v = gibbs @ torch.ones(m, dtype=torch.float64, device=cost.device)   # gibbs @ v for v = 1
         for _ in range(iterations):
-            u = (1.0 / n) / (gibbs @ v)
+            u = (1.0 / n) / gibbs_v
             v = (1.0 / m) / (gibbs.T @ u)
-            if (u * (gibbs @ v) - 1.0 / n).abs().max() < tolerance:
+            gibbs_v = gibbs @ v      # the row sums' check now, and the next u
+            if (u * gibbs_v - 1.0 / n).abs().max() < tolerance:
                 break
         return u[:, None] * gibbs * v[None, :]
     f = torch.zeros(n, dtype=torch.float64, device=cost.device)

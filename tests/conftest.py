@@ -34,3 +34,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def signal_when_ready():
+    """The function below, for tests of how a script stops on a signal."""
+    return _signal_when_ready
+
+
+def _signal_when_ready(argv, ready, signal_number, timeout=90):
+    """Start ``argv`` (a script of the project, run from its root with one OpenMP thread), wait until
+    ``ready()`` is true, send ``signal_number``; returns (exit code, stdout, stderr). Fails when the process
+    ends before it is ready."""
+    import subprocess
+    import time
+
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and process.poll() is None and not ready():
+            time.sleep(0.2)
+        assert process.poll() is None, process.stderr.read()
+        process.send_signal(signal_number)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, stdout, stderr

@@ -481,29 +481,19 @@ def test_ddpm_run_trains_on_the_vp_path(tmp_path, capsys):
         assert (tmp_path / "ddpm" / name).is_file(), name
 
 
-def test_sigterm_stops_at_a_step_boundary_with_that_iterations_checkpoints(tmp_path):
+def test_sigterm_stops_at_a_step_boundary_with_that_iterations_checkpoints(tmp_path, signal_when_ready):
     """The 2D script runs on training/loop.py: SIGTERM finishes the step, saves flow_model_{i}.pth of that
     iteration, writes no metrics and exits with 0 and one line saying so."""
     import signal
-    import time
 
     out = tmp_path / "stopped"
-    process = subprocess.Popen([sys.executable, "train_reverse_2d_joint.py", "--dir", str(out), "--iterations",
-                                "1000000", "--batchsize", "64"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline and process.poll() is None:
-            if (out / "stats.jsonl").is_file() and (out / "stats.jsonl").read_text().count("\n") >= 2:
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, process.stderr.read()
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 0 and "Traceback" not in stderr, stderr
+
+    def ready():   # two stats.jsonl lines: 200 iterations done
+        return (out / "stats.jsonl").is_file() and (out / "stats.jsonl").read_text().count("\n") >= 2
+
+    code, stdout, stderr = signal_when_ready([sys.executable, "train_reverse_2d_joint.py", "--dir", str(out),
+                                              "--iterations", "1000000", "--batchsize", "64"], ready, signal.SIGTERM)
+    assert code == 0 and "Traceback" not in stderr, stderr
     saved = sorted(out.glob("flow_model_*.pth"))
     assert len(saved) == 1 and not (out / "metrics.json").exists()
     iteration = int(saved[0].stem.split("_")[-1])

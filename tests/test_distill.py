@@ -265,56 +265,45 @@ def test_reflow_beats_teacher_with_one_euler_step(pairs, tmp_path):
     assert read_stats(out)[-1]["test_loss"] == pytest.approx(error, rel=1e-4)
 
 
-def test_resume_continues_exactly(pairs, tmp_path):
-    """3 + 3 iterations with --resume auto give the same weights as 6 in one go (reflow: random t restored)."""
+def split_and_straight_runs(pairs, tmp_path, mode, between=None):
+    """6 iterations in one go, and 3 + 3 with --resume auto (``between(state_path)`` may rewrite the state in
+    between); returns the two final students' weights and the resumed run's folder."""
     def run(out, iterations, *extra):
-        distill.main(command(pairs, out, "--mode", "reflow", "--iterations", str(iterations), "--batchsize", "8",
+        distill.main(command(pairs, out, "--mode", mode, "--iterations", str(iterations), "--batchsize", "8",
                              "--learning_rate", "1e-3", "--eval_every", "100", "--save_every", "100", *extra))
 
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     run(straight, 6)
     run(resumed, 3)
+    if between is not None:
+        between(os.path.join(resumed, "training_state_latest.pth"))
     run(resumed, 6, "--resume", "auto")
-    one = torch.load(os.path.join(straight, "flow_model_reflow_6.pth"), weights_only=True)
-    two = torch.load(os.path.join(resumed, "flow_model_reflow_6.pth"), weights_only=True)
+    name = f"flow_model_{'distilled' if mode == 'distill' else 'reflow'}_6.pth"
+    return [torch.load(os.path.join(folder, name), weights_only=True) for folder in (straight, resumed)] + [resumed]
+
+
+def test_resume_continues_exactly(pairs, tmp_path):
+    """3 + 3 iterations with --resume auto give the same weights as 6 in one go (reflow: random t restored)."""
+    one, two, resumed = split_and_straight_runs(pairs, tmp_path, "reflow")
     assert all(torch.equal(one[key], two[key]) for key in one)
     assert [record["iter"] for record in read_stats(resumed)] == [0, 3, 6]
 
 
 def test_distill_mode_resume_continues_exactly(pairs, tmp_path):
     """The same for --mode distill: 3 + 3 iterations with --resume auto equal 6 in one go."""
-    def run(out, iterations, *extra):
-        distill.main(command(pairs, out, "--iterations", str(iterations), "--batchsize", "8",
-                             "--learning_rate", "1e-3", "--eval_every", "100", "--save_every", "100", *extra))
-
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    run(straight, 6)
-    run(resumed, 3)
-    run(resumed, 6, "--resume", "auto")
-    one = torch.load(os.path.join(straight, "flow_model_distilled_6.pth"), weights_only=True)
-    two = torch.load(os.path.join(resumed, "flow_model_distilled_6.pth"), weights_only=True)
+    one, two, _ = split_and_straight_runs(pairs, tmp_path, "distill")
     assert all(torch.equal(one[key], two[key]) for key in one)
 
 
-def test_sigterm_saves_state_and_exits_cleanly(pairs, tmp_path):
+def test_sigterm_saves_state_and_exits_cleanly(pairs, tmp_path, signal_when_ready):
     out = str(tmp_path / "stopped")
-    process = subprocess.Popen([sys.executable, "distill.py", *command(pairs, out, "--iterations", "100000",
-                                                                       "--log_every", "1")],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline and process.poll() is None:
-            if os.path.isfile(os.path.join(out, "stats.jsonl")) and len(read_stats(out)) >= 2:   # iterations 0, 1
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, process.stderr.read()
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 0, stderr
+    def ready():   # iterations 0 and 1 logged
+        return os.path.isfile(os.path.join(out, "stats.jsonl")) and len(read_stats(out)) >= 2
+
+    code, _, stderr = signal_when_ready([sys.executable, "distill.py", *command(pairs, out, "--iterations", "100000",
+                                                                               "--log_every", "1")],
+                                        ready, signal.SIGTERM)
+    assert code == 0, stderr
     assert "Traceback" not in stderr
     state = torch.load(os.path.join(out, "training_state_latest.pth"), weights_only=True)
     assert 1 <= state["iter"] < 100000
@@ -375,21 +364,13 @@ def test_the_papers_config_en_is_accepted_with_a_warning(pairs, tmp_path):
 def test_a_state_of_the_old_distill_format_resumes_exactly(pairs, tmp_path):
     """A training_state_latest.pth written in distill.py's own v1 format (before the one training loop: its
     ``mode`` and a bare random state) is read and continues as exactly as the current format."""
-    def run(out, iterations, *extra):
-        distill.main(command(pairs, out, "--mode", "reflow", "--iterations", str(iterations), "--batchsize", "8",
-                             "--learning_rate", "1e-3", "--eval_every", "100", "--save_every", "100", *extra))
+    def to_old_format(path):
+        state = torch.load(path, weights_only=True)
+        old = {key: value for key, value in state.items() if key != "task"}
+        old.update(format="fast-ode-distill-state-v1", rng=state["rng"]["ranks"][0])
+        torch.save(old, path)
 
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    run(straight, 6)
-    run(resumed, 3)
-    path = os.path.join(resumed, "training_state_latest.pth")
-    state = torch.load(path, weights_only=True)
-    old = {key: value for key, value in state.items() if key != "task"}
-    old.update(format="fast-ode-distill-state-v1", rng=state["rng"]["ranks"][0])
-    torch.save(old, path)
-    run(resumed, 6, "--resume", "auto")
-    one = torch.load(os.path.join(straight, "flow_model_reflow_6.pth"), weights_only=True)
-    two = torch.load(os.path.join(resumed, "flow_model_reflow_6.pth"), weights_only=True)
+    one, two, _ = split_and_straight_runs(pairs, tmp_path, "reflow", between=to_old_format)
     assert all(torch.equal(one[key], two[key]) for key in one)
 
 

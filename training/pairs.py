@@ -28,6 +28,7 @@ from utils.io import atomic_write, save_json, save_torch
 
 GRID_SIZE = 64                            # most samples in a pred_{i}.png (the paper: one batch)
 ADAM_BETAS, ADAM_EPS = (0.9, 0.9999), 1e-8  # the paper's distill.py
+FIXED_PAIRS = FixedPairs()                # reflow's coupling: each x with its own z (holds no state)
 
 
 def pair_loss(mode, net, x, z):
@@ -35,7 +36,7 @@ def pair_loss(mode, net, x, z):
     if mode == "distill":
         return distill_loss(net, x, z)
     t = flowlib.sample_time(x.shape[0], device=x.device)
-    return coupled_flow_loss(net, FixedPairs(), x, t, z).loss
+    return coupled_flow_loss(net, FIXED_PAIRS, x, t, z).loss
 
 
 @torch.no_grad()
