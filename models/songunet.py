@@ -112,21 +112,6 @@ class GroupNorm(nn.Module):
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
-# The masks draw from utils.cpu_shards' per-thread generator: the global one, except inside a shard's
-# ``dropout_generator`` block (each shard's thread has its own reproducible stream).
-_dropout_generator_source = thread_generator
-
-
-def set_dropout_generator_source(source):
-    """Make the CPU masks of :func:`dropout` draw from ``source()`` (a ``torch.Generator``, or None for the
-    global generator; called once per mask); returns the previous source. The hook through which
-    ``utils.cpu_shards`` gives each shard's thread its own reproducible stream (the default source); outside a
-    shard every mask draws from the global generator."""
-    global _dropout_generator_source
-    previous, _dropout_generator_source = _dropout_generator_source, source
-    return previous
-
-
 def dropout(x, p, training=True):
     """``F.dropout``, with a faster random mask on CPU.
 
@@ -153,7 +138,7 @@ def dropout(x, p, training=True):
         return F.dropout(x, p=p, training=training)
     numel = x.numel()
     words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((numel + 3) // 4,), dtype=torch.int64, device=x.device,
-                          generator=_dropout_generator_source())
+                          generator=thread_generator())   # a CPU shard's own stream, else the global one
     bits = words.view(torch.int16)[:numel].view(shape)
     if order is not None:
         bits = bits.permute(order)  # same memory layout as x
