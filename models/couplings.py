@@ -123,8 +123,8 @@ class MinibatchOT(Grouped):
 
 def sinkhorn_plan(cost, reg, iterations=2000, tolerance=1e-9):
     """The entropic OT plan between uniform marginals: argmin <P, C> - eps H(P), eps = ``reg`` x the mean
-    cost (scale-free), by Sinkhorn's iterations (float64; in the log domain when exp(-C / eps) would underflow). Returns P [n, m] (rows sum to
-    1/n, columns to 1/m, up to ``tolerance``)."""
+    cost (scale-free), by Sinkhorn's iterations (float64; in the log domain when exp(-C / eps) would
+    underflow). Returns P [n, m] (rows sum to 1/n, columns to 1/m, up to ``tolerance``)."""
     cost = cost.double()
     epsilon = reg * cost.mean().clamp_min(1e-300)
     n, m = cost.shape

@@ -1,4 +1,5 @@
-"""The 2D example's training step and evaluation, shared by ``train_reverse_2d_joint.py`` and ``benchmarks/couplings_2d.py``.
+"""The 2D example's training step and evaluation, shared by ``train_reverse_2d_joint.py`` and
+``benchmarks/couplings_2d.py``.
 
 The coupling and the loss are ``models/couplings.py`` and ``models/losses.py``; the batch and its noise come
 from ``models.toy2d.training_batch``. The random draws of a step, all from the training generator, in order:
