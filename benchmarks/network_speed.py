@@ -61,7 +61,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from models import build_encoder, build_network, check_encoder_decoder  # noqa: E402
+from models import build_encoder, build_network, check_encoder_decoder, fast_cpu  # noqa: E402
 from models.couplings import FlowWithCoupling, build_coupling  # noqa: E402
 from models.songunet import Conv2d  # noqa: E402
 from models.flow import sample_time  # noqa: E402
@@ -160,9 +160,16 @@ def time_calls(fn, device, iters, warmup):
 
 
 def count_flops(fn):
-    """FLOPs of one call of ``fn`` as counted by ``FlopCounterMode`` (matmul-like operations only)."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
+    """FLOPs of one call of ``fn`` as counted by ``FlopCounterMode`` (matmul-like operations only). Counted
+    with one intra-op thread, so that the fast path's sampling forward runs in this thread unsharded (the
+    counter sees only its own thread's operations)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        torch.set_num_threads(threads)
     return counter.get_total_flops()
 
 
@@ -319,6 +326,9 @@ def main(argv):
 
     amp, amp_reason = resolve_amp(args.amp, device)
     print(f"amp {amp} ({amp_reason})", flush=True)
+    fast, fast_reason = fast_cpu.choose(device.type, amp)
+    fast_cpu.apply([net], fast)
+    print(f"CPU fast path {'on' if fast else 'off'} ({fast_reason})", flush=True)
     shards = args.cpu_shards or auto_shards(device)
     if shards > args.batch:
         raise UserError(f"--cpu_shards {shards} is more than the batch ({args.batch})")
@@ -341,6 +351,7 @@ def main(argv):
                  "train": train_step, "forward": forward}
     if not args.no_baseline:   # the same network as plain PyTorch runs it: fp32, NCHW, no shards, default Adam
         baseline = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+        fast_cpu.apply([baseline], False)
         functions["train_baseline"], functions["forward_baseline"] = build_step(
             baseline, args.batch, device, False, in_shape, args.seed, plain=True)
         flops["train_baseline"], flops["forward_baseline"] = flops["train"], flops["forward"]
@@ -389,6 +400,7 @@ def main(argv):
         [fw / mm for fw, mm in zip(gflops("forward", "wall"), gflops("matmul", "wall"))])
     result["train_over_matmul_cpu_time"] = median(ratio_cpu)
     result["amp"], result["amp_reason"] = amp, amp_reason
+    result["cpu_fast_path"], result["cpu_fast_path_reason"] = fast, fast_reason
     result["matmul_bf16"] = {"size": matmul_size, "gflops": median(gflops("matmul_bf16", "wall"))}
     result["train_over_matmul_bf16"] = median(
         [tr / mm for tr, mm in zip(gflops("train", "wall"), gflops("matmul_bf16", "wall"))])

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.cpu_shards import thread_generator
+from models import fused_norm
+from utils.cpu_shards import sharded_forward, thread_generator
 
 
 def _xavier_uniform(shape, fan_in, fan_out, gain=1.0):
@@ -109,7 +110,18 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x):
+        if fused_norm.applies(x):
+            return fused_norm.group_norm_act(x, self.weight, self.bias, self.num_groups, self.eps)
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+    def act(self, x, p=0.0, training=True):
+        """``dropout(silu(self(x)), p)``: on channels_last CPU activations one fused kernel
+        (``models/fused_norm.py``), else PyTorch's operations."""
+        p = p if training else 0.0
+        if fused_norm.applies(x):
+            return fused_norm.group_norm_act(x, self.weight, self.bias, self.num_groups, self.eps, silu=True, p=p,
+                                             generator=thread_generator())
+        return dropout(F.silu(self(x)), p, training)
 
 
 def dropout(x, p, training=True):
@@ -196,10 +208,9 @@ class UNetBlock(nn.Module):
         # The in-place adds and scalings below act only on fresh convolution outputs, which autograd does
         # not keep for the backward pass; they save a memory pass and an allocation each.
         orig = x
-        x = self.conv0(F.silu(self.norm0(x)))
+        x = self.conv0(self.norm0.act(x))
         x = x.add_(self.affine(emb)[:, :, None, None].to(x.dtype))
-        x = F.silu(self.norm1(x))
-        x = self.conv1(dropout(x, self.dropout, self.training))
+        x = self.conv1(self.norm1.act(x, self.dropout, self.training))
         x = x.add_(self.skip(orig) if self.skip is not None else orig).mul_(self.skip_scale)
         if self.attention:
             batch, channels, height, width = x.shape
@@ -287,6 +298,14 @@ class SongUNet(nn.Module):
         self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = GroupNorm(cout)
         self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3, gain=1e-5)
 
+    channels_last = False   # set_channels_last
+
+    def set_channels_last(self, enabled):
+        """Run the activations in channels_last on a CPU (weights and state dict unchanged): the bf16 fast
+        path, where oneDNN's convolutions skip their layout reorders and GroupNorm + SiLU + dropout run as
+        one kernel (``models/fused_norm.py``). Off by default: fp32 NCHW keeps the golden numbers."""
+        self.channels_last = bool(enabled)
+
     def set_sdpa(self, enabled):
         """Use ``scaled_dot_product_attention`` (default) or the explicit einsum/softmax attention."""
         for module in self.modules():
@@ -295,26 +314,40 @@ class SongUNet(nn.Module):
 
     def forward(self, x, t):
         t = _time_vector(t, x)
+        if self.channels_last and x.device.type == "cpu" and not torch.is_grad_enabled() and not self.training:
+            # fast path, sampling: the batch in one shard per intra-op thread (utils/cpu_shards.py); inside a
+            # shard there is one thread, so this does not recurse
+            threads = torch.get_num_threads()
+            if threads > 1 and x.shape[0] > 1:
+                return sharded_forward(self._forward, (x, t), threads)
+        return self._forward(x, t)
+
+    def _forward(self, x, t):
         emb = self.map_noise(t)
         emb = torch.cat(emb.chunk(2, dim=1)[::-1], dim=1)  # [sin, cos] order, as the checkpoints expect
         emb = F.silu(self.map_layer0(emb))
         emb = F.silu(self.map_layer1(emb))
 
+        # channels_last: every layer's output is brought to it (a no-op where it already is), which
+        # the stem convolution of a 1-channel input and the attention's reshapes do not keep
+        layout = self.channels_last and x.device.type == "cpu"
         skips = []
         for layer in self.enc.values():
             x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
+            x = x.contiguous(memory_format=torch.channels_last) if layout else x
             skips.append(x)
 
         out = None
         for name, layer in self.dec.items():
             if name.endswith("_aux_norm"):
-                out = layer(x)
+                out = layer.act(x)
             elif name.endswith("_aux_conv"):
-                out = layer(F.silu(out))
+                out = layer(out)
             else:
                 if "_block" in name:
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = layer(x, emb)
+                x = x.contiguous(memory_format=torch.channels_last) if layout else x
         return out
 
 

@@ -127,3 +127,43 @@ class ThreadShards:
         return tuple(sum(weight * values[k] for weight, (values, _) in zip(weights, results))
                      for k in range(len(results[0][0])))
 
+
+
+_forward_pools = {}
+_forward_lock = threading.Lock()
+
+
+def _autocast_state():
+    """(enabled, dtype) of this thread's CPU autocast."""
+    try:
+        return torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    except TypeError:   # torch before 2.4
+        return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+
+
+def sharded_forward(fn, tensors, shards):
+    """``fn(*tensors)`` of a no-grad forward, computed as ``shards`` batch shards in threads with one
+    intra-op thread each and concatenated along the batch: the inference counterpart of ``ThreadShards``
+    (for per-sample computations only: eval-mode networks). Each thread runs under the caller's CPU
+    autocast, grad and inference mode, which PyTorch keeps per thread."""
+    batch = tensors[0].shape[0]
+    sizes = shard_sizes(batch, shards)
+    if len(sizes) == 1:
+        return fn(*tensors)
+    pieces = list(zip(*(torch.split(tensor, sizes) for tensor in tensors)))
+    autocast_on, autocast_dtype = _autocast_state()
+    inference = torch.is_inference_mode_enabled()
+    grad = torch.is_grad_enabled()
+
+    def run(index):
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
+                torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_on):
+            return fn(*pieces[index])
+
+    with _forward_lock:
+        pool = _forward_pools.get(len(sizes))
+        if pool is None:
+            pool = _forward_pools[len(sizes)] = ThreadPoolExecutor(len(sizes), thread_name_prefix="forward-shard")
+    return torch.cat([future.result() for future in [pool.submit(run, index) for index in range(len(sizes))]])

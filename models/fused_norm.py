@@ -1,0 +1,178 @@
+"""GroupNorm + SiLU + dropout as one CPU kernel for channels_last activations (the bf16 CPU fast path).
+
+In a bf16 step on a CPU with AMX, oneDNN's channels_last convolutions run several times faster than its
+NCHW ones (they skip the layout reorders), but PyTorch's channels_last GroupNorm is 5-10x slower than its
+NCHW one, and GroupNorm, SiLU and dropout each make their own passes over memory (docs/speed.md). The C
+kernels in ``models/native/groupnorm_act.c`` do the U-Net block's "GN -> SiLU -> dropout" in two passes
+forward and two backward, float32 arithmetic on float32 or bfloat16 storage.
+
+The library is compiled on first use with the system C compiler (``$CC``, default ``cc``; flags
+``-O3 -march=native``) into ``$FAST_ODE_CACHE`` (default ``~/.cache/fast_ode``), keyed by the source, the
+compiler and the CPU, and loaded with ctypes. Without a compiler, or with ``FAST_ODE_NATIVE=0``, nothing
+is compiled and the networks use PyTorch's own operations (``available()`` says why).
+
+The dropout of the fused path keeps element e (memory order) when the top 16 bits of a hash of (e, seed)
+are below ``round((1 - p) 65536)``: the same keep rate and scale as ``models.songunet.dropout``, but other
+masks than its random stream, so a bf16 fast-path run and an fp32 run draw different masks.
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent / "native" / "groupnorm_act.c"
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c11", "-fPIC", "-shared", "-pthread")
+_MAX_ELEMENTS = 2 ** 32   # the dropout hash indexes elements with 32 bits
+
+
+def _cache_dir():
+    root = os.environ.get("FAST_ODE_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fast_ode"
+
+
+def _cpu_identity():
+    try:
+        with open("/proc/cpuinfo") as handle:
+            lines = [line for line in handle if line.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _compile(compiler, target):
+    """Compile SOURCE into ``target`` (atomically: a half-written library is never loaded)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.part")
+    os.close(handle)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"], check=True, capture_output=True,
+                       text=True, timeout=300)
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+
+
+@functools.lru_cache(maxsize=1)
+def _load():
+    """(the ctypes library or None, why)."""
+    if os.environ.get("FAST_ODE_NATIVE", "1") == "0":
+        return None, "FAST_ODE_NATIVE=0"
+    compiler = os.environ.get("CC", "cc")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, f"no C compiler ({compiler}: {error})"
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_identity()]).encode())
+    target = _cache_dir() / f"groupnorm_act-{key.hexdigest()[:16]}.so"
+    try:
+        if not target.exists():
+            _compile(compiler, target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        return None, f"the fused GroupNorm kernel did not build: {detail.strip().splitlines()[-1] if detail.strip() else error}"
+    i64, u32, f32, ptr = ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p
+    library.fo_group_norm_act_forward.argtypes = [ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, i64, i64, i64, i64,
+                                                  f32, ctypes.c_int, u32, f32, u32, u32, ctypes.c_int]
+    library.fo_group_norm_act_backward.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr,
+                                                   i64, i64, i64, i64, ctypes.c_int, u32, f32, u32, u32, ctypes.c_int]
+    library.fo_dropout_factors.argtypes = [ptr, i64, u32, f32, u32, u32]
+    library.fo_dropout_factors.restype = None
+    return library, f"compiled {target.name}"
+
+
+def available():
+    """(True if the fused kernels are loaded, why not / where from)."""
+    library, reason = _load()
+    return library is not None, reason
+
+
+def applies(x):
+    """Whether ``x`` takes the fused path: a 4-D channels_last (not also NCHW-contiguous) float32 or bfloat16
+    CPU tensor, with the kernels available."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
+            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            and x.numel() < _MAX_ELEMENTS and _load()[0] is not None)
+
+
+def dropout_threshold(p):
+    """(kept, scale) of dropout rate ``p`` on 16 bits, as ``models.songunet.dropout``."""
+    kept = round((1 - p) * 65536)
+    return kept, 65536 / max(kept, 1)
+
+
+def draw_seed(generator=None):
+    """Two 32-bit keys for one dropout mask, drawn from ``generator`` (None: the global CPU generator)."""
+    words = torch.randint(0, 2 ** 32, (2,), dtype=torch.int64, generator=generator)
+    return int(words[0]), int(words[1])
+
+
+def dropout_factors(count, p, keys):
+    """The fused path's dropout factors (0 or the scale) of elements 0..count-1 under ``keys``: for tests."""
+    library = _load()[0]
+    kept, scale = dropout_threshold(p)
+    out = torch.empty(count, dtype=torch.float32)
+    library.fo_dropout_factors(out.data_ptr(), count, kept, scale, *keys)
+    return out
+
+
+def _status(code, what):
+    if code:
+        raise RuntimeError(f"the fused GroupNorm {what} failed (code {code}: out of memory or bad shape)")
+
+
+class _GroupNormAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps, silu, kept, scale, keys):
+        library = _load()[0]
+        n, c, h, w = x.shape
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight32 = weight.detach().float().contiguous()
+        bias32 = bias.detach().float().contiguous()
+        y = torch.empty_like(x, memory_format=torch.channels_last)
+        mean = torch.empty(n, groups, dtype=torch.float32)
+        rstd = torch.empty(n, groups, dtype=torch.float32)
+        _status(library.fo_group_norm_act_forward(
+            x.data_ptr(), y.data_ptr(), int(x.dtype == torch.bfloat16), weight32.data_ptr(), bias32.data_ptr(),
+            mean.data_ptr(), rstd.data_ptr(), n, h * w, c, groups, eps, int(silu), kept, scale, *keys,
+            torch.get_num_threads()), "forward")
+        ctx.save_for_backward(x, weight32, bias32, mean, rstd)
+        ctx.settings = (groups, silu, kept, scale, keys, weight.dtype, bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        library = _load()[0]
+        x, weight32, bias32, mean, rstd = ctx.saved_tensors
+        groups, silu, kept, scale, keys, weight_dtype, bias_dtype = ctx.settings
+        n, c, h, w = x.shape
+        grad_y = grad_y.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+        grad_weight = torch.empty(c, dtype=torch.float32)
+        grad_bias = torch.empty(c, dtype=torch.float32)
+        _status(library.fo_group_norm_act_backward(
+            x.data_ptr(), grad_y.data_ptr(), grad_x.data_ptr(), int(x.dtype == torch.bfloat16), weight32.data_ptr(),
+            bias32.data_ptr(), mean.data_ptr(), rstd.data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(),
+            n, h * w, c, groups, int(silu), kept, scale, *keys, torch.get_num_threads()), "backward")
+        return grad_x, grad_weight.to(weight_dtype), grad_bias.to(bias_dtype), None, None, None, None, None, None
+
+
+def group_norm_act(x, weight, bias, groups, eps, silu=False, p=0.0, generator=None):
+    """``dropout(silu(group_norm(x)), p)`` (SiLU if ``silu``; dropout if ``p > 0``) in one fused kernel, for
+    an ``x`` that ``applies``. ``generator``: where the dropout seed is drawn from (None: the global one)."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout rate must be in [0, 1), got {p}")
+    if x.shape[1] % groups:
+        raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
+    kept, scale = dropout_threshold(p) if p > 0 else (0, 0.0)   # scale 0: no dropout
+    keys = draw_seed(generator) if p > 0 else (0, 0)
+    return _GroupNormAct.apply(x, weight, bias, groups, float(eps), bool(silu), kept, float(scale), keys)
