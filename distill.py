@@ -48,7 +48,7 @@ OMP_WAIT_POLICY = choose_omp_wait_policy()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from models import build_network, load_config  # noqa: E402
+from models import build_network, fast_cpu, load_config  # noqa: E402
 from models.config import resolve_image_options  # noqa: E402
 from utils import dist  # noqa: E402
 from utils import rundir, runlock  # noqa: E402
@@ -310,6 +310,7 @@ def check_args(args):
                         f"is then not measured on unseen pairs")
     amp, amp_reason = resolve_amp(args.amp, device)
     return {"device": device, "amp": amp, "amp_reason": amp_reason, "config": config, "train_set": train_set,
+            "cpu_fast_path": fast_cpu.choose(device.type, amp),
             "test_set": test_set, "weights": (weights, weights_path), "teacher_path": teacher_path,
             "state_path": state_path, "state": state, "warnings": warnings}
 

@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from models import build_encoder, build_network, check_encoder_decoder, load_config  # noqa: E402
+from models import build_encoder, build_network, check_encoder_decoder, fast_cpu, load_config  # noqa: E402
 from models import flow as flowlib  # noqa: E402
 from models import solvers  # noqa: E402
 from models.config import config_differences, resolve_image_options, validate_config  # noqa: E402
@@ -60,7 +60,8 @@ from utils.io import atomic_write, load_state_dict_strict, save_json  # noqa: E4
 
 TRAJ_COLUMNS = 8  # x0 predictions drawn per trajectory strip (evenly spaced steps)
 # Arguments that change how a run is executed but not what it writes; a rerun may differ in them.
-RERUN_FREE_ARGS = ("gpu", "debug", "overwrite", "batchsize", "dir", "grid", "amp_used", "amp_reason")   # amp_*: derived from --amp
+RERUN_FREE_ARGS = ("gpu", "debug", "overwrite", "batchsize", "dir", "grid", "amp_used", "amp_reason",   # amp_*: from --amp
+                   "cpu_fast_path_used", "cpu_fast_path_reason")
 # Arguments added after runs were recorded: a config_sampling.json without one means the default.
 LATER_ARGS = {"schedule": "uniform"}
 # Arguments holding paths; compared as absolute paths so "./x" and "x" are the same run.
@@ -330,6 +331,7 @@ def run_record(args, plan):
     record["resolved_config_en"] = plan["config_en"]
     if "amp" in plan:   # what --amp resolved to on this device, and why
         record["amp_used"], record["amp_reason"] = plan["amp"], plan["amp_reason"]
+        record["cpu_fast_path_used"], record["cpu_fast_path_reason"] = plan["cpu_fast_path"]
     return record
 
 
@@ -511,8 +513,10 @@ def worker(info, args, plan):
     """Sample this process's share of the indices, write its files, combine the statistics on rank 0."""
     device = info.device
     amp, amp_reason = resolve_amp(args.amp, device)
-    plan = dict(plan, amp=amp, amp_reason=amp_reason)
+    cpu_fast_path = fast_cpu.choose(device.type, amp)
+    plan = dict(plan, amp=amp, amp_reason=amp_reason, cpu_fast_path=cpu_fast_path)
     net, encoder, dataset = load_networks(args, plan, device)
+    fast_cpu.apply([net, encoder], cpu_fast_path[0])
     velocity = autocast_velocity(net, device, amp)
     spec = solvers.solver_spec(args.solver)
     folders = ["samples"] + ["trajs"] * args.save_traj + ["zs"] * args.save_z + ["data"] * args.save_data
@@ -530,7 +534,7 @@ def worker(info, args, plan):
         print(f"generate: {device} x {info.world_size} process(es), global batch {args.batchsize}, "
               f"{args.num_samples} samples, solver {args.solver}, {nfe}, flow network {parameters:.2f}M "
               f"parameters{extra}, start {'encoder(' + args.dataset + ')' if encoder is not None else 'noise'}, "
-              f"amp {amp} ({amp_reason})",
+              f"amp {amp} ({amp_reason}), CPU fast path {'on' if cpu_fast_path[0] else 'off'} ({cpu_fast_path[1]})",
               flush=True)
         for warning in plan["warnings"]:
             print(warning, flush=True)

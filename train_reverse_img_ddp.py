@@ -42,7 +42,7 @@ if __name__ == "__main__":
 OMP_WAIT_POLICY = choose_omp_wait_policy()
 
 
-from models import check_encoder_decoder, load_config  # noqa: E402
+from models import check_encoder_decoder, fast_cpu, load_config  # noqa: E402
 from models.couplings import COUPLINGS, DESCRIPTIONS  # noqa: E402
 from utils import dist  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, resolve_amp  # noqa: E402
@@ -204,6 +204,7 @@ def check_args(args):
     cpu_shards = min(args.cpu_shards or auto_shards(device_type, world_size, args.compile),
                      args.batchsize // world_size)
     amp, amp_reason = resolve_amp(args.amp, "cuda" if device_type == "cuda" else "cpu")
+    cpu_fast_path = fast_cpu.choose(device_type, amp, args.compile)
 
     if args.config_de is None:
         raise UserError("--config_de is required: the flow network's config, e.g. configs/cifar10_de.json")
@@ -219,7 +220,8 @@ def check_args(args):
     check_dataset_config(args.dataset, config_de)
     return ImageRun(options=vars(args), flow_config=config_de, encoder_config=config_en, gpu_ids=tuple(gpu_ids),
                     world_size=world_size, spawn=spawn, is_main=is_main, cpu_shards=cpu_shards, amp=amp,
-                    amp_reason=amp_reason, omp_wait_policy=tuple(OMP_WAIT_POLICY))
+                    amp_reason=amp_reason, omp_wait_policy=tuple(OMP_WAIT_POLICY),
+                    cpu_fast_path=cpu_fast_path)
 
 
 def check_args_once(args):

@@ -45,7 +45,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from models import build_encoder, build_network  # noqa: E402
+from models import build_encoder, build_network, fast_cpu  # noqa: E402
 from models.couplings import FlowWithCoupling, build_coupling  # noqa: E402
 from models.flow import euler, sample_time  # noqa: E402
 from utils.amp import autocast as amp_autocast  # noqa: E402
@@ -284,7 +284,8 @@ def run_mode(name, args, device, channels_last, configs, flops, device_name, tf3
         net = torch.compile(net, mode=args.compile_mode)
         encoder = torch.compile(encoder, mode=args.compile_mode)
     shards = min(auto_shards(device, compiled=compiled), args.batch)   # the training script's default
-    row = {"mode": name, "bf16": amp, "compile": compiled, "cpu_shards": shards}
+    fast = fast_cpu.apply([net, encoder], fast_cpu.choose(device.type, "bf16" if amp else "none", compiled)[0])
+    row = {"mode": name, "bf16": amp, "compile": compiled, "cpu_shards": shards, "cpu_fast_path": fast}
 
     train_step, pool = make_train_step(net, encoder, args.batch, device, channels_last, amp, args.weight_prior,
                                        args.seed, shards)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models import build_encoder, build_network
+from models import build_encoder, build_network, fast_cpu
 from models import flow as flowlib
 from models.couplings import FlowWithCoupling, build_coupling
 from models.solvers import euler
@@ -202,6 +202,7 @@ class Trainer:
                    if self.config_en is not None else None)
         coupling = build_coupling(args.coupling, encoder=encoder, weight_prior=args.weight_prior, ot_reg=args.ot_reg)
         self.model = FlowWithCoupling(flow, coupling).to(device)
+        fast_cpu.apply([self.model], run.cpu_fast_path[0])   # before the EMA copy, which inherits it
         self.params = self.model.optimizer_params()
         self.optimizer = plumbing.build_optimizer(self.params, args.optimizer, args.learning_rate)
         self.ema = None if args.no_ema else plumbing.EMA(self.model, args.ema_decay, args.ema_after_steps)
@@ -242,7 +243,8 @@ class Trainer:
             f"{count(self.model.flow) / 1e6:.2f}M parameters, {encoder}, coupling {args.coupling}, "
             f"{run.data_summary or f'{len(self.dataset)} images'} ({sampler.steps_per_epoch} steps per "
             f"epoch), {f'{self.shards.shards} batch shards in threads, ' if self.shards else ''}{iterations}, "
-            f"amp {run.amp} ({run.amp_reason}){', compiled' if args.compile else ''} -> {args.dir}")
+            f"amp {run.amp} ({run.amp_reason}), CPU fast path {'on' if run.cpu_fast_path[0] else 'off'} "
+            f"({run.cpu_fast_path[1]}){', compiled' if args.compile else ''} -> {args.dir}")
 
     def resume(self, state):
         """Restore from the run's training state; returns (batches consumed, non-finite steps so far)."""

@@ -14,6 +14,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from models import fast_cpu
 from models import flow as flowlib
 from models.couplings import FixedPairs
 from models.losses import coupled_flow_loss, distill_loss
@@ -68,6 +69,7 @@ class PairTrainer:
         self.device = device = plan["device"]
         self.log = plumbing.RunLog(args.dir, True, echo=tqdm.write)
         self.student = student = plan["student"].to(device)
+        fast_cpu.apply([student], plan["cpu_fast_path"][0])
         state = plan["state"]
         self.optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate, betas=ADAM_BETAS,
                                           eps=ADAM_EPS)
@@ -94,14 +96,16 @@ class PairTrainer:
         self.loss_sum, self.loss_count = torch.zeros((), device=device), 0
         self.timer, self.pending = (time.time(), self.start), {}
         save_json({**vars(args), "resolved_config_de": plan["config"], "amp_used": plan["amp"],
-                   "amp_reason": plan["amp_reason"]}, os.path.join(args.dir, "config.json"))
+                   "amp_reason": plan["amp_reason"], "cpu_fast_path_used": plan["cpu_fast_path"][0],
+                   "cpu_fast_path_reason": plan["cpu_fast_path"][1]}, os.path.join(args.dir, "config.json"))
         parameters = sum(p.numel() for p in student.parameters())
         iterations = (f"iterations {self.start + 1}..{args.iterations}" if self.start < args.iterations
                       else "no iterations left")
         self.log.line(f"distill: mode {args.mode}, {device}, {len(plan['train_set'])} training pairs, "
                       f"{len(plan['test_set'])} test pairs, batch {args.batchsize}, lr {args.learning_rate:g}, "
                       f"{iterations}, student {parameters / 1e6:.3f}M parameters from {plan['teacher_path']}, "
-                      f"test loss with {args.N} Euler step(s), amp {plan['amp']} ({plan['amp_reason']}) -> {args.dir}")
+                      f"test loss with {args.N} Euler step(s), amp {plan['amp']} ({plan['amp_reason']}), CPU fast path "
+                      f"{'on' if plan['cpu_fast_path'][0] else 'off'} -> {args.dir}")
         for warning in plan["warnings"]:
             self.log.line(warning)
 

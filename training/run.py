@@ -24,6 +24,7 @@ class ImageRun:
     amp: str                        # "none" or "bf16": what --amp resolved to
     amp_reason: str                 # why
     omp_wait_policy: tuple = ()     # (value, why): it changes CPU speed several-fold (utils/threads.py)
+    cpu_fast_path: tuple = (False, "")   # (on, why): bf16 CPU fast path (models/fast_cpu.py)
     excluded_images: tuple = ()     # unreadable images left out (--bad_images skip)
     data_summary: Optional[str] = None   # the data, as the first log line says it
     resume_path: Optional[str] = None    # the training state to continue from
@@ -41,4 +42,5 @@ class ImageRun:
         """config.json: the resolved arguments and the configs, shards and precision they led to."""
         return {**self.options, "resolved_config_de": self.flow_config, "resolved_config_en": self.encoder_config,
                 "cpu_shards_used": self.cpu_shards, "amp_used": self.amp, "amp_reason": self.amp_reason,
-                "omp_wait_policy": list(self.omp_wait_policy)}
+                "omp_wait_policy": list(self.omp_wait_policy), "cpu_fast_path_used": bool(self.cpu_fast_path[0]),
+                "cpu_fast_path_reason": self.cpu_fast_path[1]}
