@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).resolve().parent / "native" / "groupnorm_act.c"
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c11", "-fPIC", "-shared", "-pthread")
+# -ffp-contract=fast: fused multiply-adds (ISO C modes turn them off); 512-bit vectors where the CPU has them
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=fast", "-std=c11", "-fPIC", "-shared",
+         "-pthread")
 _MAX_ELEMENTS = 2 ** 32   # the dropout hash indexes elements with 32 bits
 
 
@@ -81,10 +83,11 @@ def _load():
         detail = getattr(error, "stderr", "") or str(error)
         return None, f"the fused GroupNorm kernel did not build: {detail.strip().splitlines()[-1] if detail.strip() else error}"
     i64, u32, f32, ptr = ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p
-    library.fo_group_norm_act_forward.argtypes = [ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, i64, i64, i64, i64,
-                                                  f32, ctypes.c_int, u32, f32, u32, u32, ctypes.c_int]
-    library.fo_group_norm_act_backward.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr,
-                                                   i64, i64, i64, i64, ctypes.c_int, u32, f32, u32, u32, ctypes.c_int]
+    library.fo_group_norm_act_forward.argtypes = [ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64, i64,
+                                                  i64, f32, ctypes.c_int, u32, f32, u32, u32, ctypes.c_int]
+    library.fo_group_norm_act_backward.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                                                   ptr, i64, i64, i64, i64, ctypes.c_int, u32, f32, u32, u32,
+                                                   ctypes.c_int]
     library.fo_dropout_factors.argtypes = [ptr, i64, u32, f32, u32, u32]
     library.fo_dropout_factors.restype = None
     return library, f"compiled {target.name}"
@@ -132,47 +135,58 @@ def _status(code, what):
 
 class _GroupNormAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps, silu, kept, scale, keys):
+    def forward(ctx, x, weight, bias, add, groups, eps, silu, kept, scale, keys):
         library = _load()[0]
         n, c, h, w = x.shape
         x = x.contiguous(memory_format=torch.channels_last)
         weight32 = weight.detach().float().contiguous()
         bias32 = bias.detach().float().contiguous()
+        add32 = None if add is None else add.detach().float().reshape(n, c).contiguous()
         y = torch.empty_like(x, memory_format=torch.channels_last)
         mean = torch.empty(n, groups, dtype=torch.float32)
         rstd = torch.empty(n, groups, dtype=torch.float32)
         _status(library.fo_group_norm_act_forward(
             x.data_ptr(), y.data_ptr(), int(x.dtype == torch.bfloat16), weight32.data_ptr(), bias32.data_ptr(),
-            mean.data_ptr(), rstd.data_ptr(), n, h * w, c, groups, eps, int(silu), kept, scale, *keys,
-            torch.get_num_threads()), "forward")
-        ctx.save_for_backward(x, weight32, bias32, mean, rstd)
-        ctx.settings = (groups, silu, kept, scale, keys, weight.dtype, bias.dtype)
+            None if add32 is None else add32.data_ptr(), mean.data_ptr(), rstd.data_ptr(), n, h * w, c, groups, eps,
+            int(silu), kept, scale, *keys, torch.get_num_threads()), "forward")
+        ctx.save_for_backward(x, weight32, bias32, add32, mean, rstd)
+        ctx.settings = (groups, silu, kept, scale, keys, weight.dtype, bias.dtype,
+                        None if add is None else (add.dtype, add.shape))
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         library = _load()[0]
-        x, weight32, bias32, mean, rstd = ctx.saved_tensors
-        groups, silu, kept, scale, keys, weight_dtype, bias_dtype = ctx.settings
+        x, weight32, bias32, add32, mean, rstd = ctx.saved_tensors
+        groups, silu, kept, scale, keys, weight_dtype, bias_dtype, add_like = ctx.settings
         n, c, h, w = x.shape
         grad_y = grad_y.to(x.dtype).contiguous(memory_format=torch.channels_last)
         grad_x = torch.empty_like(x, memory_format=torch.channels_last)
         grad_weight = torch.empty(c, dtype=torch.float32)
         grad_bias = torch.empty(c, dtype=torch.float32)
+        grad_add = None if add32 is None else torch.empty(n, c, dtype=torch.float32)
         _status(library.fo_group_norm_act_backward(
             x.data_ptr(), grad_y.data_ptr(), grad_x.data_ptr(), int(x.dtype == torch.bfloat16), weight32.data_ptr(),
-            bias32.data_ptr(), mean.data_ptr(), rstd.data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(),
+            bias32.data_ptr(), None if add32 is None else add32.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+            grad_weight.data_ptr(), grad_bias.data_ptr(), None if grad_add is None else grad_add.data_ptr(),
             n, h * w, c, groups, int(silu), kept, scale, *keys, torch.get_num_threads()), "backward")
-        return grad_x, grad_weight.to(weight_dtype), grad_bias.to(bias_dtype), None, None, None, None, None, None
+        if grad_add is not None:
+            grad_add = grad_add.to(add_like[0]).reshape(add_like[1])
+        return (grad_x, grad_weight.to(weight_dtype), grad_bias.to(bias_dtype), grad_add,
+                None, None, None, None, None, None)
 
 
-def group_norm_act(x, weight, bias, groups, eps, silu=False, p=0.0, generator=None):
-    """``dropout(silu(group_norm(x)), p)`` (SiLU if ``silu``; dropout if ``p > 0``) in one fused kernel, for
-    an ``x`` that ``applies``. ``generator``: where the dropout seed is drawn from (None: the global one)."""
+def group_norm_act(x, weight, bias, groups, eps, silu=False, p=0.0, generator=None, add=None):
+    """``dropout(silu(group_norm(x + add)), p)`` (SiLU if ``silu``; dropout if ``p > 0``; ``add``: None or one
+    value per sample and channel, [N, C] or [N, C, 1, 1]) in one fused kernel, for an ``x`` that ``applies``.
+    ``generator``: where the dropout seed is drawn from (None: the global one)."""
     if not 0 <= p < 1:
         raise ValueError(f"dropout rate must be in [0, 1), got {p}")
     if x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
+    if add is not None and add.numel() != x.shape[0] * x.shape[1]:
+        raise ValueError(f"add must hold one value per sample and channel ({x.shape[0]} x {x.shape[1]}), "
+                         f"got shape {tuple(add.shape)}")
     kept, scale = dropout_threshold(p) if p > 0 else (0, 0.0)   # scale 0: no dropout
     keys = draw_seed(generator) if p > 0 else (0, 0)
-    return _GroupNormAct.apply(x, weight, bias, groups, float(eps), bool(silu), kept, float(scale), keys)
+    return _GroupNormAct.apply(x, weight, bias, add, groups, float(eps), bool(silu), kept, float(scale), keys)

@@ -73,7 +73,8 @@ class Conv2d(nn.Module):
         # float32 channels_last too; in float32 NCHW the convolutions are about 2x faster, so they stay there.
         self.box = (up or down) and len(resample_filter) == 2 and resample_filter[0] == resample_filter[1]
 
-    def forward(self, x):
+    def forward(self, x, scale=None):
+        """``scale``: a factor folded into the weight and bias (``scale * conv(x)`` at no extra pass)."""
         filt = self.resample_filter
         if self.box and x.dim() == 4 and _direct_resampling(x):
             x = F.interpolate(x, scale_factor=2, mode="nearest") if self.up else F.avg_pool2d(x, 2)
@@ -87,7 +88,10 @@ class Conv2d(nn.Module):
             if self.down:
                 x = F.conv2d(x, filt.tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=pad)
         if self.weight is not None:
-            x = F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), padding=self.weight.shape[-1] // 2)
+            weight, bias = self.weight, self.bias
+            if scale is not None:
+                weight, bias = weight * scale, bias * scale
+            x = F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), padding=self.weight.shape[-1] // 2)
         return x
 
 
@@ -114,13 +118,16 @@ class GroupNorm(nn.Module):
             return fused_norm.group_norm_act(x, self.weight, self.bias, self.num_groups, self.eps)
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
-    def act(self, x, p=0.0, training=True):
-        """``dropout(silu(self(x)), p)``: on channels_last CPU activations one fused kernel
-        (``models/fused_norm.py``), else PyTorch's operations."""
+    def act(self, x, p=0.0, training=True, add=None):
+        """``dropout(silu(self(x + add)), p)`` (``add``: None or [N, C], one value per sample and channel): on
+        channels_last CPU activations one fused kernel (``models/fused_norm.py``), else PyTorch's operations
+        (``x`` is then a fresh convolution output that the addition overwrites in place)."""
         p = p if training else 0.0
         if fused_norm.applies(x):
             return fused_norm.group_norm_act(x, self.weight, self.bias, self.num_groups, self.eps, silu=True, p=p,
-                                             generator=thread_generator())
+                                             generator=thread_generator(), add=add)
+        if add is not None:
+            x = x.add_(add[:, :, None, None].to(x.dtype))
         return dropout(F.silu(self(x)), p, training)
 
 
@@ -208,15 +215,22 @@ class UNetBlock(nn.Module):
         # The in-place adds and scalings below act only on fresh convolution outputs, which autograd does
         # not keep for the backward pass; they save a memory pass and an allocation each.
         orig = x
+        fast = fused_norm.applies(x)   # the bf16 CPU fast path (models/fast_cpu.py)
         x = self.conv0(self.norm0.act(x))
-        x = x.add_(self.affine(emb)[:, :, None, None].to(x.dtype))
-        x = self.conv1(self.norm1.act(x, self.dropout, self.training))
-        x = x.add_(self.skip(orig) if self.skip is not None else orig).mul_(self.skip_scale)
+        x = self.norm1.act(x, self.dropout, self.training, add=self.affine(emb))
+        s = self.skip_scale
+        if fast:   # sqrt(1/2) folded into the convolutions' weights: (conv1 + skip) * s in one pass, not two
+            x = self.conv1(x, scale=s)
+            x = x.add_(self.skip(orig, scale=s)) if self.skip is not None else x.add_(orig, alpha=s)
+        else:
+            x = self.conv1(x)
+            x = x.add_(self.skip(orig) if self.skip is not None else orig).mul_(s)
         if self.attention:
             batch, channels, height, width = x.shape
             q, k, v = self.qkv(self.norm2(x)).reshape(batch, channels, 3, height * width).unbind(2)
             a = attention(q, k, v, use_sdpa=self.use_sdpa)
-            x = self.proj(a.reshape(batch, channels, height, width)).add_(x).mul_(self.skip_scale)
+            a = a.reshape(batch, channels, height, width)
+            x = self.proj(a, scale=s).add_(x, alpha=s) if fast else self.proj(a).add_(x).mul_(s)
         return x
 
 

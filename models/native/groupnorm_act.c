@@ -6,6 +6,9 @@
  * the block's "GN -> SiLU -> dropout" in two passes forward (statistics, output) and two backward, with
  * float32 arithmetic whatever the storage type (float32 or bfloat16) and float32 affine parameters.
  *
+ * Optionally a per-sample, per-channel value (the U-Net block's time embedding) is added to x first, saving
+ * that addition's own pass over memory forward and its reduction backward.
+ *
  * Layout: x is [N][HW][C] in memory (a channels_last [N, C, H, W] tensor), group g holds the channels
  * [g C/G, (g+1) C/G). Statistics: the biased variance over a group's C/G x HW values, as F.group_norm.
  * Dropout: element e (its index in memory, NHWC order) is kept when the top 16 bits of a hash of (e, seed)
@@ -61,16 +64,19 @@ static void store_row(void *base, int bf, int64_t offset, int64_t count, const f
     }
 }
 
-/* exp(x) for x in [-87, 88] (clamped outside): 2^k 2^f with |f| <= 1/2 and a degree-7 Taylor polynomial of
- * 2^f, relative error below 2e-7; branch-free so that the loops around it vectorise */
-static inline float exp_approx(float x) {
+/* exp(x) for x in [-87, 80] (clamped outside: 1 + e^80 stays within the range of `reciprocal`'s guess, and
+ * sigmoid(-80) = 1.8e-35 is zero for every purpose): e^(k ln2) e^f with |f| <= ln2 / 2 and a Taylor polynomial of
+ * e^f, degree 7 (relative error below 2e-7) or, `coarse`, 5 (below 3e-6); branch-free so that the loops
+ * around it vectorise */
+static inline float exp_approx(float x, int coarse) {
     x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
+    x = x > 80.0f ? 80.0f : x;
     float t = x * 1.4426950408889634f;
     float k = (t + 12582912.0f) - 12582912.0f; /* round to nearest integer (|t| < 2^22) */
     float f = (t - k) * 0.6931471805599453f;    /* e^f = 2^(t - k), |f| <= ln2 / 2 */
-    float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120
-              + f * (1.0f / 720 + f * (1.0f / 5040)))))));
+    float p = coarse ? 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120)))))
+                     : 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120
+                       + f * (1.0f / 720 + f * (1.0f / 5040)))))));
     union { int32_t i; float f; } scale = {.i = ((int32_t)k + 127) << 23};
     return p * scale.f;
 }
@@ -88,8 +94,11 @@ static inline float reciprocal(float d, int steps) {
     return r;
 }
 
-/* `coarse` (bfloat16 storage, whose rounding is 2^-9): two Newton steps, 3e-4 relative, are plenty */
-static inline float sigmoid(float a, int coarse) { return reciprocal(1.0f + exp_approx(-a), coarse ? 2 : 3); }
+/* `coarse` (bfloat16 storage, whose rounding is 2^-9): a shorter exp and two Newton steps, 3e-4 relative */
+static inline float sigmoid(float a, int coarse) {
+    float s = reciprocal(1.0f + exp_approx(-a, coarse), coarse ? 2 : 3);
+    return a < -80.0f ? 0.0f : s; /* below -80 the true value is < 2e-35: 0, so that SiLU(-1e30) is -0 too */
+}
 
 /* lowbias32 (C. Wellons' integer hash) of the element index plus one key; the other key is XORed into the
  * 16 bits compared with `kept` (a bijection of them, so the keep rate stays exactly kept / 65536) */
@@ -114,6 +123,8 @@ typedef struct {
     int bf;               /* storage is bfloat16 (else float32) */
     const float *weight;  /* [C] */
     const float *bias;    /* [C] */
+    const float *add;     /* [N][C] or NULL: added to x (per sample and channel) before the normalisation */
+    float *grad_add;      /* backward, with add: [N][C], its gradient */
     float *mean;          /* [N][G] */
     float *rstd;          /* [N][G] */
     float *grad_weight;   /* backward: [C], accumulated over the batch */
@@ -181,6 +192,9 @@ static void forward_range(job_t *job) {
         }
         fold_rows(sum, wsum, C, R);
         fold_rows(sq, wsq, C, R);
+        if (job->add) /* (x + add) - (x[first row] + add) = x - x[first row]: only the shift moves */
+            for (int64_t c = 0; c < C; c++)
+                shift[c] += job->add[n * C + c];
         for (int64_t g = 0; g < G; g++) {
             double mean = 0.0, spread = 0.0;
             for (int64_t c = g * cpg; c < (g + 1) * cpg; c++)
@@ -199,17 +213,22 @@ static void forward_range(job_t *job) {
         for (int64_t c = 0; c < C; c++) {
             float mean = job->mean[n * G + c / cpg], rstd = job->rstd[n * G + c / cpg];
             sum[c] = rstd * job->weight[c];
-            sq[c] = job->bias[c] - mean * sum[c];
+            sq[c] = job->bias[c] + ((job->add ? job->add[n * C + c] : 0.0f) - mean) * sum[c];
         }
         repeat_row(wa, sum, C, R);
         repeat_row(wb, sq, C, R);
         for (int64_t p = 0; p < HW; p += R) {
             const int64_t offset = base + p * C, count = (p + R <= HW ? R : HW - p) * C;
             load_row(job->x, job->bf, offset, count, tile);
-            if (job->silu) {
+            if (job->silu && job->bf) {   /* two loops with the precision fixed: each vectorises on its own */
                 for (int64_t i = 0; i < count; i++) {
                     float v = tile[i] * wa[i] + wb[i];
-                    tile[i] = v * sigmoid(v, job->bf);
+                    tile[i] = v * sigmoid(v, 1);
+                }
+            } else if (job->silu) {
+                for (int64_t i = 0; i < count; i++) {
+                    float v = tile[i] * wa[i] + wb[i];
+                    tile[i] = v * sigmoid(v, 0);
                 }
             } else {
                 for (int64_t i = 0; i < count; i++)
@@ -236,10 +255,16 @@ static void grad_pre_activation(const job_t *job, int64_t offset, int64_t count,
         xhat[i] = (x[i] - mean[i]) * rstd[i];
     if (job->scale > 0.0f)
         apply_dropout(grad, count, offset, job);
-    if (job->silu) {
+    if (job->silu && job->bf) {
         for (int64_t i = 0; i < count; i++) {
             float v = xhat[i] * weight[i] + bias[i];
-            float s = sigmoid(v, job->bf);
+            float s = sigmoid(v, 1);
+            grad[i] *= s * (1.0f + v * (1.0f - s));
+        }
+    } else if (job->silu) {
+        for (int64_t i = 0; i < count; i++) {
+            float v = xhat[i] * weight[i] + bias[i];
+            float s = sigmoid(v, 0);
             grad[i] *= s * (1.0f + v * (1.0f - s));
         }
     }
@@ -262,19 +287,22 @@ static void backward_range(job_t *job) {
     for (int64_t n = job->n0; n < job->n1; n++) {
         const int64_t base = n * HW * C;
         for (int64_t c = 0; c < C; c++) {
-            row[c] = job->mean[n * G + c / cpg];
+            /* xhat = (x + add - mean) rstd: the add folds into the mean */
+            row[c] = job->mean[n * G + c / cpg] - (job->add ? job->add[n * C + c] : 0.0f);
             row[C + c] = job->rstd[n * G + c / cpg];
         }
         repeat_row(w.mean, row, C, R);
         repeat_row(w.rstd, row + C, C, R);
         for (int64_t i = 0; i < T; i++)
             ws1[i] = ws2[i] = 0.0f;
-        /* pass 1: sums of the pre-activation gradient, and of it times xhat, per channel */
+        /* pass 1: the pre-activation gradient (stored in grad_x's buffer, in the storage type, as PyTorch's
+         * separate SiLU backward stores it), and its sums and sums times xhat per channel */
         for (int64_t p = 0; p < HW; p += R) {
             const int64_t offset = base + p * C, count = (p + R <= HW ? R : HW - p) * C;
             load_row(job->x, job->bf, offset, count, x);
             load_row(job->gy, job->bf, offset, count, grad);
             grad_pre_activation(job, offset, count, x, grad, xhat, &w);
+            store_row(job->y, job->bf, offset, count, grad);
             for (int64_t i = 0; i < count; i++) {
                 ws1[i] += grad[i];
                 ws2[i] += grad[i] * xhat[i];
@@ -300,16 +328,26 @@ static void backward_range(job_t *job) {
         repeat_row(w.p1, p1, C, R);
         repeat_row(w.p2, p2, C, R);
         /* pass 2: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dv w */
-        const float *restrict wr = w.rstd, *restrict ww = w.weight, *restrict wp1 = w.p1, *restrict wp2 = w.p2;
+        const float *restrict wm = w.mean, *restrict wr = w.rstd, *restrict ww = w.weight, *restrict wp1 = w.p1,
+                    *restrict wp2 = w.p2;
+        if (job->grad_add)
+            for (int64_t i = 0; i < T; i++)
+                ws1[i] = 0.0f;
         for (int64_t p = 0; p < HW; p += R) {
             const int64_t offset = base + p * C, count = (p + R <= HW ? R : HW - p) * C;
             load_row(job->x, job->bf, offset, count, x);
-            load_row(job->gy, job->bf, offset, count, grad);
-            grad_pre_activation(job, offset, count, x, grad, xhat, &w);
-            for (int64_t i = 0; i < count; i++)
-                grad[i] = wr[i] * (grad[i] * ww[i] - wp1[i] - xhat[i] * wp2[i]);
+            load_row(job->y, job->bf, offset, count, grad);
+            for (int64_t i = 0; i < count; i++) {
+                float xh = (x[i] - wm[i]) * wr[i];
+                grad[i] = wr[i] * (grad[i] * ww[i] - wp1[i] - xh * wp2[i]);
+            }
             store_row(job->y, job->bf, offset, count, grad);
+            if (job->grad_add) /* d add = the sum of dx over the positions (before rounding to storage) */
+                for (int64_t i = 0; i < count; i++)
+                    ws1[i] += grad[i];
         }
+        if (job->grad_add)
+            fold_rows(job->grad_add + n * C, ws1, C, R);
     }
     free(buf);
 }
@@ -376,26 +414,29 @@ static int run_jobs(job_t *proto, int threads, int backward) {
 }
 
 int fo_group_norm_act_forward(const void *x, void *y, int bf, const float *weight, const float *bias,
-                              float *mean, float *rstd, int64_t N, int64_t HW, int64_t C, int64_t G, float eps,
-                              int silu, uint32_t kept, float scale, uint32_t key0, uint32_t key1, int threads) {
+                              const float *add, float *mean, float *rstd, int64_t N, int64_t HW, int64_t C,
+                              int64_t G, float eps, int silu, uint32_t kept, float scale, uint32_t key0,
+                              uint32_t key1, int threads) {
     if (N < 1 || HW < 1 || C < 1 || G < 1 || C % G)
         return 2;
-    job_t job = {x, NULL, y, bf, weight, bias, mean, rstd, NULL, NULL, N, HW, C, G, eps, silu, kept, scale,
-                 key0, key1, 0, N, 0};
+    job_t job = {x, NULL, y, bf, weight, bias, add, NULL, mean, rstd, NULL, NULL, N, HW, C, G, eps, silu, kept,
+                 scale, key0, key1, 0, N, 0};
     return run_jobs(&job, threads, 0);
 }
 
 /* grad_weight and grad_bias are overwritten */
+/* grad_add (with add): [N][C], written */
 int fo_group_norm_act_backward(const void *x, const void *gy, void *gx, int bf, const float *weight,
-                               const float *bias, const float *mean, const float *rstd, float *grad_weight,
-                               float *grad_bias, int64_t N, int64_t HW, int64_t C, int64_t G, int silu,
-                               uint32_t kept, float scale, uint32_t key0, uint32_t key1, int threads) {
+                               const float *bias, const float *add, const float *mean, const float *rstd,
+                               float *grad_weight, float *grad_bias, float *grad_add, int64_t N, int64_t HW,
+                               int64_t C, int64_t G, int silu, uint32_t kept, float scale, uint32_t key0,
+                               uint32_t key1, int threads) {
     if (N < 1 || HW < 1 || C < 1 || G < 1 || C % G)
         return 2;
     memset(grad_weight, 0, (size_t)C * sizeof(float));
     memset(grad_bias, 0, (size_t)C * sizeof(float));
-    job_t job = {x, gy, gx, bf, weight, bias, (float *)mean, (float *)rstd, grad_weight, grad_bias, N, HW, C, G,
-                 0.0f, silu, kept, scale, key0, key1, 0, N, 0};
+    job_t job = {x, gy, gx, bf, weight, bias, add, add ? grad_add : NULL, (float *)mean, (float *)rstd,
+                 grad_weight, grad_bias, N, HW, C, G, 0.0f, silu, kept, scale, key0, key1, 0, N, 0};
     return run_jobs(&job, threads, 1);
 }
 
