@@ -123,6 +123,12 @@ class ThreadShards:
                 grad = grads[position]
                 if grad is not None:
                     total = grad * weight if total is None else total.add_(grad, alpha=weight)
+            if total is not None and total.stride() != param.stride():
+                # autograd.grad returns a gradient in the layout its operation made (a convolution of
+                # channels_last activations gives a channels_last weight gradient), and fused Adam reads the
+                # gradient's memory as if laid out like the parameter: give it the parameter's layout, as
+                # .backward() does (its "layout contract")
+                total = torch.empty_like(param).copy_(total)
             param.grad = total
         return tuple(sum(weight * values[k] for weight, (values, _) in zip(weights, results))
                      for k in range(len(results[0][0])))
