@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).resolve().parent / "native" / "groupnorm_act.c"
-# -ffp-contract=fast: fused multiply-adds (ISO C modes turn them off); 512-bit vectors where the CPU has them
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=fast", "-std=c11", "-fPIC", "-shared",
-         "-pthread")
+# -ffp-contract=fast: fused multiply-adds (ISO C modes turn them off); on x86, 512-bit vectors where the CPU
+# has them (gcc's -march=native prefers 256)
+FLAGS = ("-O3", "-march=native", *(("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()),
+         "-ffp-contract=fast", "-std=c11", "-fPIC", "-shared", "-pthread")
 _MAX_ELEMENTS = 2 ** 32   # the dropout hash indexes elements with 32 bits
 
 
@@ -75,13 +76,17 @@ def _load():
         return None, f"no C compiler ({compiler}: {error})"
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_identity()]).encode())
     target = _cache_dir() / f"groupnorm_act-{key.hexdigest()[:16]}.so"
+    built = not target.exists()
     try:
-        if not target.exists():
+        if built:
             _compile(compiler, target)
         library = ctypes.CDLL(str(target))
+    except subprocess.CalledProcessError as error:
+        lines = (error.stderr or "").strip().splitlines()
+        return None, (f"the fused GroupNorm kernel did not build with {compiler} (exit status {error.returncode}"
+                      f"{': ' + lines[-1] if lines else ''})")
     except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", "") or str(error)
-        return None, f"the fused GroupNorm kernel did not build: {detail.strip().splitlines()[-1] if detail.strip() else error}"
+        return None, f"the fused GroupNorm kernel did not build or load: {error}"
     i64, u32, f32, ptr = ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p
     library.fo_group_norm_act_forward.argtypes = [ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64, i64,
                                                   i64, f32, ctypes.c_int, u32, f32, u32, u32, ctypes.c_int]
@@ -90,7 +95,7 @@ def _load():
                                                    ctypes.c_int]
     library.fo_dropout_factors.argtypes = [ptr, i64, u32, f32, u32, u32]
     library.fo_dropout_factors.restype = None
-    return library, f"compiled {target.name}"
+    return library, f"{'compiled' if built else 'loaded'} {target}"
 
 
 def available():
