@@ -1,4 +1,4 @@
-/* GroupNorm + SiLU + dropout in one pass, forward and backward, for channels_last (NHWC) activations on a CPU.
+/* GroupNorm + SiLU + dropout as one operation, forward and backward, for channels_last (NHWC) activations on a CPU.
  *
  * Why: in a bf16 U-Net step on a CPU with AMX, oneDNN's channels_last convolutions run near the matrix units'
  * speed, but PyTorch's channels_last GroupNorm is 5-10x slower than its NCHW one, and GroupNorm, SiLU and
@@ -11,13 +11,17 @@
  *
  * Layout: x is [N][HW][C] in memory (a channels_last [N, C, H, W] tensor), group g holds the channels
  * [g C/G, (g+1) C/G). Statistics: the biased variance over a group's C/G x HW values, as F.group_norm.
- * Dropout: element e (its index in memory, NHWC order) is kept when the top 16 bits of a hash of (e, seed)
- * are below `kept`; kept values are multiplied by `scale` (65536 / kept, so the mask's mean is exactly 1).
- * The backward pass recomputes the mask from the seed, so nothing but x and the statistics is stored.
+ * Dropout: element e (its index in memory, NHWC order) is kept when 16 bits of a hash of (e, seed) are
+ * below `kept`; kept values are multiplied by `scale` (65536 / kept, so the mask's mean is exactly 1). The
+ * backward pass recomputes the mask from the seed, so nothing but x and the statistics is stored; between
+ * its two passes it keeps the gradient before the normalisation in grad_x's buffer (in the storage type, as
+ * PyTorch's separate SiLU backward would store it).
  *
  * Built by models/fused_norm.py with the system C compiler (cc -O3 -march=native) and called via ctypes;
- * plain C11 + pthreads, no PyTorch headers. The loops run over channels innermost, so that the compiler
- * vectorises them (each lane is its own channel: no reassociation of sums is needed).
+ * plain C11 + pthreads, no PyTorch headers. The loops run over tiles of whole rows with the per-channel
+ * values repeated along them, so that the compiler vectorises them (each lane is its own channel: no
+ * reassociation of sums is needed). SiLU's exp and reciprocal are polynomial / Newton approximations
+ * (below 3e-7 relative for float32 storage, 3e-4 for bfloat16 storage, whose own rounding is 2^-9).
  */
 #include <math.h>
 #include <pthread.h>
