@@ -14,7 +14,8 @@ import torch
 AMP_CHOICES = ("auto", "none", "bf16")
 AMP_HELP = ("mixed precision: 'auto' = bf16 autocast where the device has native bf16 (CUDA with bf16, CPUs with "
             "AMX-BF16 or AVX512-BF16), else fp32; 'none' = fp32; 'bf16' = bf16 autocast (weights, optimizer and EMA "
-            "stay fp32)")
+            "stay fp32). On a CPU, bf16 also turns on the CPU fast path (channels_last activations, a fused "
+            "GroupNorm kernel built with the system C compiler; FAST_ODE_NATIVE=0 turns it off; docs/speed.md)")
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
