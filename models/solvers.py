@@ -167,6 +167,17 @@ def _start(z, t, return_traj):
     return result
 
 
+def _advance(result, z, v, t, t_next, dt, return_traj):
+    """One step z -> z + v dt from t to t_next, recording x0_hat = z - t v and the new state if asked."""
+    if return_traj:
+        result.x0_preds.append(z - t * v)
+    z = z + v * dt
+    if return_traj:
+        result.traj.append(z.clone())
+        result.times.append(t_next)
+    return z
+
+
 @torch.no_grad()
 def euler(velocity,             # v(z, t): z [B, ...], t [B] float32 -> a tensor like z
           z,                    # start at t = times[0] (1 on the default grid), [B, ...]
@@ -181,12 +192,7 @@ def euler(velocity,             # v(z, t): z [B, ...], t [B] float32 -> a tensor
     for t, t_next, dt in steps:
         v = velocity(z, _times(batch, t, z))
         result.nfe += 1
-        if return_traj:
-            result.x0_preds.append(z - t * v)
-        z = z + v * dt
-        if return_traj:
-            result.traj.append(z.clone())
-            result.times.append(t_next)
+        z = _advance(result, z, v, t, t_next, dt, return_traj)
     result.x = z
     return result
 
@@ -212,12 +218,7 @@ def heun(velocity,              # v(z, t): z [B, ...], t [B] float32 -> a tensor
             v_next = velocity(z + v * dt, _times(batch, t_next, z))
             result.nfe += 1
             v = (v + v_next) / 2
-        if return_traj:
-            result.x0_preds.append(z - t * v)
-        z = z + v * dt
-        if return_traj:
-            result.traj.append(z.clone())
-            result.times.append(t_next)
+        z = _advance(result, z, v, t, t_next, dt, return_traj)
     result.x = z
     return result
 

@@ -52,6 +52,13 @@ def auto_shards(device, world_size=1, compiled=False):
     return max(1, torch.get_num_threads())
 
 
+def _one_intra_op_thread():
+    """One intra-op thread in a shard's thread. Checked at every call: a torch.set_num_threads in the calling
+    thread can reach threads that already set theirs."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 def shard_sizes(batch, shards):
     """``shards`` sizes that add up to ``batch``, as equal as possible (the first ones larger)."""
     if batch < 1 or shards < 1:
@@ -106,10 +113,7 @@ class ThreadShards:
             return [value.detach() for value in values], grads
 
         def run_in_pool(index):
-            # One intra-op thread in each shard's thread. Checked at every call: a torch.set_num_threads in
-            # the calling thread can reach threads that already set theirs.
-            if torch.get_num_threads() != 1:
-                torch.set_num_threads(1)
+            _one_intra_op_thread()
             return run(index)
 
         if self.pool is None or len(sizes) == 1:
@@ -162,8 +166,7 @@ def sharded_forward(fn, tensors, shards):
     grad = torch.is_grad_enabled()
 
     def run(index):
-        if torch.get_num_threads() != 1:
-            torch.set_num_threads(1)
+        _one_intra_op_thread()
         with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
                 torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_on):
             return fn(*pieces[index])
