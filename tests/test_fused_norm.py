@@ -92,6 +92,8 @@ SHAPES = [  # (N, C, H, W), groups
     ((2, 64, 28, 28), 16),
     ((2, 128, 14, 14), 32),    # 196 pixels, 8 per tile: a partial last tile
     ((1, 1280, 3, 3), 32),     # more channels than a tile holds
+    ((2, 48, 5, 7), 12),       # AVX-512 passes: no block of 64 channels, a tail of 3 registers
+    ((1, 80, 3, 5), 20),       # one block of 64, a tail of 1 register; an odd pixel count (15)
 ]
 
 
