@@ -101,6 +101,7 @@ class ThreadShards:
         params = list(params)
         batch = tensors[0].shape[0]
         sizes = shard_sizes(batch, self.shards)
+        weights = [size / batch for size in sizes]
         pieces = list(zip(*(torch.split(tensor, sizes) for tensor in tensors)))
         # One dropout seed per shard, drawn here (the calling thread) from the global generator.
         seeds = torch.randint(0, 2 ** 62, (len(sizes),)).tolist()
@@ -109,24 +110,47 @@ class ThreadShards:
             generator = torch.Generator(device=tensors[0].device).manual_seed(seeds[index])
             with dropout_generator(generator), (context() if context is not None else contextlib.nullcontext()):
                 values = loss_fn(*pieces[index])
-            grads = torch.autograd.grad(values[0], params, allow_unused=True)
+            # the shard's loss weighted by its share of the batch: the full batch's gradient is then the plain
+            # sum of the shard gradients (one pass over them, not a scaling and a sum)
+            grads = torch.autograd.grad(values[0] * weights[index], params, allow_unused=True)
             return [value.detach() for value in values], grads
 
         def run_in_pool(index):
             _one_intra_op_thread()
             return run(index)
 
-        if self.pool is None or len(sizes) == 1:
-            results = [run(index) for index in range(len(sizes))]
-        else:
+        parallel = self.pool is not None and len(sizes) > 1
+        if parallel:
             results = [future.result() for future in [self.pool.submit(run_in_pool, index) for index in range(len(sizes))]]
-        weights = [size / batch for size in sizes]
-        for position, param in enumerate(params):
-            total = None
-            for weight, (_, grads) in zip(weights, results):   # fixed order: reproducible sums
-                grad = grads[position]
-                if grad is not None:
-                    total = grad * weight if total is None else total.add_(grad, alpha=weight)
+        else:
+            results = [run(index) for index in range(len(sizes))]
+        shard_grads = [grads for _, grads in results]
+        totals = [None] * len(params)
+
+        def add_up(positions):   # the shard gradients of these parameters, added in shard order (reproducible)
+            full = [k for k in positions if all(grads[k] is not None for grads in shard_grads)]
+            if full:
+                sums = (torch._foreach_add([shard_grads[0][k] for k in full], [shard_grads[1][k] for k in full])
+                        if len(shard_grads) > 1 else [shard_grads[0][k].clone() for k in full])
+                for grads in shard_grads[2:]:
+                    torch._foreach_add_(sums, [grads[k] for k in full])
+                for k, total in zip(full, sums):
+                    totals[k] = total
+            for k in set(positions).difference(full):   # unused by some shard
+                present = [grads[k] for grads in shard_grads if grads[k] is not None]
+                if present:
+                    totals[k] = present[0].clone()
+                    for grad in present[1:]:
+                        totals[k].add_(grad)
+
+        if parallel:   # the additions in the shard threads too, one slice of the parameters each
+            chunks = [range(len(params))[index::self.shards] for index in range(self.shards)]
+            for future in [self.pool.submit(lambda chunk: (_one_intra_op_thread(), add_up(chunk)), chunk)
+                           for chunk in chunks]:
+                future.result()
+        else:
+            add_up(range(len(params)))
+        for param, total in zip(params, totals):
             if total is not None and total.stride() != param.stride():
                 # autograd.grad returns a gradient in the layout its operation made (a convolution of
                 # channels_last activations gives a channels_last weight gradient), and fused Adam reads the
@@ -136,7 +160,6 @@ class ThreadShards:
             param.grad = total
         return tuple(sum(weight * values[k] for weight, (values, _) in zip(weights, results))
                      for k in range(len(results[0][0])))
-
 
 
 _forward_pools = {}
