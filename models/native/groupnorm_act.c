@@ -283,7 +283,7 @@ FO_INLINE void voutput(const job_t *job, int64_t base, int64_t c0, const int V, 
 /* backward pass 1 of one sample: the pre-activation gradient g (stored in grad_x's buffer, rounded to the
  * storage type) and the per-channel sums of g and g xhat, xhat = (x - m) r */
 FO_INLINE void vgrad_pre(const job_t *job, int64_t base, int64_t c0, const int V, const int bf, const float *m,
-                         const float *r, float *s1, float *s2) {
+                         const float *r, float *s1, float *s2, float *scratch) {
     const int64_t HW = job->HW, C = job->C;
     const int silu = job->silu, drop = job->scale > 0.0f;
     __m512 vm[4], vr[4], vw[4], vb[4], a1[4], a2[4];
@@ -307,7 +307,7 @@ FO_INLINE void vgrad_pre(const job_t *job, int64_t base, int64_t c0, const int V
                 __m512 one = _mm512_set1_ps(1.0f);
                 g = _mm512_mul_ps(g, _mm512_mul_ps(s, _mm512_fmadd_ps(v, _mm512_sub_ps(one, s), one)));
             }
-            vstore(job->y, bf, at + 16 * j, g);
+            _mm512_storeu_ps(scratch + (at - base) + 16 * j, g);
             a1[j] = _mm512_add_ps(a1[j], g);
             a2[j] = _mm512_fmadd_ps(g, xh, a2[j]);
         }
@@ -320,7 +320,7 @@ FO_INLINE void vgrad_pre(const job_t *job, int64_t base, int64_t c0, const int V
 
 /* backward pass 2 of one sample: dx = r (g w - p1 - xhat p2) over the stored g; with `grad_add`, its sums */
 FO_INLINE void vgrad_x(const job_t *job, int64_t base, int64_t c0, const int V, const int bf, const float *m,
-                       const float *r, const float *p1, const float *p2, float *grad_add) {
+                       const float *r, const float *p1, const float *p2, float *grad_add, const float *scratch) {
     const int64_t HW = job->HW, C = job->C;
     __m512 vm[4], vr[4], vw[4], v1[4], v2[4], ga[4];
     for (int j = 0; j < V; j++) {
@@ -335,7 +335,7 @@ FO_INLINE void vgrad_x(const job_t *job, int64_t base, int64_t c0, const int V, 
         const int64_t at = base + p * C + c0;
         for (int j = 0; j < V; j++) {
             __m512 xh = _mm512_mul_ps(_mm512_sub_ps(vload(job->x, bf, at + 16 * j), vm[j]), vr[j]);
-            __m512 g = vload(job->y, bf, at + 16 * j);
+            __m512 g = _mm512_loadu_ps(scratch + (at - base) + 16 * j);
             __m512 dx = _mm512_mul_ps(vr[j], _mm512_sub_ps(_mm512_fmsub_ps(g, vw[j], v1[j]),
                                                             _mm512_mul_ps(xh, v2[j])));
             vstore(job->y, bf, at + 16 * j, dx);
@@ -375,15 +375,16 @@ static void vec_output(const job_t *job, int64_t base, const float *a, const flo
 #undef OUTPUT
 }
 
-static void vec_grad_pre(const job_t *job, int64_t base, const float *m, const float *r, float *s1, float *s2) {
-#define PRE(V, BF) vgrad_pre(job, base, c0, V, BF, m, r, s1, s2)
+static void vec_grad_pre(const job_t *job, int64_t base, const float *m, const float *r, float *s1, float *s2,
+                         float *scratch) {
+#define PRE(V, BF) vgrad_pre(job, base, c0, V, BF, m, r, s1, s2, scratch)
     FO_BLOCKS(PRE);
 #undef PRE
 }
 
 static void vec_grad_x(const job_t *job, int64_t base, const float *m, const float *r, const float *p1,
-                       const float *p2, float *grad_add) {
-#define GRADX(V, BF) vgrad_x(job, base, c0, V, BF, m, r, p1, p2, grad_add)
+                       const float *p2, float *grad_add, const float *scratch) {
+#define GRADX(V, BF) vgrad_x(job, base, c0, V, BF, m, r, p1, p2, grad_add, scratch)
     FO_BLOCKS(GRADX);
 #undef GRADX
 }
@@ -543,7 +544,12 @@ static void backward_range(job_t *job) {
     const int64_t HW = job->HW, C = job->C, G = job->G, cpg = C / G, R = tile_rows(C), T = R * C;
     const int vec = vector_ok(job);
     float *buf = malloc((size_t)(11 * T + 6 * C) * sizeof(float));
-    if (!buf) {
+    /* the AVX-512 passes keep one sample's pre-activation gradient here, in float32: it stays in the core's
+     * cache between the two passes instead of going out to memory through grad_x's buffer */
+    float *scratch = vec ? malloc((size_t)(HW * C) * sizeof(float)) : NULL;
+    if (!buf || (vec && !scratch)) {
+        free(buf);
+        free(scratch);
         job->status = 1;
         return;
     }
@@ -564,7 +570,7 @@ static void backward_range(job_t *job) {
         /* pass 1: the pre-activation gradient (stored in grad_x's buffer, in the storage type, as PyTorch's
          * separate SiLU backward stores it), and its sums and sums times xhat per channel */
         if (vec) {
-            vec_grad_pre(job, base, row, row + C, s1, s2);
+            vec_grad_pre(job, base, row, row + C, s1, s2, scratch);
         } else {
             repeat_row(w.mean, row, C, R);
             repeat_row(w.rstd, row + C, C, R);
@@ -600,7 +606,7 @@ static void backward_range(job_t *job) {
             }
         }
         if (vec) {
-            vec_grad_x(job, base, row, row + C, p1, p2, job->grad_add ? job->grad_add + n * C : NULL);
+            vec_grad_x(job, base, row, row + C, p1, p2, job->grad_add ? job->grad_add + n * C : NULL, scratch);
             continue;
         }
         repeat_row(w.p1, p1, C, R);
@@ -628,6 +634,7 @@ static void backward_range(job_t *job) {
             fold_rows(job->grad_add + n * C, ws1, C, R);
     }
     free(buf);
+    free(scratch);
 }
 
 static void *run_forward(void *job) {
