@@ -89,10 +89,12 @@ def _load():
         return None, f"the fused GroupNorm kernel did not build or load: {error}"
     i64, u32, f32, ptr = ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p
     library.fo_group_norm_act_forward.argtypes = [ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64, i64,
-                                                  i64, f32, ctypes.c_int, u32, f32, u32, u32, ctypes.c_int]
+                                                  i64, f32, ctypes.c_int, u32, f32, u32, u32, ptr, f32, ctypes.c_int]
     library.fo_group_norm_act_backward.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
-                                                   ptr, i64, i64, i64, i64, ctypes.c_int, u32, f32, u32, u32,
-                                                   ctypes.c_int]
+                                                   ptr, i64, i64, i64, i64, ctypes.c_int, u32, f32, u32, u32, ptr,
+                                                   f32, ctypes.c_int]
+    library.fo_add_inplace.argtypes = [ptr, ptr, ctypes.c_int, i64, ctypes.c_int]
+    library.fo_add_inplace.restype = None
     library.fo_dropout_factors.argtypes = [ptr, i64, u32, f32, u32, u32]
     library.fo_dropout_factors.restype = None
     return library, f"{'compiled' if built else 'loaded'} {target}"
@@ -140,7 +142,7 @@ def _status(code, what):
 
 class _GroupNormAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, add, groups, eps, silu, kept, scale, keys):
+    def forward(ctx, x, weight, bias, add, groups, eps, silu, kept, scale, keys, through):
         library = _load()[0]
         n, c, h, w = x.shape
         x = x.contiguous(memory_format=torch.channels_last)
@@ -148,24 +150,33 @@ class _GroupNormAct(torch.autograd.Function):
         bias32 = bias.detach().float().contiguous()
         add32 = None if add is None else add.detach().float().reshape(n, c).contiguous()
         y = torch.empty_like(x, memory_format=torch.channels_last)
+        # the pass-through output (``through`` not None): ``through * x``, written in the same pass (or x itself)
+        xs = None if through is None or through == 1.0 else torch.empty_like(x, memory_format=torch.channels_last)
         mean = torch.empty(n, groups, dtype=torch.float32)
         rstd = torch.empty(n, groups, dtype=torch.float32)
         _status(library.fo_group_norm_act_forward(
             x.data_ptr(), y.data_ptr(), int(x.dtype == torch.bfloat16), weight32.data_ptr(), bias32.data_ptr(),
             None if add32 is None else add32.data_ptr(), mean.data_ptr(), rstd.data_ptr(), n, h * w, c, groups, eps,
-            int(silu), kept, scale, *keys, torch.get_num_threads()), "forward")
+            int(silu), kept, scale, *keys, None if xs is None else xs.data_ptr(), 0.0 if through is None else through,
+            torch.get_num_threads()), "forward")
         ctx.save_for_backward(x, weight32, bias32, add32, mean, rstd)
         ctx.settings = (groups, silu, kept, scale, keys, weight.dtype, bias.dtype,
-                        None if add is None else (add.dtype, add.shape))
-        return y
+                        None if add is None else (add.dtype, add.shape), through)
+        if through is None:
+            return y
+        return y, (x if xs is None else xs)
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, grad_through=None):
         library = _load()[0]
         x, weight32, bias32, add32, mean, rstd = ctx.saved_tensors
-        groups, silu, kept, scale, keys, weight_dtype, bias_dtype, add_like = ctx.settings
+        groups, silu, kept, scale, keys, weight_dtype, bias_dtype, add_like, through = ctx.settings
         n, c, h, w = x.shape
+        if grad_y is None:   # only the pass-through output was used
+            grad_y = torch.zeros_like(x, memory_format=torch.channels_last)
         grad_y = grad_y.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        if grad_through is not None:
+            grad_through = grad_through.to(x.dtype).contiguous(memory_format=torch.channels_last)
         grad_x = torch.empty_like(x, memory_format=torch.channels_last)
         grad_weight = torch.empty(c, dtype=torch.float32)
         grad_bias = torch.empty(c, dtype=torch.float32)
@@ -174,17 +185,47 @@ class _GroupNormAct(torch.autograd.Function):
             x.data_ptr(), grad_y.data_ptr(), grad_x.data_ptr(), int(x.dtype == torch.bfloat16), weight32.data_ptr(),
             bias32.data_ptr(), None if add32 is None else add32.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
             grad_weight.data_ptr(), grad_bias.data_ptr(), None if grad_add is None else grad_add.data_ptr(),
-            n, h * w, c, groups, int(silu), kept, scale, *keys, torch.get_num_threads()), "backward")
+            n, h * w, c, groups, int(silu), kept, scale, *keys,
+            None if grad_through is None else grad_through.data_ptr(), 0.0 if through is None else through,
+            torch.get_num_threads()), "backward")
         if grad_add is not None:
             grad_add = grad_add.to(add_like[0]).reshape(add_like[1])
         return (grad_x, grad_weight.to(weight_dtype), grad_bias.to(bias_dtype), grad_add,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
-def group_norm_act(x, weight, bias, groups, eps, silu=False, p=0.0, generator=None, add=None):
+class _AddInPlace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, target, other):
+        library = _load()[0]
+        library.fo_add_inplace(target.data_ptr(), other.data_ptr(), int(target.dtype == torch.bfloat16),
+                               target.numel(), torch.get_num_threads())
+        ctx.mark_dirty(target)
+        return target
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad
+
+
+def add_(target, other):
+    """``target.add_(other)`` (autograd-aware): with the same shape, dtype and channels_last layout, on a CPU
+    where the fused kernels are loaded, one C sweep (PyTorch's bfloat16 addition runs at about half the memory's
+    speed on activations not in cache); otherwise PyTorch's ``add_``."""
+    if (applies(target) and other.dtype == target.dtype and other.shape == target.shape
+            and other.is_contiguous(memory_format=torch.channels_last) and other.data_ptr() != target.data_ptr()):
+        return _AddInPlace.apply(target, other)
+    return target.add_(other)
+
+
+def group_norm_act(x, weight, bias, groups, eps, silu=False, p=0.0, generator=None, add=None, through=None):
     """``dropout(silu(group_norm(x + add)), p)`` (SiLU if ``silu``; dropout if ``p > 0``; ``add``: None or one
     value per sample and channel, [N, C] or [N, C, 1, 1]) in one fused kernel, for an ``x`` that ``applies``.
-    ``generator``: where the dropout seed is drawn from (None: the global one)."""
+    ``generator``: where the dropout seed is drawn from (None: the global one).
+
+    ``through`` (a float): also return ``through * x`` (x itself when 1), written in the same pass, for the
+    block's residual path. Its gradient is then added to x's in the backward kernel's last pass, instead of
+    autograd scaling it and adding it in two more passes over memory."""
     if not 0 <= p < 1:
         raise ValueError(f"dropout rate must be in [0, 1), got {p}")
     if x.shape[1] % groups:
@@ -194,4 +235,5 @@ def group_norm_act(x, weight, bias, groups, eps, silu=False, p=0.0, generator=No
                          f"got shape {tuple(add.shape)}")
     kept, scale = dropout_threshold(p) if p > 0 else (0, 0.0)   # scale 0: no dropout
     keys = draw_seed(generator) if p > 0 else (0, 0)
-    return _GroupNormAct.apply(x, weight, bias, add, groups, float(eps), bool(silu), kept, float(scale), keys)
+    return _GroupNormAct.apply(x, weight, bias, add, groups, float(eps), bool(silu), kept, float(scale), keys,
+                               None if through is None else float(through))

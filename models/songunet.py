@@ -118,14 +118,19 @@ class GroupNorm(nn.Module):
             return fused_norm.group_norm_act(x, self.weight, self.bias, self.num_groups, self.eps)
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
-    def act(self, x, p=0.0, training=True, add=None):
+    def act(self, x, p=0.0, training=True, add=None, through=None):
         """``dropout(silu(self(x + add)), p)`` (``add``: None or [N, C], one value per sample and channel): on
         channels_last CPU activations one fused kernel (``models/fused_norm.py``), else PyTorch's operations
-        (``x`` is then a fresh convolution output that the addition overwrites in place)."""
+        (``x`` is then a fresh convolution output that the addition overwrites in place). ``through`` (a float,
+        with no ``add``): also return ``through * x``, the residual path (in the fused kernel's own pass)."""
         p = p if training else 0.0
         if fused_norm.applies(x):
             return fused_norm.group_norm_act(x, self.weight, self.bias, self.num_groups, self.eps, silu=True, p=p,
-                                             generator=thread_generator(), add=add)
+                                             generator=thread_generator(), add=add, through=through)
+        if through is not None:
+            if add is not None:
+                raise ValueError("GroupNorm.act: through and add together are not supported")
+            return dropout(F.silu(self(x)), p, training), (x if through == 1.0 else x * through)
         if add is not None:
             x = x.add_(add[:, :, None, None].to(x.dtype))
         return dropout(F.silu(self(x)), p, training)
@@ -215,14 +220,20 @@ class UNetBlock(nn.Module):
         # The in-place adds and scalings below act only on fresh convolution outputs, which autograd does
         # not keep for the backward pass; they save a memory pass and an allocation each.
         orig = x
-        fast = fused_norm.applies(x)   # the bf16 CPU fast path (models/fast_cpu.py)
-        x = self.conv0(self.norm0.act(x))
-        x = self.norm1.act(x, self.dropout, self.training, add=self.affine(emb))
         s = self.skip_scale
-        if fast:   # sqrt(1/2) folded into the convolutions' weights: (conv1 + skip) * s in one pass, not two
-            x = self.conv1(x, scale=s)
-            x = x.add_(self.skip(orig, scale=s)) if self.skip is not None else x.add_(orig, alpha=s)
+        fast = fused_norm.applies(x)
+        if fast:
+            # The bf16 CPU fast path (models/fast_cpu.py). sqrt(1/2) is folded into the convolutions' weights and,
+            # for an identity skip, into the residual that norm0's kernel passes through (s x, written in its own
+            # pass): the block's output is one addition (a C sweep), and in the backward pass the residual's
+            # gradient is added to x's inside norm0's backward kernel, not scaled and accumulated by autograd.
+            x, passed = self.norm0.act(x, through=1.0 if self.skip is not None else s)
+            x = self.conv0(x)
+            x = self.norm1.act(x, self.dropout, self.training, add=self.affine(emb))
+            x = fused_norm.add_(self.conv1(x, scale=s), self.skip(passed, scale=s) if self.skip is not None else passed)
         else:
+            x = self.conv0(self.norm0.act(x))
+            x = self.norm1.act(x, self.dropout, self.training, add=self.affine(emb))
             x = self.conv1(x)
             x = x.add_(self.skip(orig) if self.skip is not None else orig).mul_(s)
         if self.attention:

@@ -565,3 +565,64 @@ def test_build_cache_holds_one_library_and_no_partial_file(tmp_path):
     assert sorted(path.name for path in cache.iterdir()) == files
     again = (cache / libraries[0]).stat()
     assert (again.st_ino, again.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+
+
+# ------------------------------------------------------ the residual pass-through and the C addition
+
+THROUGH_SHAPES = [((2, 64, 7, 9), 16), ((2, 24, 5, 5), 6)]   # AVX-512 passes (C % 16 == 0); portable loops
+
+
+@pytest.mark.parametrize("through", [0.5 ** 0.5, 1.0], ids=["scaled", "identity"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, F32_TOL), (torch.bfloat16, BF16_TOL)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,groups", THROUGH_SHAPES, ids=[f"C{s[1]}" for s, _ in THROUGH_SHAPES])
+def test_pass_through_output_and_its_gradient_match_float64(shape, groups, dtype, tol, through):
+    # y = silu(GN(x)), r = through * x; the loss <y, gy> + <r, gr>: dx = dGN + through * gr
+    x, weight, bias, grad_y = make_inputs(shape, dtype, seed=61)
+    grad_r = torch.randn(shape, generator=torch.Generator().manual_seed(62)).to(dtype)
+    y, r = fused_norm.group_norm_act(x, weight, bias, groups, EPS, silu=True, through=through)
+    if through == 1.0:
+        assert r.data_ptr() == x.data_ptr()   # x itself, no copy
+    else:   # the float32 product (of x and float32(through)), rounded to the storage type
+        assert torch.equal(r.detach(), (x.detach().float() * torch.tensor(through, dtype=torch.float32)).to(dtype))
+    torch.autograd.backward((y, r), (grad_y, grad_r))
+    x64 = x.detach().double().requires_grad_()
+    w64, b64 = weight.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    y64 = F.silu(F.group_norm(x64, groups, w64, b64, EPS))
+    torch.autograd.backward((y64, x64 * through), (grad_y.double(), grad_r.double()))
+    errors = {"y": rel_err(y, y64.detach()), "dx": rel_err(x.grad, x64.grad), "dweight": rel_err(weight.grad, w64.grad),
+              "dbias": rel_err(bias.grad, b64.grad)}
+    assert max(errors.values()) <= tol, errors
+
+
+@pytest.mark.parametrize("shape,groups", THROUGH_SHAPES, ids=[f"C{s[1]}" for s, _ in THROUGH_SHAPES])
+def test_pass_through_alone_has_the_scaled_gradient(shape, groups):
+    x, weight, bias, _ = make_inputs(shape, torch.float32, seed=63)
+    _, r = fused_norm.group_norm_act(x, weight, bias, groups, EPS, silu=True, through=0.25)
+    grad_r = torch.randn(shape, generator=torch.Generator().manual_seed(64))
+    r.backward(grad_r)
+    assert torch.allclose(x.grad, 0.25 * grad_r, rtol=0, atol=1e-7)
+    assert weight.grad.abs().max().item() == 0 and bias.grad.abs().max().item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 64, 7, 9), (1, 8, 3, 3), (3, 48, 11, 13)], ids=["C64", "C8", "C48"])
+def test_add_in_place_equals_torch_add_and_passes_the_gradient_to_both(shape, dtype):
+    generator = torch.Generator().manual_seed(65)
+    a = channels_last(torch.randn(shape, generator=generator).to(dtype))
+    b = channels_last(torch.randn(shape, generator=generator).to(dtype) * 3)
+    expected = a + b   # float32 arithmetic, rounded once: what the kernel does
+    leaf_a, leaf_b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    target = leaf_a * 1   # a non-leaf to add into
+    out = fused_norm.add_(target, leaf_b)
+    assert out.data_ptr() == target.data_ptr()
+    assert torch.equal(out.detach(), expected)
+    grad = torch.randn(shape, generator=generator).to(dtype)
+    out.backward(grad)
+    assert torch.equal(leaf_a.grad, grad) and torch.equal(leaf_b.grad, grad)
+
+
+def test_add_in_place_falls_back_to_torch_for_other_layouts():
+    a = torch.randn(2, 16, 4, 4)
+    b = channels_last(torch.randn(2, 16, 4, 4))
+    expected = a + b
+    assert torch.equal(fused_norm.add_(a, b), expected)   # NCHW target: PyTorch's add_

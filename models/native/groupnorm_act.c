@@ -139,6 +139,9 @@ typedef struct {
     uint32_t kept;        /* dropout: keep threshold on 16 bits */
     float scale;          /* dropout: factor of kept values (0 = no dropout) */
     uint32_t key0, key1;  /* dropout: the seed */
+    void *xs;             /* forward: NULL or the pass-through output xs_scale * x (the block's residual) */
+    float xs_scale;
+    const void *gres;     /* backward: NULL or the gradient of xs: grad_x += xs_scale * gres */
     int64_t n0, n1;       /* this worker's batch range */
     int status;
 } job_t;
@@ -267,10 +270,14 @@ FO_INLINE void voutput(const job_t *job, int64_t base, int64_t c0, const int V, 
         va[j] = _mm512_loadu_ps(a + c0 + 16 * j);
         vb[j] = _mm512_loadu_ps(b + c0 + 16 * j);
     }
+    const __m512 xs_scale = _mm512_set1_ps(job->xs_scale);
     for (int64_t p = 0; p < HW; p++) {
         const int64_t at = base + p * C + c0;
         for (int j = 0; j < V; j++) {
-            __m512 v = _mm512_fmadd_ps(vload(job->x, bf, at + 16 * j), va[j], vb[j]);
+            __m512 raw = vload(job->x, bf, at + 16 * j);
+            if (job->xs)
+                vstore(job->xs, bf, at + 16 * j, _mm512_mul_ps(raw, xs_scale));
+            __m512 v = _mm512_fmadd_ps(raw, va[j], vb[j]);
             if (silu)
                 v = _mm512_mul_ps(v, vsigmoid(v, bf));
             if (drop)
@@ -323,6 +330,7 @@ FO_INLINE void vgrad_x(const job_t *job, int64_t base, int64_t c0, const int V, 
                        const float *r, const float *p1, const float *p2, float *grad_add, const float *scratch) {
     const int64_t HW = job->HW, C = job->C;
     __m512 vm[4], vr[4], vw[4], v1[4], v2[4], ga[4];
+    const __m512 xs_scale = _mm512_set1_ps(job->xs_scale);
     for (int j = 0; j < V; j++) {
         vm[j] = _mm512_loadu_ps(m + c0 + 16 * j);
         vr[j] = _mm512_loadu_ps(r + c0 + 16 * j);
@@ -338,9 +346,11 @@ FO_INLINE void vgrad_x(const job_t *job, int64_t base, int64_t c0, const int V, 
             __m512 g = _mm512_loadu_ps(scratch + (at - base) + 16 * j);
             __m512 dx = _mm512_mul_ps(vr[j], _mm512_sub_ps(_mm512_fmsub_ps(g, vw[j], v1[j]),
                                                             _mm512_mul_ps(xh, v2[j])));
-            vstore(job->y, bf, at + 16 * j, dx);
             if (grad_add)
                 ga[j] = _mm512_add_ps(ga[j], dx);
+            if (job->gres)
+                dx = _mm512_fmadd_ps(vload(job->gres, bf, at + 16 * j), xs_scale, dx);
+            vstore(job->y, bf, at + 16 * j, dx);
         }
     }
     if (grad_add)
@@ -490,6 +500,11 @@ static void forward_range(job_t *job) {
         for (int64_t p = 0; p < HW; p += R) {
             const int64_t offset = base + p * C, count = (p + R <= HW ? R : HW - p) * C;
             load_row(job->x, job->bf, offset, count, tile);
+            if (job->xs) {   /* wsum is free after pass 1 */
+                for (int64_t i = 0; i < count; i++)
+                    wsum[i] = tile[i] * job->xs_scale;
+                store_row(job->xs, job->bf, offset, count, wsum);
+            }
             if (job->silu && job->bf) {   /* two loops with the precision fixed: each vectorises on its own */
                 for (int64_t i = 0; i < count; i++) {
                     float v = tile[i] * wa[i] + wb[i];
@@ -625,10 +640,15 @@ static void backward_range(job_t *job) {
                 float xh = (x[i] - wm[i]) * wr[i];
                 grad[i] = wr[i] * (grad[i] * ww[i] - wp1[i] - xh * wp2[i]);
             }
-            store_row(job->y, job->bf, offset, count, grad);
             if (job->grad_add) /* d add = the sum of dx over the positions (before rounding to storage) */
                 for (int64_t i = 0; i < count; i++)
                     ws1[i] += grad[i];
+            if (job->gres) {   /* xhat is free in pass 2 */
+                load_row(job->gres, job->bf, offset, count, xhat);
+                for (int64_t i = 0; i < count; i++)
+                    grad[i] += job->xs_scale * xhat[i];
+            }
+            store_row(job->y, job->bf, offset, count, grad);
         }
         if (job->grad_add)
             fold_rows(job->grad_add + n * C, ws1, C, R);
@@ -698,30 +718,36 @@ static int run_jobs(job_t *proto, int threads, int backward) {
     return status;
 }
 
+/* xs (NULL or like y): also write xs_scale * x there, in the same pass */
 int fo_group_norm_act_forward(const void *x, void *y, int bf, const float *weight, const float *bias,
                               const float *add, float *mean, float *rstd, int64_t N, int64_t HW, int64_t C,
                               int64_t G, float eps, int silu, uint32_t kept, float scale, uint32_t key0,
-                              uint32_t key1, int threads) {
+                              uint32_t key1, void *xs, float xs_scale, int threads) {
     if (N < 1 || HW < 1 || C < 1 || G < 1 || C % G)
         return 2;
-    job_t job = {x, NULL, y, bf, weight, bias, add, NULL, mean, rstd, NULL, NULL, N, HW, C, G, eps, silu, kept,
-                 scale, key0, key1, 0, N, 0};
+    job_t job = {.x = x, .y = y, .bf = bf, .weight = weight, .bias = bias, .add = add, .mean = mean, .rstd = rstd,
+                 .N = N, .HW = HW, .C = C, .G = G, .eps = eps, .silu = silu, .kept = kept, .scale = scale,
+                 .key0 = key0, .key1 = key1, .xs = xs, .xs_scale = xs_scale, .n0 = 0, .n1 = N};
     return run_jobs(&job, threads, 0);
 }
 
 /* grad_weight and grad_bias are overwritten */
 /* grad_add (with add): [N][C], written */
+/* gres (NULL or like gx): the gradient of the forward's pass-through output; gx gets xs_scale * gres added */
 int fo_group_norm_act_backward(const void *x, const void *gy, void *gx, int bf, const float *weight,
                                const float *bias, const float *add, const float *mean, const float *rstd,
                                float *grad_weight, float *grad_bias, float *grad_add, int64_t N, int64_t HW,
                                int64_t C, int64_t G, int silu, uint32_t kept, float scale, uint32_t key0,
-                               uint32_t key1, int threads) {
+                               uint32_t key1, const void *gres, float xs_scale, int threads) {
     if (N < 1 || HW < 1 || C < 1 || G < 1 || C % G)
         return 2;
     memset(grad_weight, 0, (size_t)C * sizeof(float));
     memset(grad_bias, 0, (size_t)C * sizeof(float));
-    job_t job = {x, gy, gx, bf, weight, bias, add, add ? grad_add : NULL, (float *)mean, (float *)rstd,
-                 grad_weight, grad_bias, N, HW, C, G, 0.0f, silu, kept, scale, key0, key1, 0, N, 0};
+    job_t job = {.x = x, .gy = gy, .y = gx, .bf = bf, .weight = weight, .bias = bias, .add = add,
+                 .grad_add = add ? grad_add : NULL, .mean = (float *)mean, .rstd = (float *)rstd,
+                 .grad_weight = grad_weight, .grad_bias = grad_bias, .N = N, .HW = HW, .C = C, .G = G,
+                 .silu = silu, .kept = kept, .scale = scale, .key0 = key0, .key1 = key1, .gres = gres,
+                 .xs_scale = xs_scale, .n0 = 0, .n1 = N};
     return run_jobs(&job, threads, 1);
 }
 
@@ -729,4 +755,67 @@ int fo_group_norm_act_backward(const void *x, const void *gy, void *gx, int bf, 
 void fo_dropout_factors(float *out, int64_t count, uint32_t kept, float scale, uint32_t key0, uint32_t key1) {
     for (int64_t e = 0; e < count; e++)
         out[e] = drop_factor((uint32_t)e, key0, key1, kept, scale);
+}
+
+/* dst += src over `count` elements of the same storage type (the U-Net block's residual addition): one
+ * sweep, float32 arithmetic, bfloat16 rounded to nearest even; PyTorch's bfloat16 addition runs at about half
+ * the memory's speed on activations that are not in cache (docs/speed.md) */
+static void add_range(void *dst, const void *src, int bf, int64_t begin, int64_t end) {
+    int64_t i = begin;
+#ifdef FO_VECTOR
+    if (bf)
+        for (; i + 16 <= end; i += 16)
+            vstore(dst, 1, i, _mm512_add_ps(vload(dst, 1, i), vload(src, 1, i)));
+    else
+        for (; i + 16 <= end; i += 16)
+            vstore(dst, 0, i, _mm512_add_ps(vload(dst, 0, i), vload(src, 0, i)));
+#endif
+    if (bf) {
+        bf16_t *d = (bf16_t *)dst;
+        const bf16_t *a = (const bf16_t *)src;
+        for (; i < end; i++)
+            d[i] = float_to_bf16(bf16_to_float(d[i]) + bf16_to_float(a[i]));
+    } else {
+        float *d = (float *)dst;
+        const float *a = (const float *)src;
+        for (; i < end; i++)
+            d[i] += a[i];
+    }
+}
+
+typedef struct {
+    void *dst;
+    const void *src;
+    int bf;
+    int64_t begin, end;
+} add_job_t;
+
+static void *run_add(void *job) {
+    add_job_t *a = (add_job_t *)job;
+    add_range(a->dst, a->src, a->bf, a->begin, a->end);
+    return NULL;
+}
+
+void fo_add_inplace(void *dst, const void *src, int bf, int64_t count, int threads) {
+    if (threads < 1 || count < 65536)
+        threads = 1;
+    if (threads > 64)
+        threads = 64;
+    add_job_t jobs[64];
+    pthread_t ids[64];
+    int started[64] = {0};
+    for (int i = 0; i < threads; i++) {   /* split on multiples of 16 elements */
+        jobs[i] = (add_job_t){dst, src, bf, count / 16 * i / threads * 16, count / 16 * (i + 1) / threads * 16};
+        if (i == threads - 1)
+            jobs[i].end = count;
+    }
+    for (int i = 1; i < threads; i++)
+        started[i] = pthread_create(&ids[i], NULL, run_add, &jobs[i]) == 0;
+    for (int i = 1; i < threads; i++)
+        if (!started[i])
+            run_add(&jobs[i]);
+    run_add(&jobs[0]);
+    for (int i = 1; i < threads; i++)
+        if (started[i])
+            pthread_join(ids[i], NULL);
 }
