@@ -337,14 +337,46 @@ class SongUNet(nn.Module):
             if isinstance(module, UNetBlock):
                 module.use_sdpa = enabled
 
+    # Sampling on the fast path with several intra-op threads: a batch shard per thread pays off only with
+    # enough work per shard, at least SHARD_MIN_SAMPLES samples or SHARD_MIN_FLOPS (measured on 2 cores of an
+    # AMX Xeon, docs/speed.md: with less, two shards of a small network run slower than one thread, whose
+    # per-operation costs are lower than with two intra-op threads).
+    SHARD_MIN_SAMPLES = 16
+    SHARD_MIN_FLOPS = 8e9
+    _sample_flops = None
+
+    def sample_flops(self):
+        """FLOPs of one sample's forward pass (``FlopCounterMode`` on a batch of 1, counted once)."""
+        if self._sample_flops is None:
+            from torch.utils.flop_counter import FlopCounterMode
+            x = torch.zeros(1, self.in_channels, self.img_resolution, self.img_resolution,
+                            device=next(self.parameters()).device)
+            with torch.no_grad(), torch.autocast("cpu", enabled=False), FlopCounterMode(display=False) as counter:
+                self._forward(x, torch.zeros(1, device=x.device))
+            self._sample_flops = counter.get_total_flops()
+        return self._sample_flops
+
+    def sampling_shards(self, batch, threads):
+        """(shards, one worker thread) for a fast-path sampling forward of ``batch`` samples on ``threads``
+        intra-op threads: the most shards with enough work each; with one shard of little work, one thread
+        with one intra-op thread (else the calling thread's intra-op threads)."""
+        flops = self.sample_flops()
+        for shards in range(min(threads, batch), 1, -1):
+            per_shard = batch // shards
+            if per_shard >= self.SHARD_MIN_SAMPLES or per_shard * flops >= self.SHARD_MIN_FLOPS:
+                return shards, False
+        return 1, batch * flops < self.SHARD_MIN_FLOPS
+
     def forward(self, x, t):
         t = _time_vector(t, x)
         if self.channels_last and x.device.type == "cpu" and not torch.is_grad_enabled() and not self.training:
-            # fast path, sampling: the batch in one shard per intra-op thread (utils/cpu_shards.py); inside a
+            # fast path, sampling: the batch in shards, one intra-op thread each (utils/cpu_shards.py); inside a
             # shard there is one thread, so this does not recurse
             threads = torch.get_num_threads()
-            if threads > 1 and x.shape[0] > 1:
-                return sharded_forward(self._forward, (x, t), threads)
+            if threads > 1:
+                shards, worker = self.sampling_shards(x.shape[0], threads)
+                if shards > 1 or worker:
+                    return sharded_forward(self._forward, (x, t), shards)
         return self._forward(x, t)
 
     def _forward(self, x, t):

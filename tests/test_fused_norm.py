@@ -505,17 +505,37 @@ def test_eval_forward_on_two_threads_shards_and_matches(monkeypatch):
     monkeypatch.setattr(songunet, "sharded_forward", counting)
     net = tiny_net().eval()
     net.set_channels_last(True)
-    x, t = tiny_batch(2)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        with torch.no_grad():
-            out = net(x, t)
-            whole = net._forward(x, t)
+        for batch, shards in ((2 * net.SHARD_MIN_SAMPLES, 2), (2, 1)):   # a small network: 2 shards of 16, or
+            x, t = tiny_batch(batch)                                      # one worker thread for 2 samples
+            calls.clear()
+            with torch.no_grad():
+                out = net(x, t)
+                whole = net._forward(x, t)
+            assert calls == [shards]
+            torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-5 * whole.abs().max().item())
     finally:
         torch.set_num_threads(previous)
-    assert calls == [2]
-    torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-5 * whole.abs().max().item())
+
+
+def test_sampling_shards_need_enough_work_per_shard():
+    net = tiny_net().eval()
+    flops = net.sample_flops()
+    x, t = tiny_batch(3)
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x, t)
+    assert counter.get_total_flops() == 3 * flops   # per-sample work, counted on a batch of 1
+    assert flops * 2 * net.SHARD_MIN_SAMPLES < net.SHARD_MIN_FLOPS   # the tiny network: the sample count decides
+    assert net.sampling_shards(32, 2) == (2, False)
+    assert net.sampling_shards(31, 2) == (1, True)    # 15 per shard: one worker thread
+    assert net.sampling_shards(64, 4) == (4, False)
+    assert net.sampling_shards(40, 4) == (2, False)   # 20 per shard on 2 of the 4 threads
+    net._sample_flops = 10e9   # a large network (cifar10_de: 42 GFLOP per sample): the work decides
+    assert net.sampling_shards(2, 2) == (2, False)
+    assert net.sampling_shards(1, 2) == (1, False)    # one sample, enough work: the intra-op threads
 
 
 # ---------------------------------------------------------------------------- 7. choose() and the switch

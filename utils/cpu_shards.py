@@ -178,11 +178,10 @@ def sharded_forward(fn, tensors, shards):
     """``fn(*tensors)`` of a no-grad forward, computed as ``shards`` batch shards in threads with one
     intra-op thread each and concatenated along the batch: the inference counterpart of ``ThreadShards``
     (for per-sample computations only: eval-mode networks). Each thread runs under the caller's CPU
-    autocast, grad and inference mode, which PyTorch keeps per thread."""
+    autocast, grad and inference mode, which PyTorch keeps per thread. ``shards`` 1: the whole batch in one
+    such thread."""
     batch = tensors[0].shape[0]
     sizes = shard_sizes(batch, shards)
-    if len(sizes) == 1:
-        return fn(*tensors)
     pieces = list(zip(*(torch.split(tensor, sizes) for tensor in tensors)))
     autocast_on, autocast_dtype = _autocast_state()
     inference = torch.is_inference_mode_enabled()
@@ -198,4 +197,5 @@ def sharded_forward(fn, tensors, shards):
         pool = _forward_pools.get(len(sizes))
         if pool is None:
             pool = _forward_pools[len(sizes)] = ThreadPoolExecutor(len(sizes), thread_name_prefix="forward-shard")
-    return torch.cat([future.result() for future in [pool.submit(run, index) for index in range(len(sizes))]])
+    outputs = [future.result() for future in [pool.submit(run, index) for index in range(len(sizes))]]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
