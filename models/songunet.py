@@ -91,6 +91,12 @@ class Conv2d(nn.Module):
             weight, bias = self.weight, self.bias
             if scale is not None:
                 weight, bias = weight * scale, bias * scale
+            if self.weight.shape[-1] == 1 and fused_norm.applies(x):
+                # the fast path's 1x1 convolutions as a matmul over the channels of the NHWC memory: as fast as
+                # oneDNN's convolution here, and the weight's gradient comes back in the parameter's own layout
+                # (the convolution's is channels_last, which DDP's gradient buckets copy, with a warning)
+                return F.linear(x.permute(0, 2, 3, 1), weight.to(x.dtype).flatten(1),
+                                bias.to(x.dtype)).permute(0, 3, 1, 2)
             x = F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), padding=self.weight.shape[-1] // 2)
         return x
 

@@ -646,3 +646,25 @@ def test_add_in_place_falls_back_to_torch_for_other_layouts():
     b = channels_last(torch.randn(2, 16, 4, 4))
     expected = a + b
     assert torch.equal(fused_norm.add_(a, b), expected)   # NCHW target: PyTorch's add_
+
+
+@pytest.mark.parametrize("scale", [None, 0.5 ** 0.5], ids=["plain", "scaled"])
+def test_fast_path_1x1_convolution_is_the_convolution_with_the_parameters_gradient_layout(scale):
+    conv = songunet.Conv2d(48, 32, 1)
+    with torch.no_grad():   # a non-zero bias (it starts at zero)
+        conv.bias.normal_(generator=torch.Generator().manual_seed(70))
+    generator = torch.Generator().manual_seed(71)
+    x = channels_last(torch.randn(2, 48, 5, 7, generator=generator, dtype=torch.float64)).float().requires_grad_()
+    grad = torch.randn(2, 32, 5, 7, generator=generator)
+    out = conv(x, scale=scale)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    out.backward(grad)
+    x64 = x.detach().double().requires_grad_()
+    w64, b64 = conv.weight.detach().double().requires_grad_(), conv.bias.detach().double().requires_grad_()
+    s = 1.0 if scale is None else scale
+    ref = F.conv2d(x64, w64 * s, b64 * s)
+    ref.backward(grad.double())
+    assert rel_err(out, ref.detach()) <= F32_TOL
+    assert rel_err(x.grad, x64.grad) <= F32_TOL and rel_err(conv.weight.grad, w64.grad) <= F32_TOL
+    assert rel_err(conv.bias.grad, b64.grad) <= F32_TOL
+    assert conv.weight.grad.stride() == conv.weight.stride()   # what DDP's buckets expect
