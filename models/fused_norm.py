@@ -87,6 +87,11 @@ def _load():
                       f"{': ' + lines[-1] if lines else ''})")
     except (OSError, subprocess.SubprocessError) as error:
         return None, f"the fused GroupNorm kernel did not build or load: {error}"
+    return _bind(library), f"{'compiled' if built else 'loaded'} {target}"
+
+
+def _bind(library):
+    """Declare the C functions' argument types on a loaded ``library``; returns it."""
     i64, u32, f32, ptr = ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p
     library.fo_group_norm_act_forward.argtypes = [ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64, i64,
                                                   i64, f32, ctypes.c_int, u32, f32, u32, u32, ptr, f32, ctypes.c_int]
@@ -97,7 +102,7 @@ def _load():
     library.fo_add_inplace.restype = None
     library.fo_dropout_factors.argtypes = [ptr, i64, u32, f32, u32, u32]
     library.fo_dropout_factors.restype = None
-    return library, f"{'compiled' if built else 'loaded'} {target}"
+    return library
 
 
 def available():

@@ -668,3 +668,53 @@ def test_fast_path_1x1_convolution_is_the_convolution_with_the_parameters_gradie
     assert rel_err(x.grad, x64.grad) <= F32_TOL and rel_err(conv.weight.grad, w64.grad) <= F32_TOL
     assert rel_err(conv.bias.grad, b64.grad) <= F32_TOL
     assert conv.weight.grad.stride() == conv.weight.stride()   # what DDP's buckets expect
+
+
+# ---------------------------------------------------- the portable loops, built without AVX-512
+
+@pytest.fixture(scope="module")
+def portable_library(tmp_path_factory):
+    """The kernel source built for x86-64-v3 (AVX2, no AVX-512): the portable C loops for every channel count,
+    as on CPUs without AVX-512. Warnings are errors (GCC 14 rejects implicit declarations outright)."""
+    import ctypes
+    import platform
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the portable build is checked on x86")
+    target = tmp_path_factory.mktemp("portable") / "groupnorm_act_portable.so"
+    flags = [flag for flag in fused_norm.FLAGS if not flag.startswith(("-march", "-mprefer"))]
+    result = subprocess.run([os.environ.get("CC", "cc"), "-march=x86-64-v3", "-Wall", "-Wextra", "-Werror", *flags,
+                             str(fused_norm.SOURCE), "-o", str(target), "-lm"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    return fused_norm._bind(ctypes.CDLL(str(target)))
+
+
+def test_portable_loops_match_the_native_build_and_float64(portable_library, monkeypatch):
+    shape, groups = (2, 64, 7, 9), 16   # C % 16 == 0: the native build takes its AVX-512 passes here
+    results = {}
+    for name in ("native", "portable"):
+        if name == "portable":
+            monkeypatch.setattr(fused_norm, "_load", lambda: (portable_library, "portable build"))
+        outputs = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            x, weight, bias, grad_y = make_inputs(shape, dtype, seed=81)
+            grad_r = torch.randn(shape, generator=torch.Generator().manual_seed(82)).to(dtype)
+            add = (0.3 * torch.randn(2, 64, generator=torch.Generator().manual_seed(83))).requires_grad_()
+            y = fused_norm.group_norm_act(x, weight, bias, groups, EPS, silu=True, p=P, add=add,
+                                          generator=torch.Generator().manual_seed(84))
+            h, r = fused_norm.group_norm_act(x, weight, bias, groups, EPS, silu=True, through=0.5)
+            total = fused_norm.add_(h * 1, r)
+            torch.autograd.backward((y, total), (grad_y, grad_r))
+            outputs[dtype] = [t.detach().clone() for t in (y, total, x.grad, weight.grad, bias.grad, add.grad)]
+        results[name] = outputs
+    for dtype, tol in ((torch.float32, F32_TOL), (torch.bfloat16, BF16_TOL)):
+        native, portable = results["native"][dtype], results["portable"][dtype]
+        assert torch.equal(native[0] == 0, portable[0] == 0)   # the same dropout mask
+        for got, ref in zip(portable, native):
+            assert rel_err(got, ref.double()) <= tol
+    # and the portable build against float64 (float32 storage)
+    x, weight, bias, grad_y = make_inputs(shape, torch.float32, seed=85)
+    monkeypatch.setattr(fused_norm, "_load", lambda: (portable_library, "portable build"))
+    y, dx, dw, db = fused(x, weight, bias, groups, True, grad_y)
+    y_ref, dx_ref, dw_ref, db_ref = reference(x, weight, bias, groups, True, grad_y)
+    assert max(rel_err(y, y_ref), rel_err(dx, dx_ref), rel_err(dw, dw_ref), rel_err(db, db_ref)) <= F32_TOL

@@ -398,6 +398,22 @@ static void vec_grad_x(const job_t *job, int64_t base, const float *m, const flo
     FO_BLOCKS(GRADX);
 #undef GRADX
 }
+#else
+/* without AVX-512 the portable loops run: vector_ok() is 0, and these are never called */
+static void vec_stats(const job_t *job, int64_t base, const float *shift, float *sum, float *sq) {
+    (void)job, (void)base, (void)shift, (void)sum, (void)sq;
+}
+static void vec_output(const job_t *job, int64_t base, const float *a, const float *b) {
+    (void)job, (void)base, (void)a, (void)b;
+}
+static void vec_grad_pre(const job_t *job, int64_t base, const float *m, const float *r, float *s1, float *s2,
+                         float *scratch) {
+    (void)job, (void)base, (void)m, (void)r, (void)s1, (void)s2, (void)scratch;
+}
+static void vec_grad_x(const job_t *job, int64_t base, const float *m, const float *r, const float *p1,
+                       const float *p2, float *grad_add, const float *scratch) {
+    (void)job, (void)base, (void)m, (void)r, (void)p1, (void)p2, (void)grad_add, (void)scratch;
+}
 #endif
 
 /* whether the AVX-512 passes apply */
