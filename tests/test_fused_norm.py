@@ -68,6 +68,11 @@ def rel_err(got, ref):
     return ((got.detach().double() - ref).abs().max() / ref.abs().max()).item()
 
 
+def errors_of(got, ref):
+    """rel_err of each of (y, dx, dweight, dbias) against its float64 reference, by name."""
+    return {name: rel_err(g, r) for name, g, r in zip(("y", "dx", "dweight", "dbias"), got, ref)}
+
+
 def fused(x, weight, bias, groups, silu, grad_y, p=0.0, generator=None):
     """(y, dx, dweight, dbias) of the fused kernel (fresh gradients)."""
     for tensor in (x, weight, bias):
@@ -104,11 +109,9 @@ def test_forward_and_backward_match_float64_group_norm(shape, groups, dtype, tol
     x, weight, bias, grad_y = make_inputs(shape, dtype, seed=sum(shape) + groups)
     assert fused_norm.applies(x)
     y, dx, dw, db = fused(x, weight, bias, groups, silu, grad_y)
-    y_ref, dx_ref, dw_ref, db_ref = reference(x, weight, bias, groups, silu, grad_y)
     assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
     assert dx.dtype == dtype and dw.dtype == torch.float32 and db.dtype == torch.float32
-    errors = {name: rel_err(got, ref) for name, got, ref in
-              (("y", y, y_ref), ("dx", dx, dx_ref), ("dweight", dw, dw_ref), ("dbias", db, db_ref))}
+    errors = errors_of((y, dx, dw, db), reference(x, weight, bias, groups, silu, grad_y))
     assert max(errors.values()) <= tol, errors
 
 
@@ -120,9 +123,7 @@ def test_large_common_offset_does_not_cancel_the_variance_fp32(silu):
     shape, groups = (2, 32, 9, 9), 8
     x, weight, bias, grad_y = make_inputs(shape, torch.float32, seed=11, scale=0.01, offset=100.0)
     y, dx, dw, db = fused(x, weight, bias, groups, silu, grad_y)
-    y_ref, dx_ref, dw_ref, db_ref = reference(x, weight, bias, groups, silu, grad_y)
-    errors = {name: rel_err(got, ref) for name, got, ref in
-              (("y", y, y_ref), ("dx", dx, dx_ref), ("dweight", dw, dw_ref), ("dbias", db, db_ref))}
+    errors = errors_of((y, dx, dw, db), reference(x, weight, bias, groups, silu, grad_y))
     assert max(errors.values()) <= 4e-3, errors
     # the normalised values of each group (weight 1, bias 0, no SiLU) have the variance var / (var + eps)
     ones, zeros = torch.ones(shape[1]), torch.zeros(shape[1])
@@ -138,9 +139,7 @@ def test_large_common_offset_bf16():
     shape, groups = (2, 32, 9, 9), 8
     x, weight, bias, grad_y = make_inputs(shape, torch.bfloat16, seed=12, scale=4.0, offset=100.0)
     y, dx, dw, db = fused(x, weight, bias, groups, True, grad_y)
-    y_ref, dx_ref, dw_ref, db_ref = reference(x, weight, bias, groups, True, grad_y)
-    errors = {name: rel_err(got, ref) for name, got, ref in
-              (("y", y, y_ref), ("dx", dx, dx_ref), ("dweight", dw, dw_ref), ("dbias", db, db_ref))}
+    errors = errors_of((y, dx, dw, db), reference(x, weight, bias, groups, True, grad_y))
     assert max(errors.values()) <= BF16_TOL, errors
 
 
@@ -294,9 +293,7 @@ def test_dropout_backward_matches_float64_with_the_same_mask(silu):
     x, weight, bias, grad_y = make_inputs(shape, torch.float32, seed=31)
     mask = mask_of(shape, P, fused_norm.draw_seed(torch.Generator().manual_seed(99)))
     y, dx, dw, db = fused(x, weight, bias, groups, silu, grad_y, p=P, generator=torch.Generator().manual_seed(99))
-    y_ref, dx_ref, dw_ref, db_ref = reference(x, weight, bias, groups, silu, grad_y, mask=mask)
-    errors = {name: rel_err(got, ref) for name, got, ref in
-              (("y", y, y_ref), ("dx", dx, dx_ref), ("dweight", dw, dw_ref), ("dbias", db, db_ref))}
+    errors = errors_of((y, dx, dw, db), reference(x, weight, bias, groups, silu, grad_y, mask=mask))
     assert max(errors.values()) <= F32_TOL, errors
 
 
@@ -609,8 +606,7 @@ def test_pass_through_output_and_its_gradient_match_float64(shape, groups, dtype
     w64, b64 = weight.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
     y64 = F.silu(F.group_norm(x64, groups, w64, b64, EPS))
     torch.autograd.backward((y64, x64 * through), (grad_y.double(), grad_r.double()))
-    errors = {"y": rel_err(y, y64.detach()), "dx": rel_err(x.grad, x64.grad), "dweight": rel_err(weight.grad, w64.grad),
-              "dbias": rel_err(bias.grad, b64.grad)}
+    errors = errors_of((y, x.grad, weight.grad, bias.grad), (y64.detach(), x64.grad, w64.grad, b64.grad))
     assert max(errors.values()) <= tol, errors
 
 
@@ -716,5 +712,4 @@ def test_portable_loops_match_the_native_build_and_float64(portable_library, mon
     x, weight, bias, grad_y = make_inputs(shape, torch.float32, seed=85)
     monkeypatch.setattr(fused_norm, "_load", lambda: (portable_library, "portable build"))
     y, dx, dw, db = fused(x, weight, bias, groups, True, grad_y)
-    y_ref, dx_ref, dw_ref, db_ref = reference(x, weight, bias, groups, True, grad_y)
-    assert max(rel_err(y, y_ref), rel_err(dx, dx_ref), rel_err(dw, dw_ref), rel_err(db, db_ref)) <= F32_TOL
+    assert max(errors_of((y, dx, dw, db), reference(x, weight, bias, groups, True, grad_y)).values()) <= F32_TOL
