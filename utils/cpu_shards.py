@@ -127,31 +127,24 @@ class ThreadShards:
         shard_grads = [grads for _, grads in results]
         totals = [None] * len(params)
 
-        def add_up(positions):   # the shard gradients of these parameters, added in shard order (reproducible)
-            full = [k for k in positions if all(grads[k] is not None for grads in shard_grads)]
-            # autograd.grad returns a gradient in the layout its operation made (a convolution of channels_last
-            # activations gives a channels_last weight gradient), and fused Adam reads the gradient's memory as
-            # if laid out like the parameter: such sums are written straight into the parameter's layout, as
-            # .backward() hands gradients over (its "layout contract")
-            relaid = [k for k in full if len(shard_grads) > 1 and shard_grads[0][k].stride() != params[k].stride()]
-            for k in relaid:
-                totals[k] = torch.add(shard_grads[0][k], shard_grads[1][k], out=torch.empty_like(params[k]))
-                for grads in shard_grads[2:]:
-                    totals[k].add_(grads[k])
-            same = [k for k in full if totals[k] is None]
-            if same:
-                sums = (torch._foreach_add([shard_grads[0][k] for k in same], [shard_grads[1][k] for k in same])
-                        if len(shard_grads) > 1 else [shard_grads[0][k].clone() for k in same])
-                for grads in shard_grads[2:]:
-                    torch._foreach_add_(sums, [grads[k] for k in same])
-                for k, total in zip(same, sums):
-                    totals[k] = total
-            for k in set(positions).difference(full):   # unused by some shard
-                present = [grads[k] for grads in shard_grads if grads[k] is not None]
-                if present:
-                    totals[k] = present[0].clone()
-                    for grad in present[1:]:
-                        totals[k].add_(grad)
+        def add_up(positions):
+            # The shard gradients of these parameters, added in shard order (reproducible), into a tensor laid out
+            # like the parameter: autograd.grad returns a gradient in the layout its operation made (a convolution
+            # of channels_last activations gives a channels_last weight gradient), and fused Adam reads the
+            # gradient's memory as if laid out like the parameter, so the gradient gets the parameter's layout, as
+            # .backward() hands gradients over (its "layout contract").
+            for k in positions:
+                present = [grads[k] for grads in shard_grads if grads[k] is not None]   # None: unused by a shard
+                if not present:
+                    continue
+                total = torch.empty_like(params[k])
+                if len(present) == 1:
+                    total.copy_(present[0])
+                else:
+                    torch.add(present[0], present[1], out=total)
+                    for grad in present[2:]:
+                        total.add_(grad)
+                totals[k] = total
 
         if parallel:   # the additions in the shard threads too, one slice of the parameters each
             chunks = [range(len(params))[index::self.shards] for index in range(self.shards)]
@@ -161,8 +154,6 @@ class ThreadShards:
         else:
             add_up(range(len(params)))
         for param, total in zip(params, totals):
-            if total is not None and total.stride() != param.stride():   # one shard, or unused by some
-                total = torch.empty_like(param).copy_(total)
             param.grad = total
         return tuple(sum(weight * values[k] for weight, (values, _) in zip(weights, results))
                      for k in range(len(results[0][0])))
