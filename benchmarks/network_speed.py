@@ -339,7 +339,7 @@ def main(argv):
     plain_step, forward = build_step(net, args.batch, device, channels_last, in_shape, args.seed, amp=amp)
     train_step = plain_step
     if shards > 1:
-        train_step, _ = build_step(net, args.batch, device, channels_last, in_shape, args.seed, ThreadShards(shards),
+        train_step, _ = build_step(net, args.batch, device, channels_last, in_shape, args.seed, ThreadShards(shards, share_casts=amp == "bf16"),
                                    amp=amp)
     layout = (f"{shards} shards in {shards} threads, 1 intra-op thread each" if shards > 1
               else f"{threads} intra-op threads, no shards")

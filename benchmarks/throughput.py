@@ -213,7 +213,7 @@ def make_train_step(net, encoder, batch, device, channels_last, amp, weight_prio
     params = model.optimizer_params()
     optimizer = torch.optim.Adam(params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, fused=True)  # as utils.train
     mode = "bf16" if amp else "none"
-    pool = ThreadShards(shards) if shards > 1 else None
+    pool = ThreadShards(shards, share_casts=bool(amp)) if shards > 1 else None   # as the trainer: shared bf16 casts
 
     def losses(x, t, noise):
         with amp_autocast(device, mode):

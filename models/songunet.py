@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import fused_norm
-from utils.cpu_shards import sharded_forward, thread_generator
+from utils.cpu_shards import cast_param, sharded_forward, thread_generator
 
 
 def _xavier_uniform(shape, fan_in, fan_out, gain=1.0):
@@ -38,7 +38,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features))
 
     def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+        return F.linear(x, cast_param(self.weight, x.dtype), cast_param(self.bias, x.dtype))
 
 
 class Conv2d(nn.Module):
@@ -88,16 +88,14 @@ class Conv2d(nn.Module):
             if self.down:
                 x = F.conv2d(x, filt.tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=pad)
         if self.weight is not None:
-            weight, bias = self.weight, self.bias
-            if scale is not None:
-                weight, bias = weight * scale, bias * scale
+            # the weight cast for the computation, with ``scale`` folded in (a CPU shard step's shared cast, if any)
+            weight, bias = cast_param(self.weight, x.dtype, scale), cast_param(self.bias, x.dtype, scale)
             if self.weight.shape[-1] == 1 and fused_norm.applies(x):
                 # the fast path's 1x1 convolutions as a matmul over the channels of the NHWC memory: as fast as
                 # oneDNN's convolution here, and the weight's gradient comes back in the parameter's own layout
                 # (the convolution's is channels_last, which DDP's gradient buckets copy, with a warning)
-                return F.linear(x.permute(0, 2, 3, 1), weight.to(x.dtype).flatten(1),
-                                bias.to(x.dtype)).permute(0, 3, 1, 2)
-            x = F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), padding=self.weight.shape[-1] // 2)
+                return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+            x = F.conv2d(x, weight, bias, padding=self.weight.shape[-1] // 2)
         return x
 
 

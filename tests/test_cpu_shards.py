@@ -7,10 +7,10 @@ import threading
 import pytest
 import torch
 
-from models import build_network
+from models import build_network, fast_cpu, fused_norm
 from models.flow import interpolate
 from models.losses import flow_matching_loss
-from models.songunet import dropout
+from models.songunet import Conv2d, Linear, dropout
 from utils.cpu_shards import ThreadShards, auto_shards, dropout_generator, shard_sizes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,3 +192,47 @@ def test_gradients_get_the_parameters_layout_so_fused_adam_steps_as_after_backwa
         after[mode] = [p.detach().clone() for p in params]
     for a, b in zip(after["backward"], after["shards"]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_shared_casts_give_the_gradients_of_per_shard_casts(fast):
+    """``share_casts``: the bf16 weight casts made once per step and shared by the shards give the gradients
+    the per-shard casts give: the same bf16 shard gradients, added in float32, times the scale folded into the
+    weight (the fast path folds sqrt(1/2) into three convolutions per block)."""
+    if fast and not fused_norm.available()[0]:
+        pytest.skip("the fast path's kernel does not build here")
+    net = tiny_net(0.1)   # with dropout: each step reseeds the global generator, so the masks are the same
+    fast_cpu.apply([net], fast)
+    params = list(net.parameters())
+    x, t, noise = batch(6)
+    x, noise = (v.contiguous(memory_format=torch.channels_last) if fast else v for v in (x, noise))
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def step(runner):
+        torch.manual_seed(5)
+        values = runner.step(flow_losses(net), (x, t, noise), params, context=autocast)
+        grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return values, grads
+
+    with ThreadShards(2) as runner:
+        want_values, want = step(runner)
+    with ThreadShards(2, share_casts=True) as runner:
+        first_values, first = step(runner)       # records the casts, casts as usual: the same numbers
+        shared_values, shared = step(runner)     # the shared casts
+        plan = runner._plan[1]
+    layers = [m for m in net.modules() if isinstance(m, (Conv2d, Linear)) and m.weight is not None]
+    cast = {k for k, _, _ in plan}
+    assert cast == {k for k, p in enumerate(params) if any(p is m.weight or p is m.bias for m in layers)}
+    assert all(dtype == torch.bfloat16 for _, dtype, _ in plan)
+    assert any(scale is not None for _, _, scale in plan) == fast
+    for a, b in zip(want, first):
+        assert torch.equal(a, b)
+    assert [v.item() for v in shared_values] == [v.item() for v in want_values]
+    for p, a, b in zip(params, want, shared):
+        assert b.dtype == p.dtype and b.stride() == p.stride()
+        # float32 additions of the same bf16 gradients, the scale applied after the sum instead of before
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * a.abs().max().item())

@@ -222,7 +222,9 @@ class Trainer:
         self.stream = plumbing.DataStream(self.dataset, sampler, args.num_workers, pin_memory=device.type == "cuda",
                                           batches_consumed=batches_consumed)
         self.agreement = plumbing.RankAgreement(info.distributed)
-        self.shards = ThreadShards(run.cpu_shards) if run.cpu_shards > 1 else None
+        # bf16: the weights' casts made once per step for all shards (utils/cpu_shards.py)
+        self.shards = (ThreadShards(run.cpu_shards, share_casts=run.amp == "bf16") if run.cpu_shards > 1
+                       else None)
 
         # Running sums on the device, read by the host only at log and save steps.
         self.window = torch.zeros(5, device=device)   # loss, flow loss, KL, grad norm, finite steps

@@ -43,6 +43,66 @@ def dropout_generator(generator):
         _local.generator = previous
 
 
+def cast_param(param, dtype, scale=None):
+    """``(param * scale).to(dtype)``: how a layer casts its weight for the computation (``scale``: None or a float
+    folded into the weight). Inside a ``ThreadShards`` step with ``share_casts``, the cast that step made once
+    for all its shards instead, a bf16 leaf of its own whose gradient the step adds into ``param``'s."""
+    casts = getattr(_local, "casts", None)
+    if casts is not None and (scale is None or isinstance(scale, float)):
+        if dtype == torch.float32 and param.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")   # what the autocast operation would cast it to
+        shared = casts.get(param, dtype, scale)
+        if shared is not None:
+            return shared
+    return (param if scale is None else param * scale).to(dtype)
+
+
+@contextlib.contextmanager
+def _casts_scope(casts):
+    previous = getattr(_local, "casts", None)
+    _local.casts = casts
+    try:
+        yield
+    finally:
+        _local.casts = previous
+
+
+class _CastRecorder:
+    """The first step with shared casts: records which (parameter, dtype, scale) casts the shards ask for, and
+    lets them cast as usual."""
+
+    def __init__(self, params):
+        self.index = {id(param): k for k, param in enumerate(params)}
+        self.seen = set()
+        self.lock = threading.Lock()
+
+    def get(self, param, dtype, scale):
+        k = self.index.get(id(param))
+        if k is not None and dtype != param.dtype:   # only casts that change the dtype: bf16 copies of fp32
+            with self.lock:
+                self.seen.add((k, dtype, scale))
+        return None
+
+    def plan(self):
+        return sorted(self.seen, key=lambda entry: (entry[0], str(entry[1]), -1.0 if entry[2] is None else entry[2]))
+
+
+class _SharedCasts:
+    """A step's shared casts: one leaf per recorded (parameter, dtype, scale), made before the shards run."""
+
+    def __init__(self, params, plan, leaves):
+        self.leaves = {(id(params[k]), dtype, scale): leaf for (k, dtype, scale), leaf in zip(plan, leaves)}
+
+    def get(self, param, dtype, scale):
+        return self.leaves.get((id(param), dtype, scale))
+
+
+def _make_leaf(param, dtype, scale):
+    value = param.detach()
+    value = (value if scale is None else value * scale).to(dtype)
+    return value.requires_grad_()
+
+
 def auto_shards(device, world_size=1, compiled=False):
     """How many shards a training step should use: the intra-op thread count on a CPU in a single
     process, else 1 (GPUs parallelise within operations; several processes (DDP) already split the cores;
@@ -76,12 +136,20 @@ class ThreadShards:
     parameters the loss does not use) and returns the full batch's values of the tuple (detached).
     ``context`` (optional) is called in each thread to give a context manager the shard runs under:
     autocast and grad mode are per thread in PyTorch, so ``torch.autocast`` must be entered there.
+
+    ``share_casts``: the bf16 casts of the weights (``cast_param``) are made once per step, before the shards
+    run, and shared by them, instead of once per shard, each with its own cast back of the gradient; on a CPU
+    the shards' per-call costs are a large part of their time (docs/speed.md). Each shared cast is a bf16 leaf;
+    its shard gradients are added in float32 (in shard order), times the folded scale, into the parameter's
+    gradient. The first step records which casts the shards ask for and casts as usual.
     """
 
-    def __init__(self, shards):
+    def __init__(self, shards, share_casts=False):
         if shards < 1:
             raise ValueError(f"shards must be at least 1, got {shards}")
         self.shards = shards
+        self.share_casts = share_casts
+        self._plan = None   # (the parameters' ids, [(parameter index, dtype, scale)]) of the shared casts
         self.pool = None
         if shards > 1:
             self.pool = ThreadPoolExecutor(shards, thread_name_prefix="shard")
@@ -97,6 +165,34 @@ class ThreadShards:
     def __exit__(self, *exc):
         self.close()
 
+    def _casts(self, params, parallel):
+        """(the casts' scope for the shard threads, [(parameter index, scale)] of its leaves, the leaves)."""
+        if not self.share_casts:
+            return None, [], []
+        key = tuple(map(id, params))
+        if self._plan is None or self._plan[0] != key:
+            recorder = _CastRecorder(params)
+            return recorder, [], []
+        plan = self._plan[1]
+        leaves = [None] * len(plan)
+
+        def make(positions):
+            for e in positions:
+                k, dtype, scale = plan[e]
+                leaves[e] = _make_leaf(params[k], dtype, scale)
+
+        self._in_threads(make, len(plan), parallel)
+        return _SharedCasts(params, plan, leaves), [(k, scale) for k, _, scale in plan], leaves
+
+    def _in_threads(self, fn, count, parallel):
+        """``fn(positions)`` over range(count): split among the shard threads (one slice each) when parallel."""
+        if not parallel:
+            fn(range(count))
+            return
+        chunks = [range(count)[index::self.shards] for index in range(self.shards)]
+        for future in [self.pool.submit(lambda chunk: (_one_intra_op_thread(), fn(chunk)), chunk) for chunk in chunks]:
+            future.result()
+
     def step(self, loss_fn, tensors, params, context=None):
         params = list(params)
         batch = tensors[0].shape[0]
@@ -106,53 +202,65 @@ class ThreadShards:
         # One dropout seed per shard, drawn here (the calling thread) from the global generator.
         seeds = torch.randint(0, 2 ** 62, (len(sizes),)).tolist()
 
+        parallel = self.pool is not None and len(sizes) > 1
+        casts, owners, leaves = self._casts(params, parallel)
+        inputs = params + leaves
+
         def run(index):
             generator = torch.Generator(device=tensors[0].device).manual_seed(seeds[index])
-            with dropout_generator(generator), (context() if context is not None else contextlib.nullcontext()):
+            with dropout_generator(generator), _casts_scope(casts), \
+                    (context() if context is not None else contextlib.nullcontext()):
                 values = loss_fn(*pieces[index])
             # the shard's loss weighted by its share of the batch: the full batch's gradient is then the plain
             # sum of the shard gradients (one pass over them, not a scaling and a sum)
-            grads = torch.autograd.grad(values[0] * weights[index], params, allow_unused=True)
+            grads = torch.autograd.grad(values[0] * weights[index], inputs, allow_unused=True)
             return [value.detach() for value in values], grads
 
         def run_in_pool(index):
             _one_intra_op_thread()
             return run(index)
 
-        parallel = self.pool is not None and len(sizes) > 1
         if parallel:
             results = [future.result() for future in [self.pool.submit(run_in_pool, index) for index in range(len(sizes))]]
         else:
             results = [run(index) for index in range(len(sizes))]
+        if isinstance(casts, _CastRecorder):
+            self._plan = (tuple(map(id, params)), casts.plan())
         shard_grads = [grads for _, grads in results]
         totals = [None] * len(params)
+        # per parameter: the positions in `inputs` of its gradients (itself, then its shared casts) and their scales
+        sources = [[(k, None)] for k in range(len(params))]
+        for e, (k, scale) in enumerate(owners):
+            sources[k].append((len(params) + e, scale))
 
         def add_up(positions):
             # The shard gradients of these parameters, added in shard order (reproducible), into a tensor laid out
             # like the parameter: autograd.grad returns a gradient in the layout its operation made (a convolution
             # of channels_last activations gives a channels_last weight gradient), and fused Adam reads the
             # gradient's memory as if laid out like the parameter, so the gradient gets the parameter's layout, as
-            # .backward() hands gradients over (its "layout contract").
+            # .backward() hands gradients over (its "layout contract"). A shared cast's bf16 gradients are added
+            # in float32 (the first copied into the float32 tensor, the others added to it), then scaled.
             for k in positions:
-                present = [grads[k] for grads in shard_grads if grads[k] is not None]   # None: unused by a shard
-                if not present:
-                    continue
-                total = torch.empty_like(params[k])
-                if len(present) == 1:
-                    total.copy_(present[0])
-                else:
-                    torch.add(present[0], present[1], out=total)
-                    for grad in present[2:]:
-                        total.add_(grad)
+                total = None
+                for position, scale in sources[k]:
+                    present = [grads[position] for grads in shard_grads if grads[position] is not None]   # None: unused
+                    if not present:
+                        continue
+                    part = torch.empty_like(params[k])
+                    if len(present) > 1 and all(grad.dtype == part.dtype for grad in present):
+                        torch.add(present[0], present[1], out=part)
+                        rest = present[2:]
+                    else:
+                        part.copy_(present[0])
+                        rest = present[1:]
+                    for grad in rest:
+                        part.add_(grad)
+                    if scale is not None:
+                        part.mul_(scale)
+                    total = part if total is None else total.add_(part)
                 totals[k] = total
 
-        if parallel:   # the additions in the shard threads too, one slice of the parameters each
-            chunks = [range(len(params))[index::self.shards] for index in range(self.shards)]
-            for future in [self.pool.submit(lambda chunk: (_one_intra_op_thread(), add_up(chunk)), chunk)
-                           for chunk in chunks]:
-                future.result()
-        else:
-            add_up(range(len(params)))
+        self._in_threads(add_up, len(params), parallel)   # in the shard threads too, one slice of the parameters each
         for param, total in zip(params, totals):
             param.grad = total
         return tuple(sum(weight * values[k] for weight, (values, _) in zip(weights, results))
