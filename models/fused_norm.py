@@ -102,6 +102,10 @@ def _bind(library):
     library.fo_add_inplace.restype = None
     library.fo_dropout_factors.argtypes = [ptr, i64, u32, f32, u32, u32]
     library.fo_dropout_factors.restype = None
+    library.fo_cast_many.argtypes = [i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+    library.fo_cast_many.restype = None
+    library.fo_sum_many.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    library.fo_sum_many.restype = None
     return library
 
 
@@ -242,3 +246,61 @@ def group_norm_act(x, weight, bias, groups, eps, silu=False, p=0.0, generator=No
     keys = draw_seed(generator) if p > 0 else (0, 0)
     return _GroupNormAct.apply(x, weight, bias, add, groups, float(eps), bool(silu), kept, float(scale), keys,
                                None if through is None else float(through))
+
+
+def _pointers(tensors):
+    return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+
+
+def cast_many(tensors, scales, threads=None):
+    """``[(t * s).to(torch.bfloat16) for t, s in zip(tensors, scales)]`` (``s`` a float; the same numbers) in
+    one C call, for contiguous float32 CPU tensors; None where the kernels are not loaded or a tensor is not
+    such. The CPU shard steps' shared weight casts (``utils/cpu_shards.py``): one call instead of one or two
+    PyTorch operations per parameter."""
+    library = _load()[0]
+    if library is None or not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                                  for t in tensors):
+        return None
+    out = [torch.empty(t.shape, dtype=torch.bfloat16) for t in tensors]
+    count = (ctypes.c_int64 * len(tensors))(*[t.numel() for t in tensors])
+    factors = (ctypes.c_float * len(tensors))(*[float(s) for s in scales])
+    library.fo_cast_many(len(tensors), _pointers([t.detach() for t in tensors]), _pointers(out), count, factors,
+                         threads or torch.get_num_threads())
+    return out
+
+
+def _sum_layout(grad, like):
+    """0: ``grad`` is laid out like the contiguous ``like``; 1: a channels_last 4-D gradient; None: other."""
+    if grad.is_contiguous():
+        return 0
+    if grad.dim() == 4 and grad.is_contiguous(memory_format=torch.channels_last):
+        return 1
+    return None
+
+
+def sum_many(likes, sources, scales, threads=None):
+    """For each ``like`` (a contiguous float32 CPU parameter), its bfloat16 gradients ``sources[k]`` (a list, None
+    for absent ones, each contiguous or channels_last) added in float32 in list order, times ``scales[k]``:
+    ``[torch.empty_like(like).copy_(g0).add_(g1)... .mul_(s)]``, the same numbers, in one C call. None where the
+    kernels are not loaded or an input is not such (the caller adds them with PyTorch)."""
+    library = _load()[0]
+    if library is None or not likes:
+        return None
+    width = len(sources[0])
+    layouts = []
+    for like, grads in zip(likes, sources):
+        if not (like.dtype == torch.float32 and like.is_contiguous() and len(grads) == width):
+            return None
+        for grad in grads:
+            code = None if grad is None else _sum_layout(grad, like)
+            if grad is not None and (code is None or grad.dtype != torch.bfloat16 or grad.shape != like.shape):
+                return None
+            layouts.append(0 if code is None else code)
+    out = [torch.empty_like(like) for like in likes]
+    flat = [grad for grads in sources for grad in grads]
+    dims = [d for like in likes for d in (tuple(like.shape) if like.dim() == 4 else (0, 0, 0, 0))]
+    library.fo_sum_many(len(likes), width, _pointers(flat), (ctypes.c_int8 * len(layouts))(*layouts),
+                        (ctypes.c_int64 * len(dims))(*dims), _pointers(out),
+                        (ctypes.c_int64 * len(likes))(*[like.numel() for like in likes]),
+                        (ctypes.c_float * len(likes))(*[float(s) for s in scales]), threads or torch.get_num_threads())
+    return out

@@ -195,7 +195,7 @@ def test_gradients_get_the_parameters_layout_so_fused_adam_steps_as_after_backwa
 
 
 @pytest.mark.parametrize("fast", [False, True])
-def test_shared_casts_give_the_gradients_of_per_shard_casts(fast):
+def test_shared_casts_give_the_gradients_of_per_shard_casts(fast, monkeypatch):
     """``share_casts``: the bf16 weight casts made once per step and shared by the shards give the gradients
     the per-shard casts give: the same bf16 shard gradients, added in float32, times the scale folded into the
     weight (the fast path folds sqrt(1/2) into three convolutions per block)."""
@@ -224,6 +224,14 @@ def test_shared_casts_give_the_gradients_of_per_shard_casts(fast):
         first_values, first = step(runner)       # records the casts, casts as usual: the same numbers
         shared_values, shared = step(runner)     # the shared casts
         plan = runner._plan[1]
+    if fused_norm.available()[0]:   # the casts and the sums in C (above) and with PyTorch's operations: equal
+        monkeypatch.setattr(fused_norm, "cast_many", lambda *args: None)
+        monkeypatch.setattr(fused_norm, "sum_many", lambda *args: None)
+        with ThreadShards(2, share_casts=True) as runner:
+            step(runner)
+            _, in_torch = step(runner)
+        for a, b in zip(shared, in_torch):
+            assert torch.equal(a, b)
     layers = [m for m in net.modules() if isinstance(m, (Conv2d, Linear)) and m.weight is not None]
     cast = {k for k, _, _ in plan}
     assert cast == {k for k, p in enumerate(params) if any(p is m.weight or p is m.bias for m in layers)}

@@ -713,3 +713,57 @@ def test_portable_loops_match_the_native_build_and_float64(portable_library, mon
     monkeypatch.setattr(fused_norm, "_load", lambda: (portable_library, "portable build"))
     y, dx, dw, db = fused(x, weight, bias, groups, True, grad_y)
     assert max(errors_of((y, dx, dw, db), reference(x, weight, bias, groups, True, grad_y)).values()) <= F32_TOL
+
+
+# ------------------------------------------------------------------ many tensors at once (the shard steps)
+
+def test_cast_many_equals_torch_scaled_casts_bit_for_bit():
+    """``cast_many``: ``(t * s).to(bf16)`` of every tensor, in one C call: the float32 product and the
+    round-to-nearest-even conversion are torch's, so the bits are equal (infinities included; NaN stays NaN). Enough
+    elements to split among two threads, and tensors of a few elements."""
+    generator = torch.Generator().manual_seed(11)
+    tensors = [torch.randn(64, 64, 3, 3, generator=generator) * 10.0 ** e for e in (-30, 0, 30)]
+    tensors += [torch.randn(3, generator=generator), torch.randn(200000, generator=generator),
+                torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0e38, 1.0e-40, -0.0])]
+    scales = [0.5 ** 0.5, 1.0, 3.0, 1.0, 0.7, 1.0]
+    for threads in (1, 2, 3):
+        got = fused_norm.cast_many(tensors, scales, threads)
+        for t, s, g in zip(tensors, scales, got):
+            want = (t * s).to(torch.bfloat16)
+            assert g.dtype == torch.bfloat16 and g.shape == t.shape
+            number = ~want.isnan()   # NaN stays NaN (its sign and payload bits are not specified)
+            assert torch.equal(g.isnan(), want.isnan())
+            assert torch.equal(g[number].view(torch.int16), want[number].view(torch.int16)), (threads, t.shape)
+    assert fused_norm.cast_many([tensors[0].transpose(0, 1)], [1.0]) is None               # not contiguous: the caller's job
+    assert fused_norm.cast_many([tensors[0].double()], [1.0]) is None
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed"])
+def test_sum_many_equals_torch_float32_sums_bit_for_bit(layout):
+    """``sum_many``: each parameter's bf16 shard gradients added in float32 in order, then scaled, into the
+    parameter's own (contiguous) layout: equal to ``empty_like(p).copy_(g0).add_(g1).mul_(s)`` bit for bit,
+    whatever layout each gradient came in (a convolution of channels_last activations returns channels_last
+    weight gradients), with absent (None) gradients skipped."""
+    generator = torch.Generator().manual_seed(12)
+    likes = [torch.empty(64, 32, 3, 3), torch.empty(16, 8, 1, 1), torch.empty(64), torch.empty(96, 64, 3, 3)]
+    scales = [0.5 ** 0.5, 1.0, 2.0, 1.0]
+
+    def grad(like, index):
+        g = torch.randn(like.shape, generator=generator).to(torch.bfloat16)
+        cl = like.dim() == 4 and (layout == "channels_last" or (layout == "mixed" and index == 1))
+        return g.contiguous(memory_format=torch.channels_last) if cl else g
+
+    sources = [[grad(like, 0), grad(like, 1), grad(like, 2)] for like in likes]
+    sources[2][1] = None
+    if layout == "channels_last":
+        assert not sources[0][0].is_contiguous()   # the case this is about
+    got = fused_norm.sum_many(likes, sources, scales, 2)
+    for like, grads, s, g in zip(likes, sources, scales, got):
+        present = [x for x in grads if x is not None]
+        want = torch.empty_like(like).copy_(present[0])
+        for x in present[1:]:
+            want.add_(x)
+        want.mul_(s)
+        assert g.is_contiguous() and g.dtype == torch.float32
+        assert torch.equal(g, want)
+    assert fused_norm.sum_many([likes[0]], [[sources[0][0].float(), None, None]], [1.0]) is None   # not bf16

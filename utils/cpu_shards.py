@@ -99,8 +99,7 @@ class _SharedCasts:
 
 def _make_leaf(param, dtype, scale):
     value = param.detach()
-    value = (value if scale is None else value * scale).to(dtype)
-    return value.requires_grad_()
+    return (value if scale is None else value * scale).to(dtype)
 
 
 def auto_shards(device, world_size=1, compiled=False):
@@ -174,14 +173,22 @@ class ThreadShards:
             recorder = _CastRecorder(params)
             return recorder, [], []
         plan = self._plan[1]
-        leaves = [None] * len(plan)
+        leaves = None
+        if all(dtype == torch.bfloat16 for _, dtype, _ in plan):   # in one C call where the kernels are loaded
+            from models import fused_norm
+            leaves = fused_norm.cast_many([params[k] for k, _, _ in plan],
+                                          [1.0 if scale is None else scale for _, _, scale in plan], self.shards)
+        if leaves is None:
+            leaves = [None] * len(plan)
 
-        def make(positions):
-            for e in positions:
-                k, dtype, scale = plan[e]
-                leaves[e] = _make_leaf(params[k], dtype, scale)
+            def make(positions):
+                for e in positions:
+                    k, dtype, scale = plan[e]
+                    leaves[e] = _make_leaf(params[k], dtype, scale)
 
-        self._in_threads(make, len(plan), parallel)
+            self._in_threads(make, len(plan), parallel)
+        for leaf in leaves:
+            leaf.requires_grad_()
         return _SharedCasts(params, plan, leaves), [(k, scale) for k, _, scale in plan], leaves
 
     def _in_threads(self, fn, count, parallel):
@@ -260,7 +267,23 @@ class ThreadShards:
                     total = part if total is None else total.add_(part)
                 totals[k] = total
 
-        self._in_threads(add_up, len(params), parallel)   # in the shard threads too, one slice of the parameters each
+        # The parameters whose only gradients are those of one shared bf16 cast: their sums in one C call (the same
+        # numbers as add_up's), where the kernels are loaded; the others (and all without the kernels) in add_up.
+        rest = list(range(len(params)))
+        single = [k for k in rest if len(sources[k]) == 2 and all(grads[k] is None for grads in shard_grads)
+                  and any(grads[sources[k][1][0]] is not None for grads in shard_grads)]
+        if single:
+            from models import fused_norm
+            sums = fused_norm.sum_many([params[k] for k in single],
+                                       [[grads[sources[k][1][0]] for grads in shard_grads] for k in single],
+                                       [1.0 if sources[k][1][1] is None else sources[k][1][1] for k in single],
+                                       self.shards)
+            if sums is not None:
+                for k, total in zip(single, sums):
+                    totals[k] = total
+                done = set(single)
+                rest = [k for k in rest if k not in done]
+        self._in_threads(lambda chunk: add_up([rest[i] for i in chunk]), len(rest), parallel)   # in the shard threads
         for param, total in zip(params, totals):
             param.grad = total
         return tuple(sum(weight * values[k] for weight, (values, _) in zip(weights, results))

@@ -835,3 +835,119 @@ void fo_add_inplace(void *dst, const void *src, int bf, int64_t count, int threa
         if (started[i])
             pthread_join(ids[i], NULL);
 }
+
+/* Many small tensors in one call, for the CPU shard steps' shared weight casts and gradient sums
+ * (utils/cpu_shards.py): a few PyTorch operations per parameter cost more than their arithmetic there. The
+ * tensors are split among `threads` threads in runs of about equal element counts. */
+typedef struct {
+    int kind;                 /* 0: cast, 1: sum */
+    int64_t t0, t1;           /* the tensors of this thread */
+    int64_t sources;          /* sum: sources per tensor */
+    void *const *out;         /* cast: bf16 [count]; sum: float32 [count] */
+    const void *const *in;    /* cast: float32 [count] per tensor; sum: bf16, `sources` per tensor (NULL: none) */
+    const int64_t *count;
+    const float *scale;
+    const int8_t *layout;     /* sum: per source, 0 the output's order, 1 channels_last of dims [O][I][KH][KW] */
+    const int64_t *dims;      /* sum: 4 per tensor */
+} many_job_t;
+
+static void cast_one(bf16_t *restrict dst, const float *restrict src, int64_t count, float scale) {
+    for (int64_t i = 0; i < count; i++)
+        dst[i] = float_to_bf16(src[i] * scale);
+}
+
+static void sum_one(float *restrict out, const void *const *in, const int8_t *layout, int64_t sources,
+                    int64_t count, float scale, const int64_t *dims) {
+    int first = 1;
+    for (int64_t s = 0; s < sources; s++) {
+        const bf16_t *restrict g = (const bf16_t *)in[s];
+        if (!g)
+            continue;
+        if (layout[s] == 0) {
+            if (first)
+                for (int64_t i = 0; i < count; i++)
+                    out[i] = bf16_to_float(g[i]);
+            else
+                for (int64_t i = 0; i < count; i++)
+                    out[i] += bf16_to_float(g[i]);
+        } else {   /* read in memory order (o, h, w, i), write out[o][i][h][w] */
+            const int64_t O = dims[0], I = dims[1], KH = dims[2], KW = dims[3], K = KH * KW;
+            for (int64_t o = 0; o < O; o++)
+                for (int64_t k = 0; k < K; k++) {
+                    const bf16_t *restrict row = g + (o * K + k) * I;
+                    float *restrict dst = out + o * I * K + k;
+                    if (first)
+                        for (int64_t i = 0; i < I; i++)
+                            dst[i * K] = bf16_to_float(row[i]);
+                    else
+                        for (int64_t i = 0; i < I; i++)
+                            dst[i * K] += bf16_to_float(row[i]);
+                }
+        }
+        first = 0;
+    }
+    if (!first && scale != 1.0f)
+        for (int64_t i = 0; i < count; i++)
+            out[i] *= scale;
+}
+
+static void *run_many(void *arg) {
+    const many_job_t *job = (const many_job_t *)arg;
+    for (int64_t t = job->t0; t < job->t1; t++) {
+        if (job->kind == 0)
+            cast_one((bf16_t *)job->out[t], (const float *)job->in[t], job->count[t], job->scale[t]);
+        else
+            sum_one((float *)job->out[t], job->in + t * job->sources, job->layout + t * job->sources, job->sources,
+                    job->count[t], job->scale[t], job->dims + 4 * t);
+    }
+    return NULL;
+}
+
+static void run_many_jobs(many_job_t proto, int64_t n, int threads) {
+    int64_t total = 0;
+    for (int64_t t = 0; t < n; t++)
+        total += proto.count[t];
+    if (threads < 1 || total < 65536)
+        threads = 1;
+    if (threads > 64)
+        threads = 64;
+    many_job_t jobs[64];
+    pthread_t ids[64];
+    int started[64] = {0};
+    int64_t t = 0, done = 0;
+    for (int i = 0; i < threads; i++) {   /* tensors t0 .. t1 - 1: about total / threads elements */
+        jobs[i] = proto;
+        jobs[i].t0 = t;
+        const int64_t goal = total * (i + 1) / threads;
+        while (t < n && (i == threads - 1 || done + proto.count[t] / 2 < goal))
+            done += proto.count[t++];
+        jobs[i].t1 = t;
+    }
+    for (int i = 1; i < threads; i++)
+        started[i] = pthread_create(&ids[i], NULL, run_many, &jobs[i]) == 0;
+    for (int i = 1; i < threads; i++)
+        if (!started[i])
+            run_many(&jobs[i]);
+    run_many(&jobs[0]);
+    for (int i = 1; i < threads; i++)
+        if (started[i])
+            pthread_join(ids[i], NULL);
+}
+
+/* dst[t] = bf16(src[t] * scale[t]), t < n: the float32 product rounded to nearest even, as PyTorch's
+ * (w * s).to(torch.bfloat16) */
+void fo_cast_many(int64_t n, const void *const *src, void *const *dst, const int64_t *count, const float *scale,
+                  int threads) {
+    many_job_t proto = {.kind = 0, .out = dst, .in = src, .count = count, .scale = scale};
+    run_many_jobs(proto, n, threads);
+}
+
+/* out[t] (float32, `count[t]` elements, in the parameter's order) = scale[t] * the sum, in source order, of the
+ * float32 values of its bf16 sources src[t * sources + s] (NULL: absent; layout 1: a channels_last gradient of
+ * a [O][I][KH][KW] weight, dims[4 t ..]); left unwritten if every source is absent */
+void fo_sum_many(int64_t n, int64_t sources, const void *const *src, const int8_t *layout, const int64_t *dims,
+                 void *const *out, const int64_t *count, const float *scale, int threads) {
+    many_job_t proto = {.kind = 1, .sources = sources, .out = out, .in = src, .count = count, .scale = scale,
+                        .layout = layout, .dims = dims};
+    run_many_jobs(proto, n, threads);
+}
