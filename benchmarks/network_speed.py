@@ -61,7 +61,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from models import build_encoder, build_network, check_encoder_decoder, fast_cpu  # noqa: E402
+from models import build_encoder, build_network, check_encoder_decoder, fast_cpu, fused_norm  # noqa: E402
 from models.couplings import FlowWithCoupling, build_coupling  # noqa: E402
 from models.songunet import Conv2d  # noqa: E402
 from models.flow import sample_time  # noqa: E402
@@ -339,8 +339,9 @@ def main(argv):
     plain_step, forward = build_step(net, args.batch, device, channels_last, in_shape, args.seed, amp=amp)
     train_step = plain_step
     if shards > 1:
-        train_step, _ = build_step(net, args.batch, device, channels_last, in_shape, args.seed, ThreadShards(shards, share_casts=amp == "bf16"),
-                                   amp=amp)
+        # as the trainer: in bf16 the weights' casts shared by the shards (utils/cpu_shards.py)
+        pool = ThreadShards(shards, share_casts=amp == "bf16", kernels=fused_norm)
+        train_step, _ = build_step(net, args.batch, device, channels_last, in_shape, args.seed, pool, amp=amp)
     layout = (f"{shards} shards in {shards} threads, 1 intra-op thread each" if shards > 1
               else f"{threads} intra-op threads, no shards")
     print(f"training step: {layout}", flush=True)

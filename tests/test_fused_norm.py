@@ -734,7 +734,7 @@ def test_cast_many_equals_torch_scaled_casts_bit_for_bit():
             number = ~want.isnan()   # NaN stays NaN (its sign and payload bits are not specified)
             assert torch.equal(g.isnan(), want.isnan())
             assert torch.equal(g[number].view(torch.int16), want[number].view(torch.int16)), (threads, t.shape)
-    assert fused_norm.cast_many([tensors[0].transpose(0, 1)], [1.0]) is None               # not contiguous: the caller's job
+    assert fused_norm.cast_many([tensors[0].transpose(0, 1)], [1.0]) is None   # not contiguous: the caller's job
     assert fused_norm.cast_many([tensors[0].double()], [1.0]) is None
 
 

@@ -140,14 +140,17 @@ class ThreadShards:
     run, and shared by them, instead of once per shard, each with its own cast back of the gradient; on a CPU
     the shards' per-call costs are a large part of their time (docs/speed.md). Each shared cast is a bf16 leaf;
     its shard gradients are added in float32 (in shard order), times the folded scale, into the parameter's
-    gradient. The first step records which casts the shards ask for and casts as usual.
+    gradient. The first step records which casts the shards ask for and casts as usual. ``kernels``: an object
+    whose ``cast_many`` and ``sum_many`` make the casts and the sums in one call each (``models.fused_norm``'s C
+    kernels; they return None for inputs they do not take), else PyTorch's operations per parameter.
     """
 
-    def __init__(self, shards, share_casts=False):
+    def __init__(self, shards, share_casts=False, kernels=None):
         if shards < 1:
             raise ValueError(f"shards must be at least 1, got {shards}")
         self.shards = shards
         self.share_casts = share_casts
+        self.kernels = kernels
         self._plan = None   # (the parameters' ids, [(parameter index, dtype, scale)]) of the shared casts
         self.pool = None
         if shards > 1:
@@ -174,9 +177,8 @@ class ThreadShards:
             return recorder, [], []
         plan = self._plan[1]
         leaves = None
-        if all(dtype == torch.bfloat16 for _, dtype, _ in plan):   # in one C call where the kernels are loaded
-            from models import fused_norm
-            leaves = fused_norm.cast_many([params[k] for k, _, _ in plan],
+        if self.kernels is not None and all(dtype == torch.bfloat16 for _, dtype, _ in plan):   # in one call
+            leaves = self.kernels.cast_many([params[k] for k, _, _ in plan],
                                           [1.0 if scale is None else scale for _, _, scale in plan], self.shards)
         if leaves is None:
             leaves = [None] * len(plan)
@@ -267,14 +269,13 @@ class ThreadShards:
                     total = part if total is None else total.add_(part)
                 totals[k] = total
 
-        # The parameters whose only gradients are those of one shared bf16 cast: their sums in one C call (the same
-        # numbers as add_up's), where the kernels are loaded; the others (and all without the kernels) in add_up.
+        # The parameters whose only gradients are those of one shared bf16 cast: their sums in one call of the
+        # kernels (the same numbers as add_up's); the others (and all without kernels) in add_up.
         rest = list(range(len(params)))
         single = [k for k in rest if len(sources[k]) == 2 and all(grads[k] is None for grads in shard_grads)
                   and any(grads[sources[k][1][0]] is not None for grads in shard_grads)]
-        if single:
-            from models import fused_norm
-            sums = fused_norm.sum_many([params[k] for k in single],
+        if single and self.kernels is not None:
+            sums = self.kernels.sum_many([params[k] for k in single],
                                        [[grads[sources[k][1][0]] for grads in shard_grads] for k in single],
                                        [1.0 if sources[k][1][1] is None else sources[k][1][1] for k in single],
                                        self.shards)
