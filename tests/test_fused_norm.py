@@ -767,3 +767,62 @@ def test_sum_many_equals_torch_float32_sums_bit_for_bit(layout):
         assert g.is_contiguous() and g.dtype == torch.float32
         assert torch.equal(g, want)
     assert fused_norm.sum_many([likes[0]], [[sources[0][0].float(), None, None]], [1.0]) is None   # not bf16
+
+
+def test_fast_path_computes_every_blocks_affine_in_one_matmul_with_the_same_numbers():
+    """The fast path computes all blocks' time-embedding projections (``affine(emb)``) in one matmul of the
+    concatenated weights: each block gets the numbers its own ``affine`` gives (float32: the same dot products,
+    to rounding; bf16 autocast: within bf16's rounding), in its own slot, and the gradients reach each block's
+    weights as through its own layer."""
+    with open(CONFIG_TINY) as handle:
+        torch.manual_seed(3)
+        net = build_network(dict(json.load(handle), dropout=0.0))
+    blocks = songunet._affine_blocks(net)
+    assert len(blocks) > 3
+    generator = torch.Generator().manual_seed(4)
+    for block in (b for _, b in blocks):   # distinct biases, so that a block given another's slot shows
+        block.affine.bias.data.normal_(generator=generator)
+    emb = torch.randn(3, blocks[0][1].affine.in_features, generator=generator)
+    together = net._affine_all(emb)
+    assert list(together) == [block for _, block in blocks]   # the encoder and decoder reuse block names
+    for _, block in blocks:
+        alone = block.affine(emb)
+        torch.testing.assert_close(together[block], alone, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        together = net._affine_all(emb.bfloat16())
+        for _, block in blocks:
+            alone = block.affine(emb.bfloat16()).float()
+            assert together[block].dtype == torch.bfloat16
+            assert (together[block].float() - alone).abs().max() <= BF16_TOL * alone.abs().max()
+    weights = [block.affine.weight for _, block in blocks]
+    probe = [torch.randn(3, block.affine.out_features, generator=generator) for _, block in blocks]
+    loss = sum((out * p).sum() for out, p in zip(net._affine_all(emb).values(), probe))
+    got = torch.autograd.grad(loss, weights)
+    loss = sum((block.affine(emb) * p).sum() for (_, block), p in zip(blocks, probe))
+    want = torch.autograd.grad(loss, weights)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_path_network_output_is_the_same_with_the_affines_in_one_matmul(monkeypatch):
+    """The whole network on the fast path (float32 storage, so that rounding stays far below a mix-up): the
+    outputs with the blocks' projections in one matmul equal those with each block's own ``affine``, so every
+    block (the encoder's and decoder's reuse names) is handed its own slot."""
+    with open(CONFIG_TINY) as handle:
+        torch.manual_seed(5)
+        net = build_network(dict(json.load(handle), dropout=0.0))
+    generator = torch.Generator().manual_seed(6)
+    for _, block in songunet._affine_blocks(net):
+        block.affine.bias.data.normal_(generator=generator)
+        block.conv1.weight.data.normal_(std=0.05, generator=generator)   # initialised ~1e-5: the branch would not show
+    net.dec["28x28_aux_conv"].weight.data.normal_(generator=generator)   # an output that is not ~0
+    fast_cpu.apply([net], True)
+    net.eval()
+    x = channels_last(torch.randn(3, 1, 28, 28, generator=generator))
+    t = torch.rand(3, generator=generator)
+    with torch.no_grad():
+        together = net(x, t)
+        monkeypatch.setattr(songunet.SongUNet, "_affine_all", lambda self, emb: {})
+        alone = net(x, t)
+    assert together.abs().max() > 0.1
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5 * alone.abs().max().item())
