@@ -94,14 +94,17 @@ def _bind(library):
     """Declare the C functions' argument types on a loaded ``library``; returns it."""
     i64, u32, f32, ptr = ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_void_p
     library.fo_group_norm_act_forward.argtypes = [ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, i64, i64, i64,
-                                                  i64, f32, ctypes.c_int, u32, f32, u32, u32, ptr, f32, ctypes.c_int]
+                                                  i64, f32, ctypes.c_int, u32, f32, u32, u32, ptr, f32, ctypes.c_int,
+                                                  ptr]
     library.fo_group_norm_act_backward.argtypes = [ptr, ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
                                                    ptr, i64, i64, i64, i64, ctypes.c_int, u32, f32, u32, u32, ptr,
-                                                   f32, ctypes.c_int]
+                                                   f32, ctypes.c_int, ptr]
     library.fo_add_inplace.argtypes = [ptr, ptr, ctypes.c_int, i64, ctypes.c_int]
     library.fo_add_inplace.restype = None
     library.fo_dropout_factors.argtypes = [ptr, i64, u32, f32, u32, u32]
     library.fo_dropout_factors.restype = None
+    library.fo_mask_ok.argtypes = [i64]
+    library.fo_mask_ok.restype = ctypes.c_int
     library.fo_cast_many.argtypes = [i64, ptr, ptr, ptr, ptr, ctypes.c_int]
     library.fo_cast_many.restype = None
     library.fo_sum_many.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
@@ -163,12 +166,15 @@ class _GroupNormAct(torch.autograd.Function):
         xs = None if through is None or through == 1.0 else torch.empty_like(x, memory_format=torch.channels_last)
         mean = torch.empty(n, groups, dtype=torch.float32)
         rstd = torch.empty(n, groups, dtype=torch.float32)
+        # with dropout, where the AVX-512 passes run: the keep masks (16 bits per 16 elements) for the backward
+        mask = torch.empty(x.numel() // 16, dtype=torch.int16) if scale > 0 and library.fo_mask_ok(c) else None
         _status(library.fo_group_norm_act_forward(
             x.data_ptr(), y.data_ptr(), int(x.dtype == torch.bfloat16), weight32.data_ptr(), bias32.data_ptr(),
             None if add32 is None else add32.data_ptr(), mean.data_ptr(), rstd.data_ptr(), n, h * w, c, groups, eps,
             int(silu), kept, scale, *keys, None if xs is None else xs.data_ptr(), 0.0 if through is None else through,
-            torch.get_num_threads()), "forward")
+            torch.get_num_threads(), None if mask is None else mask.data_ptr()), "forward")
         ctx.save_for_backward(x, weight32, bias32, add32, mean, rstd)
+        ctx.mask = mask
         ctx.settings = (groups, silu, kept, scale, keys, weight.dtype, bias.dtype,
                         None if add is None else (add.dtype, add.shape), through)
         if through is None:
@@ -196,7 +202,7 @@ class _GroupNormAct(torch.autograd.Function):
             grad_weight.data_ptr(), grad_bias.data_ptr(), None if grad_add is None else grad_add.data_ptr(),
             n, h * w, c, groups, int(silu), kept, scale, *keys,
             None if grad_through is None else grad_through.data_ptr(), 0.0 if through is None else through,
-            torch.get_num_threads()), "backward")
+            torch.get_num_threads(), None if ctx.mask is None else ctx.mask.data_ptr()), "backward")
         if grad_add is not None:
             grad_add = grad_add.to(add_like[0]).reshape(add_like[1])
         return (grad_x, grad_weight.to(weight_dtype), grad_bias.to(bias_dtype), grad_add,

@@ -826,3 +826,26 @@ def test_fast_path_network_output_is_the_same_with_the_affines_in_one_matmul(mon
         alone = net(x, t)
     assert together.abs().max() > 0.1
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5 * alone.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_keep_masks_stored_by_the_forward_give_the_recomputed_masks_results(dtype, monkeypatch):
+    """Where the AVX-512 passes run, the forward stores each 16 elements' dropout keep mask (16 bits) and the
+    backward reads it instead of hashing again: the outputs and every gradient equal, bit for bit, those of the
+    backward that recomputes the masks (the portable loops' way)."""
+    library = fused_norm._load()[0]
+    if not library.fo_mask_ok(64):
+        pytest.skip("no AVX-512 passes in this build: the masks are always recomputed")
+    results = []
+    for stored in (True, False):
+        if not stored:
+            monkeypatch.setattr(library, "fo_mask_ok", lambda channels: 0)
+        x, weight, bias, grad_y = make_inputs((3, 64, 9, 7), dtype, seed=91)
+        add = (0.3 * torch.randn(3, 64, generator=torch.Generator().manual_seed(92))).requires_grad_()
+        y = fused_norm.group_norm_act(x, weight, bias, 16, EPS, silu=True, p=0.3, add=add,
+                                      generator=torch.Generator().manual_seed(93))
+        y.backward(grad_y)
+        results.append([t.detach().clone() for t in (y, x.grad, weight.grad, bias.grad, add.grad)])
+    assert (results[0][0] == 0).float().mean() > 0.2   # dropout did drop
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

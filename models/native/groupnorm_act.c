@@ -142,6 +142,8 @@ typedef struct {
     void *xs;             /* forward: NULL or the pass-through output xs_scale * x (the block's residual) */
     float xs_scale;
     const void *gres;     /* backward: NULL or the gradient of xs: grad_x += xs_scale * gres */
+    uint16_t *mask;       /* dropout in the AVX-512 passes: NULL, or one 16-bit keep mask per 16 elements (memory
+                             order), written by the forward and read by the backward instead of re-hashing */
     int64_t n0, n1;       /* this worker's batch range */
     int status;
 } job_t;
@@ -212,8 +214,8 @@ FO_INLINE __m512 vsigmoid(__m512 a, const int coarse) {
     return _mm512_mask_mov_ps(r, tiny, _mm512_setzero_ps());
 }
 
-/* drop_factor of the 16 elements offset .. offset + 15 */
-FO_INLINE __m512 vdrop_factor(int64_t offset, const job_t *job) {
+/* the keep mask of the 16 elements offset .. offset + 15 (drop_factor's test) */
+FO_INLINE __mmask16 vdrop_keep(int64_t offset, const job_t *job) {
     __m512i e = _mm512_add_epi32(_mm512_set1_epi32((int32_t)((uint32_t)offset + job->key0)),
                                  _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     e = _mm512_xor_si512(e, _mm512_srli_epi32(e, 16));
@@ -222,7 +224,11 @@ FO_INLINE __m512 vdrop_factor(int64_t offset, const job_t *job) {
     e = _mm512_mullo_epi32(e, _mm512_set1_epi32((int32_t)0x846ca68bu));
     e = _mm512_xor_si512(e, _mm512_srli_epi32(e, 16));
     __m512i bits = _mm512_srli_epi32(_mm512_xor_si512(e, _mm512_set1_epi32((int32_t)job->key1)), 16);
-    __mmask16 keep = _mm512_cmplt_epu32_mask(bits, _mm512_set1_epi32((int32_t)job->kept));
+    return _mm512_cmplt_epu32_mask(bits, _mm512_set1_epi32((int32_t)job->kept));
+}
+
+/* drop_factor of those 16 elements: scale where kept, else 0 */
+FO_INLINE __m512 vdrop_scale(__mmask16 keep, const job_t *job) {
     return _mm512_maskz_mov_ps(keep, _mm512_set1_ps(job->scale));
 }
 
@@ -280,8 +286,12 @@ FO_INLINE void voutput(const job_t *job, int64_t base, int64_t c0, const int V, 
             __m512 v = _mm512_fmadd_ps(raw, va[j], vb[j]);
             if (silu)
                 v = _mm512_mul_ps(v, vsigmoid(v, bf));
-            if (drop)
-                v = _mm512_mul_ps(v, vdrop_factor(at + 16 * j, job));
+            if (drop) {
+                const __mmask16 keep = vdrop_keep(at + 16 * j, job);
+                if (job->mask)
+                    job->mask[(at + 16 * j) >> 4] = (uint16_t)keep;
+                v = _mm512_mul_ps(v, vdrop_scale(keep, job));
+            }
             vstore(job->y, bf, at + 16 * j, v);
         }
     }
@@ -307,7 +317,8 @@ FO_INLINE void vgrad_pre(const job_t *job, int64_t base, int64_t c0, const int V
             __m512 xh = _mm512_mul_ps(_mm512_sub_ps(vload(job->x, bf, at + 16 * j), vm[j]), vr[j]);
             __m512 g = vload(job->gy, bf, at + 16 * j);
             if (drop)
-                g = _mm512_mul_ps(g, vdrop_factor(at + 16 * j, job));
+                g = _mm512_mul_ps(g, vdrop_scale(job->mask ? (__mmask16)job->mask[(at + 16 * j) >> 4]
+                                                           : vdrop_keep(at + 16 * j, job), job));
             if (silu) {
                 __m512 v = _mm512_fmadd_ps(xh, vw[j], vb[j]);
                 __m512 s = vsigmoid(v, bf);
@@ -738,12 +749,13 @@ static int run_jobs(job_t *proto, int threads, int backward) {
 int fo_group_norm_act_forward(const void *x, void *y, int bf, const float *weight, const float *bias,
                               const float *add, float *mean, float *rstd, int64_t N, int64_t HW, int64_t C,
                               int64_t G, float eps, int silu, uint32_t kept, float scale, uint32_t key0,
-                              uint32_t key1, void *xs, float xs_scale, int threads) {
+                              uint32_t key1, void *xs, float xs_scale, int threads, uint16_t *mask) {
     if (N < 1 || HW < 1 || C < 1 || G < 1 || C % G)
         return 2;
     job_t job = {.x = x, .y = y, .bf = bf, .weight = weight, .bias = bias, .add = add, .mean = mean, .rstd = rstd,
                  .N = N, .HW = HW, .C = C, .G = G, .eps = eps, .silu = silu, .kept = kept, .scale = scale,
                  .key0 = key0, .key1 = key1, .xs = xs, .xs_scale = xs_scale, .n0 = 0, .n1 = N};
+    job.mask = vector_ok(&job) && scale > 0.0f ? mask : NULL;
     return run_jobs(&job, threads, 0);
 }
 
@@ -754,7 +766,8 @@ int fo_group_norm_act_backward(const void *x, const void *gy, void *gx, int bf, 
                                const float *bias, const float *add, const float *mean, const float *rstd,
                                float *grad_weight, float *grad_bias, float *grad_add, int64_t N, int64_t HW,
                                int64_t C, int64_t G, int silu, uint32_t kept, float scale, uint32_t key0,
-                               uint32_t key1, const void *gres, float xs_scale, int threads) {
+                               uint32_t key1, const void *gres, float xs_scale, int threads,
+                               const uint16_t *mask) {
     if (N < 1 || HW < 1 || C < 1 || G < 1 || C % G)
         return 2;
     memset(grad_weight, 0, (size_t)C * sizeof(float));
@@ -764,6 +777,7 @@ int fo_group_norm_act_backward(const void *x, const void *gy, void *gx, int bf, 
                  .grad_weight = grad_weight, .grad_bias = grad_bias, .N = N, .HW = HW, .C = C, .G = G,
                  .silu = silu, .kept = kept, .scale = scale, .key0 = key0, .key1 = key1, .gres = gres,
                  .xs_scale = xs_scale, .n0 = 0, .n1 = N};
+    job.mask = vector_ok(&job) && scale > 0.0f ? (uint16_t *)mask : NULL;
     return run_jobs(&job, threads, 1);
 }
 
@@ -950,4 +964,11 @@ void fo_sum_many(int64_t n, int64_t sources, const void *const *src, const int8_
     many_job_t proto = {.kind = 1, .sources = sources, .out = out, .in = src, .count = count, .scale = scale,
                         .layout = layout, .dims = dims};
     run_many_jobs(proto, n, threads);
+}
+
+/* whether the forward of C channels with dropout writes a keep mask (the AVX-512 passes): one uint16 per 16
+ * elements, to pass to the backward; 0: pass NULL to both */
+int fo_mask_ok(int64_t C) {
+    job_t job = {.C = C};
+    return vector_ok(&job);
 }
