@@ -247,7 +247,9 @@ class UNetBlock(nn.Module):
         if self.attention:
             batch, channels, height, width = x.shape
             q, k, v = self.qkv(self.norm2(x)).reshape(batch, channels, 3, height * width).unbind(2)
-            a = attention(q, k, v, use_sdpa=self.use_sdpa)
+            # the fast path takes the explicit attention: under bf16 autocast on a CPU, scaled_dot_product_attention's
+            # kernels measured 1.4-3x slower (forward + backward, 49 to 1,024 positions; docs/speed.md)
+            a = attention(q, k, v, use_sdpa=self.use_sdpa and not fast)
             a = a.reshape(batch, channels, height, width)
             x = self.proj(a, scale=s).add_(x, alpha=s) if fast else self.proj(a).add_(x).mul_(s)
         return x
@@ -340,7 +342,8 @@ class SongUNet(nn.Module):
         self.channels_last = bool(enabled)
 
     def set_sdpa(self, enabled):
-        """Use ``scaled_dot_product_attention`` (default) or the explicit einsum/softmax attention."""
+        """Use ``scaled_dot_product_attention`` (default) or the explicit einsum/softmax attention (the bf16 CPU
+        fast path takes the explicit one whatever this says: faster there)."""
         for module in self.modules():
             if isinstance(module, UNetBlock):
                 module.use_sdpa = enabled

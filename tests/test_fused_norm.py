@@ -849,3 +849,40 @@ def test_dropout_keep_masks_stored_by_the_forward_give_the_recomputed_masks_resu
     assert (results[0][0] == 0).float().mean() > 0.2   # dropout did drop
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_fast_path_attention_takes_the_explicit_softmax_and_matches_sdpa():
+    """On the fast path an attention block computes the explicit (einsum + float32 softmax) attention, faster
+    than ``scaled_dot_product_attention`` under bf16 autocast on a CPU: its output is exactly that path's, and
+    within bf16 rounding of the sdpa path's."""
+    torch.manual_seed(7)
+    block = songunet.UNetBlock(64, 64, 128, attention=True, dropout=0.0).eval()
+    block.proj.weight.data.normal_(std=0.05)   # initialised ~1e-5: the attention would not show in the output
+    x = channels_last(torch.randn(2, 64, 7, 7)).bfloat16()
+    emb = torch.randn(2, 128)
+    outputs = {}
+    captured = []
+    original = songunet.attention
+
+    def spy(q, k, v, use_sdpa=True):
+        captured.append(use_sdpa)
+        return original(q, k, v, use_sdpa=use_sdpa)
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        songunet.attention = spy
+        try:
+            outputs["fast"] = block(x, emb).float()
+        finally:
+            songunet.attention = original
+        for sdpa in (True, False):
+            def forced(q, k, v, use_sdpa=True, sdpa=sdpa):
+                return original(q, k, v, use_sdpa=sdpa)
+            songunet.attention = forced
+            try:
+                outputs[sdpa] = block(x, emb).float()
+            finally:
+                songunet.attention = original
+    assert captured == [False]
+    assert torch.equal(outputs["fast"], outputs[False])
+    assert (outputs[True] - outputs[False]).abs().max() <= BF16_TOL * outputs[False].abs().max()
+    assert (outputs[True] - outputs[False]).abs().max() > 0   # the two paths are distinguishable here
