@@ -286,9 +286,9 @@ def _sum_layout(grad, like):
 
 def sum_many(likes, sources, scales, threads=None):
     """For each ``like`` (a contiguous float32 CPU parameter), its bfloat16 gradients ``sources[k]`` (a list, None
-    for absent ones, each contiguous or channels_last) added in float32 in list order, times ``scales[k]``:
-    ``[torch.empty_like(like).copy_(g0).add_(g1)... .mul_(s)]``, the same numbers, in one C call. None where the
-    kernels are not loaded or an input is not such (the caller adds them with PyTorch)."""
+    for absent ones, each contiguous or channels_last), each times ``scales[k]`` in float32, added in list order:
+    ``g0.float() * s + g1.float() * s + ...`` in the parameter's layout, the same numbers, in one C call. None
+    where the kernels are not loaded or an input is not such (the caller adds them with PyTorch)."""
     library = _load()[0]
     if library is None or not likes:
         return None

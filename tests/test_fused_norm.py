@@ -740,10 +740,10 @@ def test_cast_many_equals_torch_scaled_casts_bit_for_bit():
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed"])
 def test_sum_many_equals_torch_float32_sums_bit_for_bit(layout):
-    """``sum_many``: each parameter's bf16 shard gradients added in float32 in order, then scaled, into the
-    parameter's own (contiguous) layout: equal to ``empty_like(p).copy_(g0).add_(g1).mul_(s)`` bit for bit,
-    whatever layout each gradient came in (a convolution of channels_last activations returns channels_last
-    weight gradients), with absent (None) gradients skipped."""
+    """``sum_many``: each parameter's bf16 shard gradients, each in float32 times its scale, added in order into
+    the parameter's own (contiguous) layout: equal to ``g0.float() * s + g1.float() * s + ...`` bit for bit (what
+    autograd gives with per-shard casts), whatever layout each gradient came in (a convolution of channels_last
+    activations returns channels_last weight gradients), with absent (None) gradients skipped."""
     generator = torch.Generator().manual_seed(12)
     likes = [torch.empty(64, 32, 3, 3), torch.empty(16, 8, 1, 1), torch.empty(64), torch.empty(96, 64, 3, 3)]
     scales = [0.5 ** 0.5, 1.0, 2.0, 1.0]
@@ -759,11 +759,10 @@ def test_sum_many_equals_torch_float32_sums_bit_for_bit(layout):
         assert not sources[0][0].is_contiguous()   # the case this is about
     got = fused_norm.sum_many(likes, sources, scales, 2)
     for like, grads, s, g in zip(likes, sources, scales, got):
-        present = [x for x in grads if x is not None]
+        present = [x.float() * s for x in grads if x is not None]
         want = torch.empty_like(like).copy_(present[0])
         for x in present[1:]:
             want.add_(x)
-        want.mul_(s)
         assert g.is_contiguous() and g.dtype == torch.float32
         assert torch.equal(g, want)
     assert fused_norm.sum_many([likes[0]], [[sources[0][0].float(), None, None]], [1.0]) is None   # not bf16

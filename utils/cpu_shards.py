@@ -139,8 +139,8 @@ class ThreadShards:
     ``share_casts``: the bf16 casts of the weights (``cast_param``) are made once per step, before the shards
     run, and shared by them, instead of once per shard, each with its own cast back of the gradient; on a CPU
     the shards' per-call costs are a large part of their time (docs/speed.md). Each shared cast is a bf16 leaf;
-    its shard gradients are added in float32 (in shard order), times the folded scale, into the parameter's
-    gradient. The first step records which casts the shards ask for and casts as usual. ``kernels``: an object
+    its shard gradients, in float32 and times the folded scale, are added in shard order into the parameter's
+    gradient: the numbers of per-shard casts. The first step records which casts the shards ask for and casts as usual. ``kernels``: an object
     whose ``cast_many`` and ``sum_many`` make the casts and the sums in one call each (``models.fused_norm``'s C
     kernels; they return None for inputs they do not take), else PyTorch's operations per parameter.
     """
@@ -247,25 +247,25 @@ class ThreadShards:
             # like the parameter: autograd.grad returns a gradient in the layout its operation made (a convolution
             # of channels_last activations gives a channels_last weight gradient), and fused Adam reads the
             # gradient's memory as if laid out like the parameter, so the gradient gets the parameter's layout, as
-            # .backward() hands gradients over (its "layout contract"). A shared cast's bf16 gradients are added
-            # in float32 (the first copied into the float32 tensor, the others added to it), then scaled.
+            # .backward() hands gradients over (its "layout contract"). A shared cast's bf16 gradient is taken to
+            # float32 and times its folded scale in each shard before the sum, as autograd does with per-shard
+            # casts: the same numbers either way (a run's first step, which records the casts, and a resumed
+            # run's agree with the steps that share them).
             for k in positions:
                 total = None
                 for position, scale in sources[k]:
                     present = [grads[position] for grads in shard_grads if grads[position] is not None]   # None: unused
                     if not present:
                         continue
+                    if scale is not None or present[0].dtype != params[k].dtype:
+                        present = [grad.float() if scale is None else grad.float() * scale for grad in present]
                     part = torch.empty_like(params[k])
-                    if len(present) > 1 and all(grad.dtype == part.dtype for grad in present):
-                        torch.add(present[0], present[1], out=part)
-                        rest = present[2:]
-                    else:
+                    if len(present) == 1:
                         part.copy_(present[0])
-                        rest = present[1:]
-                    for grad in rest:
-                        part.add_(grad)
-                    if scale is not None:
-                        part.mul_(scale)
+                    else:
+                        torch.add(present[0], present[1], out=part)
+                        for grad in present[2:]:
+                            part.add_(grad)
                     total = part if total is None else total.add_(part)
                 totals[k] = total
 

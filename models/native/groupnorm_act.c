@@ -870,8 +870,22 @@ static void cast_one(bf16_t *restrict dst, const float *restrict src, int64_t co
         dst[i] = float_to_bf16(src[i] * scale);
 }
 
+/* a product and a sum rounded separately, as PyTorch's two operations (the library is built with
+ * -ffp-contract=fast, which would fuse them into one multiply-add) */
+#if defined(__GNUC__) && !defined(__clang__)
+#define FO_SEPARATE_ROUNDING __attribute__((optimize("fp-contract=off")))
+#else
+#define FO_SEPARATE_ROUNDING
+#endif
+
+FO_SEPARATE_ROUNDING
 static void sum_one(float *restrict out, const void *const *in, const int8_t *layout, int64_t sources,
                     int64_t count, float scale, const int64_t *dims) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+    /* each source times the scale, then added in source order: the numbers of per-shard casts, whose gradients
+     * autograd scales in each shard before they are summed */
     int first = 1;
     for (int64_t s = 0; s < sources; s++) {
         const bf16_t *restrict g = (const bf16_t *)in[s];
@@ -880,10 +894,10 @@ static void sum_one(float *restrict out, const void *const *in, const int8_t *la
         if (layout[s] == 0) {
             if (first)
                 for (int64_t i = 0; i < count; i++)
-                    out[i] = bf16_to_float(g[i]);
+                    out[i] = bf16_to_float(g[i]) * scale;
             else
                 for (int64_t i = 0; i < count; i++)
-                    out[i] += bf16_to_float(g[i]);
+                    out[i] += bf16_to_float(g[i]) * scale;
         } else {   /* read in memory order (o, h, w, i), write out[o][i][h][w] */
             const int64_t O = dims[0], I = dims[1], KH = dims[2], KW = dims[3], K = KH * KW;
             for (int64_t o = 0; o < O; o++)
@@ -892,17 +906,14 @@ static void sum_one(float *restrict out, const void *const *in, const int8_t *la
                     float *restrict dst = out + o * I * K + k;
                     if (first)
                         for (int64_t i = 0; i < I; i++)
-                            dst[i * K] = bf16_to_float(row[i]);
+                            dst[i * K] = bf16_to_float(row[i]) * scale;
                     else
                         for (int64_t i = 0; i < I; i++)
-                            dst[i * K] += bf16_to_float(row[i]);
+                            dst[i * K] += bf16_to_float(row[i]) * scale;
                 }
         }
         first = 0;
     }
-    if (!first && scale != 1.0f)
-        for (int64_t i = 0; i < count; i++)
-            out[i] *= scale;
 }
 
 static void *run_many(void *arg) {
@@ -956,9 +967,9 @@ void fo_cast_many(int64_t n, const void *const *src, void *const *dst, const int
     run_many_jobs(proto, n, threads);
 }
 
-/* out[t] (float32, `count[t]` elements, in the parameter's order) = scale[t] * the sum, in source order, of the
- * float32 values of its bf16 sources src[t * sources + s] (NULL: absent; layout 1: a channels_last gradient of
- * a [O][I][KH][KW] weight, dims[4 t ..]); left unwritten if every source is absent */
+/* out[t] (float32, `count[t]` elements, in the parameter's order) = the sum, in source order, of scale[t] times
+ * the float32 values of its bf16 sources src[t * sources + s] (NULL: absent; layout 1: a channels_last gradient
+ * of a [O][I][KH][KW] weight, dims[4 t ..]); left unwritten if every source is absent */
 void fo_sum_many(int64_t n, int64_t sources, const void *const *src, const int8_t *layout, const int64_t *dims,
                  void *const *out, const int64_t *count, const float *scale, int threads) {
     many_job_t proto = {.kind = 1, .sources = sources, .out = out, .in = src, .count = count, .scale = scale,
