@@ -275,8 +275,9 @@ def cast_many(tensors, scales, threads=None):
     return out
 
 
-def _sum_layout(grad, like):
-    """0: ``grad`` is laid out like the contiguous ``like``; 1: a channels_last 4-D gradient; None: other."""
+def _sum_layout(grad):
+    """0: ``grad`` is contiguous (laid out like its contiguous parameter); 1: a channels_last 4-D gradient;
+    None: another layout."""
     if grad.is_contiguous():
         return 0
     if grad.dim() == 4 and grad.is_contiguous(memory_format=torch.channels_last):
@@ -298,7 +299,7 @@ def sum_many(likes, sources, scales, threads=None):
         if not (like.dtype == torch.float32 and like.is_contiguous() and len(grads) == width):
             return None
         for grad in grads:
-            code = None if grad is None else _sum_layout(grad, like)
+            code = None if grad is None else _sum_layout(grad)
             if grad is not None and (code is None or grad.dtype != torch.bfloat16 or grad.shape != like.shape):
                 return None
             layouts.append(0 if code is None else code)

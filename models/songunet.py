@@ -391,8 +391,9 @@ class SongUNet(nn.Module):
         return self._forward(x, t)
 
     def _affine_all(self, emb):
-        """{block: its ``affine(emb)``} of every block, from one matmul of the concatenated weights (the fast path): the same dot
-        products, but one call instead of one per block, whose per-call costs exceed their arithmetic here."""
+        """{block: its ``affine(emb)``} of every block, from one matmul of the concatenated weights (the fast
+        path): the same dot products, in one call instead of one per block, whose per-call costs exceed their
+        arithmetic here."""
         blocks = _affine_blocks(self)
         if not blocks:
             return {}
