@@ -140,9 +140,10 @@ class ThreadShards:
     run, and shared by them, instead of once per shard, each with its own cast back of the gradient; on a CPU
     the shards' per-call costs are a large part of their time (docs/speed.md). Each shared cast is a bf16 leaf;
     its shard gradients, in float32 and times the folded scale, are added in shard order into the parameter's
-    gradient: the numbers of per-shard casts. The first step records which casts the shards ask for and casts as usual. ``kernels``: an object
-    whose ``cast_many`` and ``sum_many`` make the casts and the sums in one call each (``models.fused_norm``'s C
-    kernels; they return None for inputs they do not take), else PyTorch's operations per parameter.
+    gradient: the numbers of per-shard casts. The first step records which casts the shards ask for and casts
+    as usual. ``kernels``: an object whose ``cast_many`` and ``sum_many`` make the casts and the sums in one
+    call each (``models.fused_norm``'s C kernels; they return None for inputs they do not take), else
+    PyTorch's operations per parameter.
     """
 
     def __init__(self, shards, share_casts=False, kernels=None):
