@@ -696,6 +696,23 @@ static void *run_backward(void *job) {
 
 /* Split the batch over `threads` workers (the calling thread is one of them). Backward: each worker
  * accumulates its own parameter gradients, added in worker order at the end (deterministic). */
+/* fn(job i) for i < threads (jobs: an array of `size`-byte jobs): jobs 1.. in threads of their own, job 0 in
+ * this one, and any job whose thread does not start here too; returns once all are done */
+static void run_threads(void *(*fn)(void *), void *jobs, size_t size, int threads) {
+    char *job = (char *)jobs;
+    pthread_t ids[64];
+    int started[64] = {0};
+    for (int i = 1; i < threads; i++)
+        started[i] = pthread_create(&ids[i], NULL, fn, job + i * size) == 0;
+    for (int i = 1; i < threads; i++)
+        if (!started[i])
+            fn(job + i * size);
+    fn(job);
+    for (int i = 1; i < threads; i++)
+        if (started[i])
+            pthread_join(ids[i], NULL);
+}
+
 static int run_jobs(job_t *proto, int threads, int backward) {
     if (threads < 1)
         threads = 1;
@@ -704,8 +721,6 @@ static int run_jobs(job_t *proto, int threads, int backward) {
     if (threads > 64)
         threads = 64;
     job_t jobs[64];
-    pthread_t ids[64];
-    int started[64] = {0};
     float *partials = NULL;
     if (backward && threads > 1) {
         partials = calloc((size_t)(2 * proto->C * threads), sizeof(float));
@@ -722,18 +737,10 @@ static int run_jobs(job_t *proto, int threads, int backward) {
             jobs[i].grad_bias = partials + 2 * proto->C * i + proto->C;
         }
     }
-    for (int i = 1; i < threads; i++)
-        started[i] = pthread_create(&ids[i], NULL, backward ? run_backward : run_forward, &jobs[i]) == 0;
-    for (int i = 1; i < threads; i++)
-        if (!started[i]) /* no thread: do its share here */
-            backward ? backward_range(&jobs[i]) : forward_range(&jobs[i]);
-    backward ? backward_range(&jobs[0]) : forward_range(&jobs[0]);
-    int status = jobs[0].status;
-    for (int i = 1; i < threads; i++) {
-        if (started[i])
-            pthread_join(ids[i], NULL);
+    run_threads(backward ? run_backward : run_forward, jobs, sizeof jobs[0], threads);
+    int status = 0;
+    for (int i = 0; i < threads; i++)
         status |= jobs[i].status;
-    }
     if (partials) {
         for (int i = 0; i < threads; i++)
             for (int64_t c = 0; c < proto->C; c++) {
@@ -832,22 +839,12 @@ void fo_add_inplace(void *dst, const void *src, int bf, int64_t count, int threa
     if (threads > 64)
         threads = 64;
     add_job_t jobs[64];
-    pthread_t ids[64];
-    int started[64] = {0};
     for (int i = 0; i < threads; i++) {   /* split on multiples of 16 elements */
         jobs[i] = (add_job_t){dst, src, bf, count / 16 * i / threads * 16, count / 16 * (i + 1) / threads * 16};
         if (i == threads - 1)
             jobs[i].end = count;
     }
-    for (int i = 1; i < threads; i++)
-        started[i] = pthread_create(&ids[i], NULL, run_add, &jobs[i]) == 0;
-    for (int i = 1; i < threads; i++)
-        if (!started[i])
-            run_add(&jobs[i]);
-    run_add(&jobs[0]);
-    for (int i = 1; i < threads; i++)
-        if (started[i])
-            pthread_join(ids[i], NULL);
+    run_threads(run_add, jobs, sizeof jobs[0], threads);
 }
 
 /* Many small tensors in one call, for the CPU shard steps' shared weight casts and gradient sums
@@ -937,8 +934,6 @@ static void run_many_jobs(many_job_t proto, int64_t n, int threads) {
     if (threads > 64)
         threads = 64;
     many_job_t jobs[64];
-    pthread_t ids[64];
-    int started[64] = {0};
     int64_t t = 0, done = 0;
     for (int i = 0; i < threads; i++) {   /* tensors t0 .. t1 - 1: about total / threads elements */
         jobs[i] = proto;
@@ -948,15 +943,7 @@ static void run_many_jobs(many_job_t proto, int64_t n, int threads) {
             done += proto.count[t++];
         jobs[i].t1 = t;
     }
-    for (int i = 1; i < threads; i++)
-        started[i] = pthread_create(&ids[i], NULL, run_many, &jobs[i]) == 0;
-    for (int i = 1; i < threads; i++)
-        if (!started[i])
-            run_many(&jobs[i]);
-    run_many(&jobs[0]);
-    for (int i = 1; i < threads; i++)
-        if (started[i])
-            pthread_join(ids[i], NULL);
+    run_threads(run_many, jobs, sizeof jobs[0], threads);
 }
 
 /* dst[t] = bf16(src[t] * scale[t]), t < n: the float32 product rounded to nearest even, as PyTorch's
