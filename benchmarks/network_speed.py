@@ -61,12 +61,12 @@ import time  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from models import build_encoder, build_network, check_encoder_decoder, fast_cpu, fused_norm  # noqa: E402
+from models import build_encoder, build_network, check_encoder_decoder, fast_cpu  # noqa: E402
 from models.couplings import FlowWithCoupling, build_coupling  # noqa: E402
 from models.songunet import Conv2d  # noqa: E402
 from models.flow import sample_time  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, autocast, resolve_amp  # noqa: E402
-from utils.cpu_shards import ThreadShards, auto_shards  # noqa: E402
+from utils.cpu_shards import auto_shards  # noqa: E402
 from utils.dist import physical_cores  # noqa: E402
 from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
 from utils.io import load_json, save_json  # noqa: E402
@@ -341,7 +341,7 @@ def main(argv):
     train_step = plain_step
     if shards > 1:
         # as the trainer: in bf16 the weights' casts shared by the shards (utils/cpu_shards.py)
-        pool = ThreadShards(shards, share_casts=amp == "bf16", kernels=fused_norm)
+        pool = fast_cpu.thread_shards(shards, amp)
         train_step, _ = build_step(net, args.batch, device, channels_last, in_shape, args.seed, pool, amp=amp)
     layout = (f"{shards} shards in {shards} threads, 1 intra-op thread each" if shards > 1
               else f"{threads} intra-op threads, no shards")

@@ -45,11 +45,11 @@ import time  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from models import build_encoder, build_network, fast_cpu, fused_norm  # noqa: E402
+from models import build_encoder, build_network, fast_cpu  # noqa: E402
 from models.couplings import FlowWithCoupling, build_coupling  # noqa: E402
 from models.flow import euler, sample_time  # noqa: E402
 from utils.amp import autocast as amp_autocast  # noqa: E402
-from utils.cpu_shards import ThreadShards, auto_shards  # noqa: E402
+from utils.cpu_shards import auto_shards  # noqa: E402
 from utils.dist import physical_cores  # noqa: E402
 from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
 from utils.io import atomic_write, load_json, save_json  # noqa: E402
@@ -214,7 +214,7 @@ def make_train_step(net, encoder, batch, device, channels_last, amp, weight_prio
     optimizer = torch.optim.Adam(params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, fused=True)  # as utils.train
     mode = "bf16" if amp else "none"
     # as the trainer: in bf16 the weights' casts shared by the shards
-    pool = ThreadShards(shards, share_casts=bool(amp), kernels=fused_norm) if shards > 1 else None
+    pool = fast_cpu.thread_shards(shards, mode) if shards > 1 else None
 
     def losses(x, t, noise):
         with amp_autocast(device, mode):

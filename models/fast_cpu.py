@@ -12,6 +12,7 @@ Measured on 2 cores of an Intel Xeon with AMX-BF16 (docs/speed.md).
 from models import fused_norm
 from models.songunet import SongUNet
 from utils.cpu_memory import retain_freed_memory
+from utils.cpu_shards import ThreadShards
 
 
 def choose(device_type, amp, compiled=False):
@@ -40,3 +41,10 @@ def apply(modules, enabled):
     if enabled:
         retain_freed_memory()
     return enabled
+
+
+def thread_shards(shards, amp):
+    """The ``utils.cpu_shards.ThreadShards`` a CPU training step runs its ``shards`` in, for ``--amp`` resolved to
+    ``amp`` ("bf16", "none"): in bf16 the weights' casts are made once per step for all shards, and the casts and
+    gradient sums run in the fused kernels' C loops where they are loaded (docs/speed.md)."""
+    return ThreadShards(shards, share_casts=amp == "bf16", kernels=fused_norm)

@@ -270,7 +270,7 @@ def cast_many(tensors, scales, threads=None):
     out = [torch.empty(t.shape, dtype=torch.bfloat16) for t in tensors]
     count = (ctypes.c_int64 * len(tensors))(*[t.numel() for t in tensors])
     factors = (ctypes.c_float * len(tensors))(*[float(s) for s in scales])
-    library.fo_cast_many(len(tensors), _pointers([t.detach() for t in tensors]), _pointers(out), count, factors,
+    library.fo_cast_many(len(tensors), _pointers(tensors), _pointers(out), count, factors,
                          threads or torch.get_num_threads())
     return out
 

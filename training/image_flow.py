@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models import build_encoder, build_network, fast_cpu, fused_norm
+from models import build_encoder, build_network, fast_cpu
 from models import flow as flowlib
 from models.couplings import FlowWithCoupling, build_coupling
 from models.solvers import euler
@@ -20,7 +20,6 @@ from utils import train as plumbing
 from utils.amp import autocast as amp_autocast
 from utils.amp import autocast_velocity
 from utils.checkpoint import TRAINING_STATE_FORMAT
-from utils.cpu_shards import ThreadShards
 from utils.console import progress_bar
 from utils.data import ImageFolderDataset, build_dataset, conversions, describe_images
 from utils.errors import UserError
@@ -223,8 +222,7 @@ class Trainer:
                                           batches_consumed=batches_consumed)
         self.agreement = plumbing.RankAgreement(info.distributed)
         # bf16: the weights' casts made once per step for all shards (utils/cpu_shards.py)
-        self.shards = (ThreadShards(run.cpu_shards, share_casts=run.amp == "bf16", kernels=fused_norm)
-                       if run.cpu_shards > 1 else None)
+        self.shards = fast_cpu.thread_shards(run.cpu_shards, run.amp) if run.cpu_shards > 1 else None
 
         # Running sums on the device, read by the host only at log and save steps.
         self.window = torch.zeros(5, device=device)   # loss, flow loss, KL, grad norm, finite steps
