@@ -160,6 +160,7 @@ def _spawned(index, worker, gpu_ids, port, payload):
     info = setup(gpu_ids, spawn_rank=index)
     try:
         worker(info, *payload)
+        finished()
     finally:
         cleanup()
 
@@ -179,8 +180,17 @@ def launch(worker, gpu_ids, *payload):
     info = setup(gpu_ids)
     try:
         worker(info, *payload)
+        finished()
     finally:
         cleanup()
+
+
+def finished():
+    """After a rank's worker returned normally: wait for the others before the group is torn down, so that no
+    rank destroys its process group (and exits) while a peer is still working or communicating (rank 0
+    samples and saves after the last step). Not on the error path: a rank that failed skips it, and the
+    launcher (torchrun, mp.spawn) stops the others."""
+    barrier()
 
 
 def cleanup():
