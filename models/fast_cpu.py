@@ -7,7 +7,8 @@ channels_last GroupNorm is slow, so the fast path runs GroupNorm (+ SiLU + dropo
 fp32 runs, CUDA, and ``torch.compile`` keep the NCHW path (and the golden numbers). ``FAST_ODE_NATIVE=0``
 turns it off. Weights and state dicts are unchanged: only activations change layout.
 
-Measured on 2 cores of an Intel Xeon with AMX-BF16 (docs/speed.md).
+Measured on 2 cores of an Intel Xeon with AMX-BF16 and on 2 cores of an AMD EPYC (Zen 4) with AVX512-BF16
+and no AMX (docs/speed.md).
 """
 from models import fused_norm
 from models.songunet import SongUNet
