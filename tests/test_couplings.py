@@ -40,7 +40,8 @@ def _scaled_error(grad, expected):
 
 
 def _golden_step(golden, name, weight_prior=None):
-    """The coupling's loss terms and parameter gradients on the golden batch and weights."""
+    """One step of coupling ``name`` on the golden batch and weights (KL weight: the golden's unless given):
+    (the noise it paired with the batch, the loss terms, the flow, the encoder), gradients set by backward."""
     flow, encoder = build_network(golden["config_de"]), build_encoder(golden["config_en"])
     flow.load_state_dict(golden["flow_state"])
     encoder.load_state_dict(golden["encoder_state"])
@@ -49,33 +50,26 @@ def _golden_step(golden, name, weight_prior=None):
     prior = golden["weight_prior"] if weight_prior is None else weight_prior
     coupling = couplinglib.build_coupling(name, encoder=encoder, weight_prior=prior)
     model = couplinglib.FlowWithCoupling(flow, coupling)
-    terms = model(golden["x"], golden["t"], coupling.assign(golden["x"], golden["noise"]))
+    noise = coupling.assign(golden["x"], golden["noise"])
+    terms = model(golden["x"], golden["t"], noise)
     terms.loss.backward()
-    return terms, {f"encoder.{k}": p.grad for k, p in encoder.named_parameters()}
+    assert [p is q for p, q in zip(model.optimizer_params(), list(coupling.parameters()) + list(flow.parameters()))]
+    return noise, terms, flow, encoder
 
 
 def test_the_tolerance_sees_a_small_change(golden):
     """The gradient tolerance is far below what a 1% change of the KL weight does to the encoder's gradients."""
-    _, grads = _golden_step(golden, "learned", weight_prior=golden["weight_prior"] * 1.01)
+    _, _, _, encoder = _golden_step(golden, "learned", weight_prior=golden["weight_prior"] * 1.01)
+    grads = {f"encoder.{k}": p.grad for k, p in encoder.named_parameters()}
     worst = max(_scaled_error(grads[key], golden["learned"]["grads"][key]) for key in grads)
     assert worst > 20 * GRAD_TOL
 
 
 @pytest.mark.parametrize("name", ["learned", "independent", "ot"])
 def test_one_step_matches_the_pre_refactor_values(golden, name):
-    flow, encoder = build_network(golden["config_de"]), build_encoder(golden["config_en"])
-    flow.load_state_dict(golden["flow_state"])
-    encoder.load_state_dict(golden["encoder_state"])
-    flow.eval()
-    encoder.eval()
-    coupling = couplinglib.build_coupling(name, encoder=encoder, weight_prior=golden["weight_prior"])
-    model = couplinglib.FlowWithCoupling(flow, coupling)
-    x, t = golden["x"], golden["t"]
-    noise = coupling.assign(x, golden["noise"])
+    noise, terms, flow, encoder = _golden_step(golden, name)
     expected = golden[name]
     assert torch.equal(noise, expected["noise_used"])
-    terms = model(x, t, noise)
-    terms.loss.backward()
     for key in ("loss", "flow_loss", "kl"):
         torch.testing.assert_close(getattr(terms, key).detach(), expected[key], rtol=4 * 2.0 ** -23, atol=0)
     grads = {f"flow.{k}": p.grad for k, p in flow.named_parameters()}
@@ -86,7 +80,6 @@ def test_one_step_matches_the_pre_refactor_values(golden, name):
     assert sorted(grads) == sorted(expected["grads"])
     for key, grad in grads.items():
         assert _scaled_error(grad, expected["grads"][key]) <= GRAD_TOL, key
-    assert [p is q for p, q in zip(model.optimizer_params(), list(coupling.parameters()) + list(flow.parameters()))]
 
 
 def test_registry_names_the_known_couplings():
