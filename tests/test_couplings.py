@@ -53,7 +53,11 @@ def _golden_step(golden, name, weight_prior=None):
     noise = coupling.assign(golden["x"], golden["noise"])
     terms = model(golden["x"], golden["t"], noise)
     terms.loss.backward()
-    assert [p is q for p, q in zip(model.optimizer_params(), list(coupling.parameters()) + list(flow.parameters()))]
+    # the optimizer gets the coupling's parameters, then the flow's, the same objects
+    expected_params = list(coupling.parameters()) + list(flow.parameters())
+    optimizer_params = list(model.optimizer_params())
+    assert len(optimizer_params) == len(expected_params)
+    assert all(p is q for p, q in zip(optimizer_params, expected_params))
     return noise, terms, flow, encoder
 
 
