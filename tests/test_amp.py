@@ -79,17 +79,22 @@ def train_run(folder, digits, amp, iterations):
 
 
 def test_bf16_training_follows_fp32(tmp_path, digits):
-    """120 iterations of the learned coupling (tiny configs, batch 16, bundled digits), fp32 vs bf16 autocast:
-    every 20-iteration mean of the loss within 10% of fp32's (measured on an AMX Xeon: within 3.7%), and
-    both curves fall (the last window at most 60% of the first). Weights stay fp32 in both."""
-    fp32, record32 = train_run(str(tmp_path / "fp32"), digits, "none", 120)
-    bf16, record16 = train_run(str(tmp_path / "bf16"), digits, "bf16", 120)
+    """200 iterations of the learned coupling (tiny configs, batch 16, bundled digits, one thread), fp32 vs
+    bf16 autocast: every 20-iteration mean of the loss within 10% of fp32's, and both curves fall (the last
+    window at most 30% of the first). Weights stay fp32 in both.
+
+    Measured: on an AMX Xeon, 120 iterations, within 3.7%; on a Zen 4 EPYC (AVX512-BF16), 200 iterations,
+    within 3.5% (last / first window 0.175 and 0.173). The two runs part ways like runs of two seeds: with
+    2 threads (so 2 batch shards, other roundings) the same seed gave 12% in the steep first 60 iterations
+    and 4-5% after, while fp32 runs of seeds 3, 4 and 5 (2 threads) differ by up to 20% there."""
+    fp32, record32 = train_run(str(tmp_path / "fp32"), digits, "none", 200)
+    bf16, record16 = train_run(str(tmp_path / "bf16"), digits, "bf16", 200)
     assert record32["amp_used"] == "none" and record16["amp_used"] == "bf16"
-    assert len(fp32) == len(bf16) == 6
+    assert len(fp32) == len(bf16) == 10
     for a, b in zip(fp32, bf16):
         assert abs(a - b) <= 0.10 * a, (fp32, bf16)
-    assert fp32[-1] <= 0.6 * fp32[0] and bf16[-1] <= 0.6 * bf16[0], (fp32, bf16)
-    weights = torch.load(os.path.join(tmp_path, "bf16", "flow_model_120_ema.pth"), weights_only=True)
+    assert fp32[-1] <= 0.3 * fp32[0] and bf16[-1] <= 0.3 * bf16[0], (fp32, bf16)
+    weights = torch.load(os.path.join(tmp_path, "bf16", "flow_model_200_ema.pth"), weights_only=True)
     assert all(tensor.dtype == torch.float32 for tensor in weights.values())
 
 
