@@ -251,6 +251,53 @@ def test_a_signal_after_the_imports_stops_cleanly_and_frees_the_folder(tmp_path,
         pass
 
 
+WAIT_FOR_A_MISSING_RANK = """
+import datetime, os, sys
+sys.path.insert(0, sys.argv[1])
+from utils import dist, errors
+errors.exit_cleanly_on_signals()
+errors.stop_by_exception()   # what cli_main sets up: a signal raises where the program is
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+print("waiting", flush=True)
+if sys.argv[3] == "project":   # rank 1 of 2; rank 0 never comes (as when it stopped on a bad --data_path)
+    dist._init_group("gloo", 1, 2)
+else:
+    dist.torch_dist.init_process_group("gloo", rank=1, world_size=2, timeout=datetime.timedelta(minutes=30))
+"""
+
+
+def test_sigterm_ends_a_rank_waiting_for_the_others_at_once():
+    """torchrun sends SIGTERM to the other ranks when one fails before the rendezvous; a rank waiting inside
+    init_process_group (C++) used to run its Python handler only at torchrun's SIGKILL, 30 s later. Now it
+    ends at once with one line and 143. The control: the bare init_process_group, the same wait, is still
+    running 3 s after the SIGTERM."""
+    from utils.dist import free_port
+    processes = {how: subprocess.Popen([sys.executable, "-c", WAIT_FOR_A_MISSING_RANK, ROOT, str(free_port()), how],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for how in ("project", "bare")}
+    try:
+        for process in processes.values():
+            assert process.stdout.readline().strip() == "waiting", process.stderr.read()
+        time.sleep(1.0)   # inside the wait
+        for process in processes.values():
+            process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        _, stderr = processes["project"].communicate(timeout=10)
+        ended_after = time.monotonic() - signalled
+        time.sleep(max(0.0, 3.0 - ended_after))
+        still_waiting = processes["bare"].poll() is None
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+            process.communicate(timeout=60)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert processes["project"].returncode == 128 + signal.SIGTERM, stderr
+    assert ended_after < 3.0, ended_after
+    assert lines == ["error: stopped by SIGTERM"], stderr
+    assert still_waiting
+
+
 # ----------------------------------------------------------------------------
 # torchrun: a bad --batchsize is printed once per node, not once per rank.
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-from utils.errors import AlreadyReported, UserError, first_line
+from utils.errors import AlreadyReported, UserError, first_line, signals_end_blocking_wait
 
 
 @dataclass
@@ -78,8 +78,10 @@ def free_port():
 
 def _init_group(backend, rank, world_size):
     try:
-        torch_dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                      timeout=datetime.timedelta(minutes=30))
+        # waits for every rank: a signal (torchrun's SIGTERM after another rank failed) ends it at once
+        with signals_end_blocking_wait():
+            torch_dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                          timeout=datetime.timedelta(minutes=30))
     except (RuntimeError, ValueError) as error:
         raise UserError(f"cannot start {backend} with WORLD_SIZE={world_size} ({first_line(error)}); "
                         f"launch with torchrun") from None

@@ -7,9 +7,11 @@ single line on stderr and a non-zero exit; ``--debug`` on the command line
 shows the full traceback instead.
 """
 import argparse
+import contextlib
 import os
 import signal
 import sys
+import threading
 import traceback
 
 
@@ -77,6 +79,47 @@ def stop_by_exception():
     for number in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(number) is _exit_now:
             signal.signal(number, _raise_stopped)
+
+
+@contextlib.contextmanager
+def signals_end_blocking_wait():
+    """SIGINT and SIGTERM end the process at once, with one line, while the main thread waits inside a C++ call.
+
+    Python runs a signal's handler only when the main thread is back in Python bytecode, and a process group's
+    rendezvous (``init_process_group``) blocks in C++ until every rank has joined or its timeout: when one
+    rank of a torchrun job stops with an error before joining, torchrun sends the others SIGTERM, which they
+    then ignored until its SIGKILL 30 s later. Python's C-level handler also writes the signal's number to
+    the wake-up fd (``signal.set_wakeup_fd``), and the wait releases the GIL, so a thread reading that fd
+    ends the process. For waits before a program writes anything: there is nothing to clean up (the run
+    folder's lock goes with the process). Outside the main thread, it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handled = {int(number) for number in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(number))}
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def watch():
+        while True:
+            data = os.read(read_fd, 64)
+            if not data:   # the write end closed: the wait is over
+                return
+            for number in data:
+                if number in handled:
+                    print(f"error: stopped by {signal.Signals(number).name}", file=sys.stderr, flush=True)
+                    os._exit(128 + number)
+
+    watcher = threading.Thread(target=watch, name="signal-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(write_fd)
+        watcher.join()
+        os.close(read_fd)
 
 
 def exit_interrupted(error):
