@@ -55,10 +55,11 @@ def parse_args(argv):
         formatter_class=HelpFormatter)
     parser.add_argument("--dir", type=str, default="runs/2d",
                         help="output folder for figures, checkpoints, stats and metrics")
-    parser.add_argument("--coupling", choices=toy2d.COUPLINGS, default="learned",
+    parser.add_argument("--coupling", choices=toy2d.COUPLINGS, default=None,
                         help="how data x and noise z are paired: "
                              + "; ".join(f"'{name}': {couplinglib.DESCRIPTIONS[name]}" for name in toy2d.COUPLINGS)
-                             + " (ot and sinkhorn re-pair whole batches, so their batches hold both modes)")
+                             + " (ot and sinkhorn re-pair whole batches, so their batches hold both modes) "
+                               "[default: learned]")
     parser.add_argument("--independent", action="store_true",
                         help="the paper's flag for the independent coupling: same as --coupling independent")
     parser.add_argument("--ot_batch", type=int, default=toy2d.OT_BATCH,
@@ -103,9 +104,9 @@ def parse_args(argv):
 
 def resolve(args):
     """Check every argument before any work starts; returns (coupling, eval_N, device)."""
-    if args.independent and args.coupling not in ("learned", "independent"):
+    if args.independent and args.coupling not in (None, "independent"):
         raise UserError(f"--independent contradicts --coupling {args.coupling}; pass only one of them")
-    coupling = "independent" if args.independent else args.coupling
+    coupling = "independent" if args.independent else args.coupling or "learned"
     for name in ("N", "batchsize", "iterations"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be a positive integer, got {getattr(args, name)}")

@@ -233,8 +233,10 @@ def test_independent_flag_and_defaults():
     assert (args.N, args.lr, args.weight_prior, args.batchsize, args.seed) == (20, 1e-3, 10.0, 512, 0)
     assert (args.iterations, args.dir, args.ot_batch) == (5000, "runs/2d", toy2d.OT_BATCH)
     assert (args.ot_reg, args.amp) == (0.05, "none")   # fp32 by default, whatever the CPU (see --amp's help)
-    with pytest.raises(UserError, match="--independent contradicts --coupling sinkhorn"):
-        script.resolve(script.parse_args(["--independent", "--coupling", "sinkhorn"]))
+    for other in ("sinkhorn", "learned"):   # learned: the default, but given explicitly it contradicts too
+        with pytest.raises(UserError, match=f"--independent contradicts --coupling {other}"):
+            script.resolve(script.parse_args(["--independent", "--coupling", other]))
+    assert script.resolve(script.parse_args(["--independent", "--coupling", "independent"]))[0] == "independent"
 
 
 def test_an_existing_run_is_not_overwritten(tmp_path):

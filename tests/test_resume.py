@@ -243,6 +243,42 @@ def test_resume_auto_falls_back_to_newest_intact_state(digits, short_run, tmp_pa
     assert load(os.path.join(folder, "training_state_latest.pth"))["iter"] == 5
 
 
+def test_resume_warns_about_what_changed_and_nothing_else(digits, short_run, tmp_path, capsys, monkeypatch):
+    """The same command again (the default --amp auto included) resumes without a warning; changed options are
+    named as given; --amp auto that now resolves to another precision (another machine) is named too."""
+    from utils.amp import resolve_amp
+    folder = copy_run(short_run, tmp_path)
+    code, out, err = train(base_args(digits, folder, "--iterations", 5, "--resume", "auto"), capsys)
+    assert code == 0, err
+    assert "changed arguments" not in out + err, out + err
+
+    resolved = resolve_amp("auto", "cpu")[0]
+    other = "none" if resolved == "bf16" else "bf16"
+    argv = base_args(digits, folder, "--iterations", 6, "--resume", "auto", "--amp", other)
+    argv[argv.index("--learning_rate") + 1] = "2e-3"
+    code, out, err = train(argv, capsys)
+    assert code == 0, err
+    warning = [line for line in out.splitlines() if "changed arguments" in line]
+    assert len(warning) == 1, out
+    assert f"--amp auto -> {other}" in warning[0] and "--learning_rate 0.001 -> 0.002" in warning[0], warning
+
+    # back to --amp auto and the first learning rate, on a machine where auto gives the other precision
+    monkeypatch.setattr(trainer, "resolve_amp", lambda amp, device: (other, "pretend machine"))
+    code, out, err = train(base_args(digits, folder, "--iterations", 7, "--resume", "auto"), capsys)
+    assert code == 0, err
+    warning = [line for line in out.splitlines() if "changed arguments" in line]
+    assert len(warning) == 1, out
+    assert f"--amp {other} -> auto" in warning[0] and "--learning_rate 0.002 -> 0.001" in warning[0], warning
+
+    # the same command on this machine again: only the precision that --amp auto resolved to differs
+    monkeypatch.undo()
+    code, out, err = train(base_args(digits, folder, "--iterations", 8, "--resume", "auto"), capsys)
+    assert code == 0, err
+    warning = [line for line in out.splitlines() if "changed arguments" in line]
+    assert len(warning) == 1 and f"--amp auto now computes in {resolved}, not {other}" in warning[0], out
+    assert "--learning_rate" not in warning[0], warning
+
+
 def test_resume_with_another_config_is_refused(digits, short_run, tmp_path, capsys):
     folder = copy_run(short_run, tmp_path)
     with open(CONFIG_DE) as handle:

@@ -90,8 +90,15 @@ def check_resume_state(state, path, run, warn):
                 detail = f"key {keys[0]!r}: {saved.get(keys[0])!r} in the state vs {given.get(keys[0])!r}"
             raise UserError(f"--resume {path} was trained with a different {role} ({detail}); "
                             f"give the run's own configs or choose another --dir")
-    changed = [f"--{key} {saved_args[key]} -> {getattr(run, key)}" for key in RESUME_WARN_ARGS
-               if key in saved_args and saved_args[key] != getattr(run, key)]
+    # the options as given (run.amp is what --amp resolved to; the state holds the option and, since
+    # 2026-12-07, the precision it resolved to: --amp auto gives other precisions on other machines)
+    options = run.options
+    changed = [f"--{key} {saved_args[key]} -> {options[key]}" for key in RESUME_WARN_ARGS
+               if key in saved_args and key in options and saved_args[key] != options[key]]
+    saved_precision = saved_args.get("amp_used")
+    if saved_precision not in (None, run.amp) and saved_args.get("amp") == options.get("amp"):
+        changed.append(f"--amp {options.get('amp')} now computes in {run.amp}, not {saved_precision} "
+                       f"({run.amp_reason})")
     if changed:
         warn(f"warning: resuming with changed arguments: {', '.join(changed)}")
 
@@ -389,7 +396,7 @@ class Trainer:
             "model_state_dict": weights["flow"],
             "optimizer_state_dict": self.optimizer.state_dict(),
             "ema_model_state_dict": averaged["flow"] if ema is not None else None,
-            "args": dict(args.options),
+            "args": {**args.options, "amp_used": args.amp},   # the option, and the precision it gave
             "config_de": self.config_de,
             "config_en": self.config_en,
             "rng": {"world_size": self.info.world_size, "ranks": rng},
