@@ -308,6 +308,11 @@ def load_reference(ref_path):
     path = download(ref_path, "reference statistics") if is_url(ref_path) else ref_path
     if not os.path.isfile(path):
         raise UserError(f"reference statistics not found: {ref_path}{did_you_mean(ref_path)}")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head[:2] != b"PK":   # an .npz is a zip archive; np.load would try anything else as a pickle
+        raise UserError(f"reference statistics {ref_path} are not an .npz archive; give the .npz of 'mu' and 'sigma' "
+                        f"that `python fid.py ref` (or EDM) writes")
     try:
         with np.load(path) as data:
             if not isinstance(data, np.lib.npyio.NpzFile):

@@ -368,7 +368,7 @@ def test_images_of_different_sizes_are_refused(tmp_path, standin, capsys):
     assert_one_line_error(status, err, "zzz.png", "5x5")
 
 
-@pytest.mark.parametrize("case", ["missing", "no_keys", "not_npz", "url"])
+@pytest.mark.parametrize("case", ["missing", "no_keys", "not_npz", "json", "broken_zip", "url"])
 def test_bad_reference_is_one_line(tmp_path, standin, capsys, case):
     folder = write_constant_images(tmp_path / "imgs", random_colours(4, seed=14))
     if case == "missing":
@@ -377,8 +377,14 @@ def test_bad_reference_is_one_line(tmp_path, standin, capsys, case):
         ref, fragment = tmp_path / "k.npz", "need 'mu' and 'sigma'"
         np.savez(ref, mean=np.zeros(3), cov=np.eye(3))
     elif case == "not_npz":
-        ref, fragment = tmp_path / "t.npz", "not a readable .npz"
+        ref, fragment = tmp_path / "t.npz", "not an .npz archive"
         ref.write_text("hello")
+    elif case == "json":   # numpy would take it for a pickle and suggest allow_pickle
+        ref, fragment = tmp_path / "result_sampling.json", "not an .npz archive"
+        ref.write_text('{"straightness_mean": 0.1}')
+    elif case == "broken_zip":
+        ref, fragment = tmp_path / "b.npz", "not a readable .npz"
+        ref.write_bytes(b"PK\x03\x04" + bytes(40))
     else:
         ref, fragment = f"http://127.0.0.1:{free_port()}/refs/cifar10-32x32.npz", "cannot fetch reference statistics"
     status, _, err = run_fid(capsys, "calc", f"--images={folder}", f"--ref={ref}", "--num=4",

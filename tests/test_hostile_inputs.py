@@ -165,14 +165,17 @@ def test_a_corrupt_checkpoint_line_holds_no_terminal_escapes(tmp_path, capsys):
     path = tmp_path / "flow_model_1_ema.pth"
     # a pickle naming a "global" with a colour escape in it (torch's refusal adds bold escapes of its own),
     # and random bytes
-    for content in (b"\x80\x02c\x1b[31mevil\nname\n.",
-                    bytes(np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8))):
+    noise = bytes(np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8))
+    for content, reason in ((b"\x80\x02c\x1b[31mevil\nname\n.", "truncated or corrupt"),
+                            (b"PK\x03\x04" + noise, "truncated or corrupt"),     # a broken zip archive
+                            (noise, "is not a PyTorch file"),
+                            (b"2026-12-07 iteration 1: loss 1.9\n", "is not a PyTorch file")):   # a log.txt
         path.write_bytes(content)
         with pytest.raises(SystemExit):
             cli_main(generate.main, ["--dir", str(tmp_path / "out"), "--ckpt", str(path), "--config_de", CONFIG_DE])
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) == 1 and "truncated or corrupt" in lines[0], err
+        assert len(lines) == 1 and reason in lines[0], err
         assert all(char.isprintable() for char in lines[0]), repr(lines[0])
         assert "weights_only" not in lines[0]    # the reason, not torch's advice to load it unsafely
 

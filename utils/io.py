@@ -168,6 +168,11 @@ def load_torch(path, what="checkpoint", map_location="cpu"):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}{did_you_mean(path)}")
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    # torch.save writes a zip archive (b"PK"); before PyTorch 1.6, a pickle (protocol byte 0x80)
+    if head and not head.startswith((b"PK", b"\x80")):
+        raise UserError(f"{what} {path} is not a PyTorch file (neither a zip archive nor a pickle); use another file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,

@@ -398,6 +398,7 @@ def find_resume_state(folder, resume, warn=print):
             problems.append(str(error))
             continue
         for problem in problems:
+            problem = problem.removesuffix("; use another file")   # the fallback is that other file
             warn(f"warning: {problem}; falling back to {path}")
         return path, state
     if problems:
