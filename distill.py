@@ -325,15 +325,20 @@ def load_student(args, plan):
 
 def find_state(args):
     """``(path, state)`` to resume from, or ``(None, None)``; a folder already holding a run needs --resume."""
-    if args.resume is None:
-        existing = rundir.existing_outputs(args.dir, (plumbing.LATEST_NAME, "flow_model_distilled_*.pth",
-                                                      "flow_model_reflow_*.pth"))
-        if existing:
-            names = [os.path.basename(path) for path in existing]
-            found = plumbing.LATEST_NAME if plumbing.LATEST_NAME in names else names[-1]
-            raise UserError(f"--dir {args.dir} already holds a run ({found}); pass --resume auto to continue it, "
-                            f"or choose another --dir")
-    return plumbing.find_resume_state(args.dir, args.resume, warn=lambda text: None)
+    existing = rundir.existing_outputs(args.dir, (plumbing.LATEST_NAME, "flow_model_distilled_*.pth",
+                                                  "flow_model_reflow_*.pth"))
+    names = [os.path.basename(path) for path in existing]
+    if args.resume is None and existing:
+        found = plumbing.LATEST_NAME if plumbing.LATEST_NAME in names else names[-1]
+        raise UserError(f"--dir {args.dir} already holds a run ({found}); pass --resume auto to continue it, "
+                        f"or choose another --dir")
+    path, state = plumbing.find_resume_state(args.dir, args.resume, warn=lambda text: None)
+    if args.resume == "auto" and state is None and existing:
+        # weights without a state to continue from (a save that failed, a removed broken state): starting
+        # afresh would overwrite them
+        raise UserError(f"--resume auto: --dir {args.dir} holds {names[-1]} but no {plumbing.LATEST_NAME} to continue "
+                        f"from; choose another --dir (or move those files away to start afresh there)")
+    return path, state
 
 
 def check_state(state, path, args, config):

@@ -251,6 +251,16 @@ def test_distilled_student_beats_teacher_in_one_step(pairs, tmp_path):
     distill.main(command(pairs, out, "--iterations", "40", "--resume", "auto"))
     assert len(read_stats(out)) == len(stats)
 
+    # Weights without a state (a failed save, a removed broken state): --resume auto must not start afresh over them.
+    os.remove(os.path.join(out, "training_state_latest.pth"))
+    with open(os.path.join(out, "flow_model_distilled_20.pth"), "rb") as handle:
+        kept = handle.read()
+    with pytest.raises(UserError, match="holds flow_model_distilled_.*pth but no training_state_latest.pth"):
+        distill.main(command(pairs, out, "--iterations", "40", "--resume", "auto"))
+    with open(os.path.join(out, "flow_model_distilled_20.pth"), "rb") as handle:
+        assert handle.read() == kept
+    assert len(read_stats(out)) == len(stats)
+
 
 def test_reflow_beats_teacher_with_one_euler_step(pairs, tmp_path):
     out = str(tmp_path / "reflow")
