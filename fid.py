@@ -327,6 +327,8 @@ def load_reference(ref_path):
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
         raise UserError(f"reference statistics {ref_path} have mu {mu.shape} and sigma {sigma.shape}; expected "
                         f"[D] and [D, D]")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"reference statistics {ref_path} hold inf or NaN; make them again with `python fid.py ref`")
     return mu, sigma
 
 
@@ -406,8 +408,12 @@ def calc(image_path, ref_path, num_images, seed, batch, detector, device, debug)
                 raise UserError(f"the detector gives {mu.size}-d features but {ref_path} holds {mu_ref.size}-d "
                                 f"statistics; use the detector that made them")
             fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
-            with atomic_write(fid_path(image_path), "w") as handle:
-                handle.write(f"{fid!r}\n")
+            try:
+                with atomic_write(fid_path(image_path), "w") as handle:
+                    handle.write(f"{fid!r}\n")
+            except OSError as error:   # a read-only image folder: the FID is still the result
+                print(f"warning: cannot write {fid_path(image_path)} ({first_line(error)}); the FID is only printed",
+                      file=sys.stderr, flush=True)
             print(f"{fid:g}", flush=True)
         dist.fail_together(finish, info, main_only=True)
     finally:

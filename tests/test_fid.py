@@ -285,6 +285,25 @@ def test_calc_of_shifted_colours_is_three_times_shift_squared(tmp_path, standin,
     assert f"{written:g}" == f"{value:g}"
 
 
+def test_an_unwritable_image_folder_still_prints_the_fid(tmp_path, standin, capsys, monkeypatch):
+    """fid.txt cannot be written (a read-only dataset mount): a warning, and the FID printed last, exit 0."""
+    colours = random_colours(6, seed=21)
+    real = write_constant_images(tmp_path / "real", colours)
+    fake = write_constant_images(tmp_path / "fake", colours + 5)
+    run_fid(capsys, "ref", f"--data={real}", f"--dest={tmp_path / 'real.npz'}", f"--detector={standin}",
+            "--device=cpu")
+
+    def read_only(path, mode="w"):
+        raise OSError(30, "Read-only file system", path)
+    monkeypatch.setattr(fid, "atomic_write", read_only)
+    status, out, err = run_fid(capsys, "calc", f"--images={fake}", f"--ref={tmp_path / 'real.npz'}", "--num=6",
+                               f"--detector={standin}", "--device=cpu")
+    assert status == 0, err
+    assert float(out.strip().splitlines()[-1]) == pytest.approx(3 * 5 ** 2, rel=1e-5)
+    assert "warning: cannot write" in err and "Read-only file system" in err
+    assert not os.path.exists(os.path.join(fake, "fid.txt"))
+
+
 def test_grey_images_are_repeated_to_three_channels(tmp_path, standin, capsys):
     greys = np.array([10, 50, 90, 130, 170])
     folder = write_constant_images(tmp_path / "grey", greys)
@@ -368,7 +387,7 @@ def test_images_of_different_sizes_are_refused(tmp_path, standin, capsys):
     assert_one_line_error(status, err, "zzz.png", "5x5")
 
 
-@pytest.mark.parametrize("case", ["missing", "no_keys", "not_npz", "json", "broken_zip", "url"])
+@pytest.mark.parametrize("case", ["missing", "no_keys", "not_npz", "json", "broken_zip", "nan", "url"])
 def test_bad_reference_is_one_line(tmp_path, standin, capsys, case):
     folder = write_constant_images(tmp_path / "imgs", random_colours(4, seed=14))
     if case == "missing":
@@ -382,6 +401,9 @@ def test_bad_reference_is_one_line(tmp_path, standin, capsys, case):
     elif case == "json":   # numpy would take it for a pickle and suggest allow_pickle
         ref, fragment = tmp_path / "result_sampling.json", "not an .npz archive"
         ref.write_text('{"straightness_mean": 0.1}')
+    elif case == "nan":
+        ref, fragment = tmp_path / "n.npz", "hold inf or NaN"
+        np.savez(ref, mu=np.full(3, np.nan), sigma=np.eye(3))
     elif case == "broken_zip":
         ref, fragment = tmp_path / "b.npz", "not a readable .npz"
         ref.write_bytes(b"PK\x03\x04" + bytes(40))
