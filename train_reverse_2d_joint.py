@@ -35,7 +35,7 @@ from models import toy2d  # noqa: E402
 from utils import metrics2d, plot2d, runlock  # noqa: E402
 from utils.amp import AMP_CHOICES, autocast, autocast_velocity, resolve_amp  # noqa: E402
 from utils.dist import check_gpus, parse_gpu_list  # noqa: E402
-from utils.io import append_text, atomic_write, save_json, save_torch  # noqa: E402
+from utils.io import append_text, atomic_write, json_line, save_json, save_torch  # noqa: E402
 from utils.train import all_finite, check_finite_number, check_seed  # noqa: E402
 from training import loop  # noqa: E402
 from training.train2d import evaluate, training_step  # noqa: E402
@@ -342,7 +342,7 @@ class Training2D:
         means = {key: value / self.count for key, value in self.sums.items()}
         record = {"iter": iteration, "loss": means["loss"], "loss_fm": means["loss_fm"], "kl": means.get("kl"),
                   "seconds": round(time.time() - self.start, 3)}
-        append_text(self.stats_path, json.dumps(record) + "\n")
+        append_text(self.stats_path, json_line(record))
         progress.set_postfix(loss=f"{means['loss']:.3f}", refresh=False)
         self.sums, self.count = {}, 0
 

@@ -58,6 +58,25 @@ def saved_files(folder):
     return sorted(name for name in os.listdir(folder) if name.endswith(".pth"))
 
 
+def strict_json(text):
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_files_hold_no_nan_or_infinity_tokens(tmp_path):
+    from utils.io import json_line, save_json
+    record = {"iter": 3, "loss": float("nan"), "grad_norm": float("inf"), "kl": np.float64("-inf"),
+              "nested": {"values": [1.5, float("nan"), (2, float("inf"))]}, "name": "nan"}
+    expected = {"iter": 3, "loss": None, "grad_norm": None, "kl": None,
+                "nested": {"values": [1.5, None, [2, None]]}, "name": "nan"}
+    line = json_line(record)
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert strict_json(line) == expected
+    save_json(record, str(tmp_path / "m.json"))
+    assert strict_json((tmp_path / "m.json").read_text()) == expected
+
+
 def test_training_never_saves_nonfinite_weights(tmp_path, capsys):
     digits = write_mnist_pngs(str(tmp_path / "digits"), 8)
     folder = str(tmp_path / "run")
@@ -76,6 +95,9 @@ def test_training_never_saves_nonfinite_weights(tmp_path, capsys):
         assert finite_file(os.path.join(folder, name)), name
     assert torch.load(os.path.join(folder, "training_state_latest.pth"), weights_only=True)["iter"] == 2
     assert {name: os.path.getmtime(os.path.join(folder, name)) for name in before} == before
+    with open(os.path.join(folder, "stats.jsonl")) as handle:   # strict JSON: no NaN / Infinity tokens
+        records = [strict_json(line) for line in handle]
+    assert records and records[-1]["iter"] > 2
     # a state holding NaN (from elsewhere) is not resumed
     state = torch.load(os.path.join(folder, "training_state_latest.pth"), weights_only=True)
     next(iter(state["ema_model_state_dict"].values())).fill_(float("nan"))

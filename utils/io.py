@@ -8,6 +8,7 @@ previous file intact.
 import contextlib
 import errno
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -94,11 +95,28 @@ def save_torch(obj, path):
         torch.save(obj, handle)
 
 
+def finite_json(obj):
+    """``obj`` with every inf or NaN float (also numpy's, in dicts, lists and tuples) as None: JSON has no such
+    numbers, and Python's ``NaN`` / ``Infinity`` tokens are refused by strict readers (JavaScript, Go, Rust)."""
+    if isinstance(obj, dict):
+        return {key: finite_json(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(value) for value in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def json_line(record):
+    """One line of a .jsonl file: ``record`` as strict JSON (inf and NaN as null)."""
+    return json.dumps(finite_json(record), allow_nan=False) + "\n"
+
+
 def save_json(obj, path):
-    """Write ``obj`` as indented JSON through :func:`atomic_write`."""
+    """Write ``obj`` as indented JSON through :func:`atomic_write` (inf and NaN as null)."""
+    text = json.dumps(finite_json(obj), indent=2, sort_keys=False, allow_nan=False)
     with atomic_write(path, "w") as handle:
-        json.dump(obj, handle, indent=2, sort_keys=False)
-        handle.write("\n")
+        handle.write(text + "\n")
 
 
 def _with_separators(base, rest, depth=0):

@@ -22,7 +22,7 @@ import torch.distributed as torch_dist
 
 from utils.checkpoint import TRAINING_STATE_FORMAT, upgrade_state
 from utils.errors import UserError
-from utils.io import append_text, atomic_write, load_torch
+from utils.io import append_text, atomic_write, json_line, load_torch
 
 # ----------------------------------------------------------------------------
 # Seeds and random states.
@@ -431,7 +431,7 @@ class RunLog:
     def stats(self, record):
         if not self.enabled:
             return
-        append_text(os.path.join(self.folder, "stats.jsonl"), json.dumps(record) + "\n")
+        append_text(os.path.join(self.folder, "stats.jsonl"), json_line(record))
         if self.writer is not None:
             for key, value in record.items():
                 if key != "iter" and isinstance(value, (int, float)):
