@@ -141,7 +141,7 @@ class PairTrainer:
             loss = pair_loss(self.args.mode, self.student, x, z)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        plumbing.step_or_stop(self.optimizer, "--learning_rate")
         self.loss_sum += loss.detach()
         self.loss_count += 1
 

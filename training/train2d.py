@@ -10,6 +10,7 @@ import torch
 from models import flow as flowlib
 from utils import metrics2d
 from utils.amp import autocast
+from utils.train import step_or_stop
 
 
 def training_step(model,            # models.couplings.FlowWithCoupling (velocity MLP + coupling)
@@ -26,7 +27,7 @@ def training_step(model,            # models.couplings.FlowWithCoupling (velocit
         terms = model(x, t, noise)
     optimizer.zero_grad(set_to_none=True)
     terms.loss.backward()
-    optimizer.step()
+    step_or_stop(optimizer, "--lr")
     return {"loss": terms.loss.item(), "loss_fm": terms.flow_loss.item(),
             "kl": terms.kl.item() if model.encoder is not None else None}
 

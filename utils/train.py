@@ -146,6 +146,20 @@ def gradient_norm(params):
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
+def step_or_stop(optimizer, option):
+    """``optimizer.step()``; an update too large for float32 (torch's Adam turns ``lr / (1 - beta1^t)`` into a
+    float32 scalar, and a learning rate near 1e38 overflows it) stops the run in one line naming ``option``.
+    Nothing is saved after it: the weights were not all updated."""
+    try:
+        optimizer.step()
+    except RuntimeError as error:
+        if "overflow" not in str(error):
+            raise
+        rate = optimizer.param_groups[0]["lr"]
+        raise UserError(f"the optimizer's update overflows float32 (learning rate {rate:g}); lower {option}; "
+                        f"nothing of this step was saved") from None
+
+
 def optimizer_step(optimizer, skip):
     """``optimizer.step()`` that leaves parameters and moments untouched where ``skip`` (a 0-dim float
     tensor on the device, 1 = skip) is set, without the host reading it (fused Adam's ``found_inf``)."""
