@@ -26,7 +26,6 @@ end, and on SIGTERM / SIGINT). ``--resume auto`` continues from the latter.
         --iterations 500000 --config_en configs/cifar10_en.json --config_de configs/cifar10_de.json
 """
 import argparse
-import glob
 import os
 import sys
 import traceback
@@ -279,9 +278,6 @@ def prepare(args):
         run = run.replace(excluded_images=tuple(name for name, _ in dataset.scan()["bad"]))
     run = run.replace(resume_path=resume_path)
     if run.is_main:
-        # left by a write that was killed: this process holds the lock, so no live writer owns them
-        for stale in glob.glob(os.path.join(run.dir, ".*.tmp")):
-            os.unlink(stale)
         if state is None:   # a fresh run starts a fresh stats.jsonl
             with atomic_write(os.path.join(run.dir, "stats.jsonl"), "w"):
                 pass

@@ -87,6 +87,26 @@ def test_a_held_folder_is_refused_and_a_kill_9_frees_it(holder):
         assert handle.read().split()[0] == str(os.getpid())
 
 
+def test_killed_writes_temporaries_go_once_the_lock_is_held(holder):
+    """Temporary files of killed atomic writes (in --dir and one level down, e.g. generate.py's samples/) are
+    removed by the next owner of the lock, and only by it: a process refused by the lock leaves them."""
+    folder, process = holder
+    stale = [folder / ".training_state_latest.pth.k2j4.tmp", folder / "samples" / ".00000.png.x8q1.tmp",
+             folder / "..write_probe.a1b2.tmp"]
+    kept = [folder / "samples" / "00000.png", folder / "notes.tmp", folder / "samples" / "deeper" / ".x.png.q.tmp"]
+    for path in stale + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    with pytest.raises(UserError):
+        runlock.acquire(str(folder))
+    assert all(path.exists() for path in stale + kept)   # the holder may still be writing them
+    process.kill()
+    process.wait(timeout=60)
+    with runlock.locked(str(folder)):
+        assert not any(path.exists() for path in stale)
+        assert all(path.read_bytes() == b"partial" for path in kept)
+
+
 def test_distill_generate_and_2d_refuse_a_held_folder(holder, tmp_path, capsys):
     folder, process = holder
     assert_refused(*run(distill.main, ["--dir", str(folder)], capsys), process)

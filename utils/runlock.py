@@ -23,6 +23,7 @@ as good as the filesystem's lock support (NFSv4, Lustre mounted with
 import contextlib
 import errno
 import fcntl
+import glob
 import os
 import socket
 
@@ -86,6 +87,17 @@ def acquire(folder, option="--dir"):
     except OSError:
         pass   # the lock is what counts; the PID only makes the refusal message more helpful
     _held[key] = handle
+    remove_stale_temporaries(folder)
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files of atomic writes (``utils.io.atomic_write``: ``.<name>.<random>.tmp``) that a
+    killed process left in ``folder`` and in its subfolders one level down (generate.py's ``samples/``, ...).
+    Called by :func:`acquire` once this process holds the lock: no live writer owns them."""
+    for pattern in (".*.tmp", os.path.join("*", ".*.tmp")):
+        for stale in glob.glob(os.path.join(glob.escape(folder), pattern)):
+            with contextlib.suppress(OSError):
+                os.unlink(stale)
 
 
 def release(folder):
