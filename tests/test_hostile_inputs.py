@@ -294,7 +294,8 @@ def test_sigterm_ends_a_rank_waiting_for_the_others_at_once():
             if process.poll() is None:
                 process.kill()
             process.communicate(timeout=60)
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    # c10d may log its own warning first (the signal interrupted its connect: "Interrupted system call")
+    lines = [line for line in stderr.splitlines() if line.strip() and not (line.startswith("[W") and "c10d" in line)]
     assert processes["project"].returncode == 128 + signal.SIGTERM, stderr
     assert ended_after < 3.0, ended_after
     assert lines == ["error: stopped by SIGTERM"], stderr
