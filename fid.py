@@ -49,7 +49,7 @@ from utils import dist
 from utils.console import progress_bar
 from utils.download import download, is_url
 from utils.imagefiles import ImageFiles, image_problem, no_images
-from utils.io import atomic_write, check_writable_file, did_you_mean
+from utils.io import atomic_write, check_writable_file, did_you_mean, starts_with
 
 DETECTOR_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 OFFLINE_DETECTOR = "fid-helper"
@@ -308,9 +308,7 @@ def load_reference(ref_path):
     path = download(ref_path, "reference statistics") if is_url(ref_path) else ref_path
     if not os.path.isfile(path):
         raise UserError(f"reference statistics not found: {ref_path}{did_you_mean(ref_path)}")
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if head[:2] != b"PK":   # an .npz is a zip archive; np.load would try anything else as a pickle
+    if not starts_with(path, (b"PK",)):   # an .npz is a zip archive; np.load would try anything else as a pickle
         raise UserError(f"reference statistics {ref_path} are not an .npz archive; give the .npz of 'mu' and 'sigma' "
                         f"that `python fid.py ref` (or EDM) writes")
     try:
@@ -408,11 +406,12 @@ def calc(image_path, ref_path, num_images, seed, batch, detector, device, debug)
                 raise UserError(f"the detector gives {mu.size}-d features but {ref_path} holds {mu_ref.size}-d "
                                 f"statistics; use the detector that made them")
             fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+            destination = fid_path(image_path)
             try:
-                with atomic_write(fid_path(image_path), "w") as handle:
+                with atomic_write(destination, "w") as handle:
                     handle.write(f"{fid!r}\n")
             except OSError as error:   # a read-only image folder: the FID is still the result
-                print(f"warning: cannot write {fid_path(image_path)} ({first_line(error)}); the FID is only printed",
+                print(f"warning: cannot write {destination} ({first_line(error)}); the FID is only printed",
                       file=sys.stderr, flush=True)
             print(f"{fid:g}", flush=True)
         dist.fail_together(finish, info, main_only=True)

@@ -181,15 +181,19 @@ def load_problem(error):
     return printable(lines[0][:120]) if lines else type(error).__name__
 
 
+def starts_with(path, prefixes):
+    """Whether the file at ``path`` begins with one of the byte strings ``prefixes`` (its format's magic)."""
+    with open(path, "rb") as handle:
+        return handle.read(max(map(len, prefixes))).startswith(tuple(prefixes))
+
+
 def load_torch(path, what="checkpoint", map_location="cpu"):
     """Load a torch file (weights only); missing, truncated or corrupt files give one clear line."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}{did_you_mean(path)}")
-    with open(path, "rb") as handle:
-        head = handle.read(2)
     # torch.save writes a zip archive (b"PK"); before PyTorch 1.6, a pickle (protocol byte 0x80)
-    if head and not head.startswith((b"PK", b"\x80")):
+    if os.path.getsize(path) and not starts_with(path, (b"PK", b"\x80")):
         raise UserError(f"{what} {path} is not a PyTorch file (neither a zip archive nor a pickle); use another file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
