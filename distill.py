@@ -31,7 +31,6 @@ SIGINT). ``--resume auto`` continues from it.
         --im_dir_test gen_test/samples --z_dir gen/zs --z_dir_test gen_test/zs --batchsize 256 \
         --ckpt runs/mnist-beta20/flow_model_60000_ema.pth
 """
-import argparse
 import os
 import re
 
@@ -55,7 +54,7 @@ from utils import rundir, runlock  # noqa: E402
 from utils import train as plumbing  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, resolve_amp  # noqa: E402
 from utils.checkpoint import load_weights  # noqa: E402
-from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
+from utils.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 from training.pairs import ADAM_BETAS, ADAM_EPS, PairTrainer  # noqa: E402
 from utils.imagefiles import image_problem, is_image_name, no_images, open_image, to_pixels  # noqa: E402
 from utils.io import did_you_mean, load_state_dict_strict  # noqa: E402
@@ -69,10 +68,9 @@ IMAGE_MODES = {1: "L", 3: "RGB"}          # PIL mode of the images for each chan
 # Arguments.
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser("distill.py",
         description="Distil a trained flow into a one-step generator (--mode distill, the paper's), or train a "
-                    "reflow (--mode reflow), from the (z, x) pairs that generate.py --save_z writes.",
-        formatter_class=HelpFormatter)
+                    "reflow (--mode reflow), from the (z, x) pairs that generate.py --save_z writes.")
     add = parser.add_argument
     add("--gpu", type=str, default=None, help="one GPU id (e.g. 0); omit to run on the CPU")
     add("--dir", type=str, default=None, help="output folder (created if missing)")

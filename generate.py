@@ -21,7 +21,6 @@ Writes into --dir: samples/%05d.png, trajs/%05d.png (--save_traj), zs/%05d.npy
         --N 121 --res 64 --input_nc 3 --num_samples 100 --ckpt runs/ffhq-independent/flow_model_200000_ema.pth \
         --config_de configs/ffhq_de.json --batchsize 128 --save_traj
 """
-import argparse
 import glob
 import math
 import os
@@ -54,7 +53,7 @@ from utils import train as plumbing  # noqa: E402
 from utils.console import progress_bar  # noqa: E402
 from utils.checkpoint import load_weights, resolve_weights_path, saved_configs  # noqa: E402
 from utils.data import DATASETS, build_dataset, check_dataset_config  # noqa: E402
-from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
+from utils.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 from utils.images import save_labelled_grid, save_png, to_uint8  # noqa: E402
 from utils.io import atomic_write, load_state_dict_strict, save_json  # noqa: E402
 
@@ -90,10 +89,9 @@ def solver_help():
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser("generate.py",
         description="Sample images from a trained flow with Euler, Heun or adaptive RK45; optionally save "
-                    "trajectories and the starting z of each sample (for distillation).",
-        formatter_class=HelpFormatter)
+                    "trajectories and the starting z of each sample (for distillation).")
     parser.add_argument("--gpu", type=str, default=None,
                         help="comma-separated GPU ids, one process each (e.g. 0 or 0,1,2,3); omit to run on the CPU. "
                              "Under torchrun the launcher decides")

@@ -16,12 +16,10 @@ end, samples_N{n}.npy and metrics.json (straightness, energy distance per NFE).
     python train_reverse_2d_joint.py --dir runs/2d
     python train_reverse_2d_joint.py --dir runs/2d-independent --independent
 """
-import argparse
-import json
 import os
 import time
 
-from utils.errors import HelpFormatter, UserError, cli_main, exit_cleanly_on_signals
+from utils.errors import ArgumentParser, UserError, cli_main, exit_cleanly_on_signals
 
 if __name__ == "__main__":
     exit_cleanly_on_signals()   # a signal during the imports below or a run is one line, not a traceback
@@ -49,10 +47,9 @@ PATHS_DRAWN = 30         # trajectories drawn per figure, as in the paper
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser("train_reverse_2d_joint.py",
         description="Two-mode Gaussian example of 'Minimizing Trajectory Curvature of ODE-based "
-                    "Generative Models': the learned coupling against the independent and minibatch-OT ones.",
-        formatter_class=HelpFormatter)
+                    "Generative Models': the learned coupling against the independent and minibatch-OT ones.")
     parser.add_argument("--dir", type=str, default="runs/2d",
                         help="output folder for figures, checkpoints, stats and metrics")
     parser.add_argument("--coupling", choices=toy2d.COUPLINGS, default=None,

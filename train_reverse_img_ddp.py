@@ -49,7 +49,7 @@ from utils import runlock  # noqa: E402
 from utils.console import protect_console  # noqa: E402
 from utils.cpu_shards import auto_shards  # noqa: E402
 from utils.data import DATASETS, FOLDER_DATASETS, build_dataset, check_dataset_config  # noqa: E402
-from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
+from utils.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 from utils.io import atomic_write, save_json  # noqa: E402
 from utils import train as plumbing  # noqa: E402
 from training.image_flow import Trainer, check_image_dataset, check_output_dir, check_resume_state  # noqa: E402
@@ -61,10 +61,9 @@ PAPER_ONLY_ARGS = ("weight_cur", "num_samples")   # in the paper's parser, used 
 # Arguments.
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser("train_reverse_img_ddp.py",
         description="Train a flow U-Net on images with the learned forward coupling of 'Minimizing Trajectory "
-                    "Curvature of ODE-based Generative Models' (or the independent / minibatch-OT coupling).",
-        formatter_class=HelpFormatter)
+                    "Curvature of ODE-based Generative Models' (or the independent / minibatch-OT coupling).")
     add = parser.add_argument
     add("--gpu", type=str, default=None,
         help="comma-separated GPU ids, one process each (e.g. 0 or 0,1); omit to train on the CPU. "

@@ -30,7 +30,6 @@ Only the reported configuration (FULL below) writes into the committed
 benchmarks/results/couplings_2d/ by default; a --quick or otherwise shortened run
 goes to runs/benchmarks/couplings_2d-quick/ unless --out says where.
 """
-import argparse
 import os
 import sys
 import time
@@ -46,7 +45,7 @@ from models import toy2d  # noqa: E402
 from utils import metrics2d, plot2d  # noqa: E402
 from utils.console import progress_bar  # noqa: E402
 from utils.dist import check_gpus, parse_gpu_list  # noqa: E402
-from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
+from utils.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 from utils.io import atomic_write, save_json  # noqa: E402
 from utils.train import check_finite_number  # noqa: E402
 from training.train2d import evaluate, training_step  # noqa: E402
@@ -61,8 +60,7 @@ TRAJECTORY_N = 128          # Euler steps of the trajectories drawn
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser("benchmarks/couplings_2d.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None,
                         help=f"folder for results.json, results.md and the plots [default: {COMMITTED_OUT} for the "
                              f"reported settings ({FULL['seeds']} seeds, {FULL['iterations']} iterations, "

@@ -52,7 +52,6 @@ from utils.threads import choose_omp_wait_policy  # noqa: E402
 
 OMP_POLICY = choose_omp_wait_policy()
 
-import argparse  # noqa: E402
 import copy  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -68,7 +67,7 @@ from models.flow import sample_time  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, autocast, resolve_amp  # noqa: E402
 from utils.cpu_shards import auto_shards  # noqa: E402
 from utils.dist import physical_cores  # noqa: E402
-from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
+from utils.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 from utils.io import load_json, save_json  # noqa: E402
 
 
@@ -76,7 +75,7 @@ WEIGHT_PRIOR = 20.0   # beta of the learned coupling's step (the paper's MNIST /
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = ArgumentParser("benchmarks/network_speed.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/mnist_de.json", help="network config (JSON) of the U-Net to time")
     parser.add_argument("--config_en", default=None,
                         help="encoder config (JSON): time the learned coupling's step (encoder, KL, U-Net), as the "

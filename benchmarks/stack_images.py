@@ -7,7 +7,6 @@ The README's 2D figure is the independent run's overview above the learned run's
     python benchmarks/stack_images.py docs/images/2d_trajectories.png runs/2d-independent/overview.png \
         runs/2d/overview.png
 """
-import argparse
 import os
 import sys
 
@@ -15,7 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
+from utils.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 from utils.io import atomic_write, did_you_mean  # noqa: E402
 
 
@@ -39,7 +38,7 @@ def stack(paths):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = ArgumentParser("benchmarks/stack_images.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("dest", help="the PNG to write")
     parser.add_argument("images", nargs="+", help="PNGs to stack, top first")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")

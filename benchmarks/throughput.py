@@ -34,7 +34,6 @@ from utils.threads import choose_omp_wait_policy  # noqa: E402
 
 OMP_POLICY = choose_omp_wait_policy()
 
-import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
@@ -51,7 +50,7 @@ from models.flow import euler, sample_time  # noqa: E402
 from utils.amp import autocast as amp_autocast  # noqa: E402
 from utils.cpu_shards import auto_shards  # noqa: E402
 from utils.dist import physical_cores  # noqa: E402
-from utils.errors import HelpFormatter, UserError, cli_main  # noqa: E402
+from utils.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 from utils.io import atomic_write, load_json, save_json  # noqa: E402
 
 MODES = {  # name: (bf16 autocast, torch.compile)
@@ -74,7 +73,7 @@ QUICK_CONFIGS = ("configs/tiny28_de.json", "configs/tiny28_en.json")
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = ArgumentParser("benchmarks/throughput.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config_de", default="configs/cifar10_de.json", help="velocity U-Net config (JSON)")
     parser.add_argument("--config_en", default="configs/cifar10_en.json", help="encoder U-Net config (JSON)")
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'")

@@ -26,6 +26,21 @@ class UserError(Exception):
     """A problem with the user's input; printed as one line, no traceback."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with this project's errors: a usage problem (an unknown option, an invalid choice, a missing
+    value) raises :class:`UserError`, so :func:`cli_main` prints it as one ``error:`` line that points at
+    ``--help`` and exits 1, like every check made after parsing (argparse's own way is its usage block and exit
+    2). ``--help`` still prints the help and exits 0. ``prog`` is the command as the docs write it
+    (``generate.py``, ``benchmarks/throughput.py``); help shows defaults (:class:`HelpFormatter`)."""
+
+    def __init__(self, prog, **options):
+        options.setdefault("formatter_class", HelpFormatter)
+        super().__init__(prog=prog, **options)
+
+    def error(self, message):
+        raise UserError(f"{message} (see python {self.prog} --help)")
+
+
 class AlreadyReported(Exception):
     """The error was printed already (by another process of the same torchrun job): exit 1, print nothing."""
 
@@ -90,7 +105,9 @@ def signals_end_blocking_wait():
     rank of a torchrun job stops with an error before joining, torchrun sends the others SIGTERM, which they
     then ignored until its SIGKILL 30 s later. Python's C-level handler also writes the signal's number to
     the wake-up fd (``signal.set_wakeup_fd``), and the wait releases the GIL, so a thread reading that fd
-    ends the process. For waits before a program writes anything: there is nothing to clean up (the run
+    ends the process. The main thread blocks the two signals meanwhile (the watcher takes them), so that they
+    do not interrupt the wait's own system calls: c10d would log a retry warning with a C++ stack trace for
+    an interrupted connect. For waits before a program writes anything: there is nothing to clean up (the run
     folder's lock goes with the process). Outside the main thread, it does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
@@ -112,7 +129,8 @@ def signals_end_blocking_wait():
                     os._exit(128 + number)
 
     watcher = threading.Thread(target=watch, name="signal-watch", daemon=True)
-    watcher.start()
+    watcher.start()   # before the mask: a thread starts with its creator's
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     try:
         yield
     finally:
@@ -120,6 +138,7 @@ def signals_end_blocking_wait():
         os.close(write_fd)
         watcher.join()
         os.close(read_fd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def exit_interrupted(error):
