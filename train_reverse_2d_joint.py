@@ -46,7 +46,7 @@ PLOT_POINTS = 512        # data points per mode in the figures (the paper's batc
 PATHS_DRAWN = 30         # trajectories drawn per figure, as in the paper
 
 
-def parse_args(argv):
+def build_parser():
     parser = ArgumentParser("train_reverse_2d_joint.py",
         description="Two-mode Gaussian example of 'Minimizing Trajectory Curvature of ODE-based "
                     "Generative Models': the learned coupling against the independent and minibatch-OT ones.")
@@ -96,7 +96,11 @@ def parse_args(argv):
     parser.add_argument("--overwrite", action="store_true",
                         help="allow writing into a --dir that already holds a run")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def resolve(args):
@@ -298,6 +302,9 @@ def save_checkpoints(folder, iteration, model):
 def main(argv):
     args = parse_args(argv)
     coupling, eval_N, device = resolve(args)
+    defaults = {name: build_parser().get_default(name) for name in vars(args)}
+    for line in couplinglib.unused_option_warnings(coupling, vars(args), defaults):
+        print(line, flush=True)
     try:
         run(args, coupling, eval_N, device)
     finally:

@@ -42,7 +42,7 @@ OMP_WAIT_POLICY = choose_omp_wait_policy()
 
 
 from models import check_encoder_decoder, fast_cpu, load_config  # noqa: E402
-from models.couplings import COUPLINGS, DESCRIPTIONS  # noqa: E402
+from models.couplings import COUPLINGS, DESCRIPTIONS, unused_option_warnings  # noqa: E402
 from utils import dist  # noqa: E402
 from utils.amp import AMP_CHOICES, AMP_HELP, resolve_amp  # noqa: E402
 from utils import runlock  # noqa: E402
@@ -242,6 +242,9 @@ def prepare(args):
     for name in PAPER_ONLY_ARGS:
         if getattr(run, name) is not None:
             warn(f"warning: --{name} has no effect (the paper's script accepts it without using it)")
+    defaults = {name: build_parser().get_default(name) for name in vars(args)}
+    for line in unused_option_warnings(run.coupling, vars(args), defaults):
+        warn(line)
     if run.is_main:
         plumbing.check_can_create(run.dir)
         # One owner per --dir: an existing folder is locked before anything in it is read (released in main);

@@ -195,6 +195,29 @@ DESCRIPTIONS = {
 }
 
 
+# The trainers' options that only some couplings use; an option given another value than its default for a
+# coupling that ignores it gets a warning (:func:`unused_options`).
+OPTION_USERS = {
+    "weight_prior": ("learned",),
+    "config_en": ("learned",),
+    "ot_reg": ("sinkhorn",),
+    "ot_batch": ("ot", "sinkhorn"),
+}
+
+
+def unused_options(coupling, values, defaults):
+    """(option, couplings that use it) for each option of :data:`OPTION_USERS` in ``values`` (a dict) that
+    ``coupling`` ignores although it is set to something other than its entry in ``defaults``."""
+    return [(name, users) for name, users in OPTION_USERS.items()
+            if name in values and coupling not in users and values[name] != defaults.get(name)]
+
+
+def unused_option_warnings(coupling, values, defaults):
+    """One warning line per option of :func:`unused_options`."""
+    return [f"warning: --{name} has no effect with --coupling {coupling} (it is used by "
+            f"{' and '.join(users)} only)" for name, users in unused_options(coupling, values, defaults)]
+
+
 def build_coupling(name, encoder=None, weight_prior=0.0, prior_variances=None, group_size=None, ot_reg=0.05):
     """The coupling ``name`` of :data:`COUPLINGS`; options a coupling does not use are ignored."""
     if name not in COUPLINGS:

@@ -132,10 +132,14 @@ def test_sinkhorn_run_trains_on_mixed_batches(tmp_path, capsys):
     threads = torch.get_num_threads()   # in-process: main() pins one thread on CPU
     try:
         script.main(["--dir", str(tmp_path / "sinkhorn"), "--coupling", "sinkhorn", "--iterations", "30",
-                     "--batchsize", "256", "--eval_N", "1"])
+                     "--batchsize", "256", "--eval_N", "1", "--weight_prior", "3", "--ot_reg", "0.05"])
     finally:
         torch.set_num_threads(threads)
-    assert "coupling sinkhorn (ot_reg 0.05, groups of 128)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "coupling sinkhorn (ot_reg 0.05, groups of 128)" in out
+    # the KL weight is the learned coupling's: said once; --ot_reg, sinkhorn's own, is not
+    assert [line for line in out.splitlines() if line.startswith("warning:")] == [
+        "warning: --weight_prior has no effect with --coupling sinkhorn (it is used by learned only)"]
     config = json.loads((tmp_path / "sinkhorn" / "config.json").read_text())
     assert config["mixed_batches"] is True and config["ot_reg"] == 0.05 and config["coupling"] == "sinkhorn"
     metrics = read_metrics(tmp_path / "sinkhorn")

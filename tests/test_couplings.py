@@ -161,3 +161,19 @@ def test_fixed_pairs_use_the_given_partner():
     terms = coupled_flow_loss(flow, coupling, x, torch.full((4,), 0.5), z)
     assert terms.loss.item() == pytest.approx((z - x).square().mean().item(), rel=1e-6)
     assert terms.kl.item() == 0.0
+
+
+def test_only_options_set_for_a_coupling_that_ignores_them_are_unused():
+    defaults = {"weight_prior": 10.0, "config_en": None, "ot_reg": 0.05, "ot_batch": 128, "lr": 1e-3}
+    given = dict(defaults, weight_prior=20.0, config_en="en.json", ot_reg=0.1, ot_batch=64, lr=1.0)
+    assert couplinglib.unused_options("learned", given, defaults) == [("ot_reg", ("sinkhorn",)),
+                                                                    ("ot_batch", ("ot", "sinkhorn"))]
+    assert couplinglib.unused_options("sinkhorn", given, defaults) == [("weight_prior", ("learned",)),
+                                                                     ("config_en", ("learned",))]
+    assert [name for name, _ in couplinglib.unused_options("independent", given, defaults)] == [
+        "weight_prior", "config_en", "ot_reg", "ot_batch"]
+    for name in couplinglib.COUPLINGS:   # defaults left alone, or options a script does not have: nothing
+        assert couplinglib.unused_options(name, defaults, defaults) == []
+        assert couplinglib.unused_options(name, {"lr": 1.0}, defaults) == []
+    assert couplinglib.unused_option_warnings("ot", {"ot_reg": 0.1}, defaults) == [
+        "warning: --ot_reg has no effect with --coupling ot (it is used by sinkhorn only)"]

@@ -348,6 +348,15 @@ def test_the_papers_unused_flags_are_accepted_with_a_warning(digits, tmp_path, c
     assert len(warnings) == 2 and "--weight_cur has no effect" in warnings[0] and "--num_samples" in warnings[1]
 
 
+def test_options_the_coupling_ignores_are_named_in_a_warning(digits, tmp_path, capsys):
+    cli_main(trainer.main, base_args(digits, str(tmp_path / "run"), "--iterations", 1, "--batchsize", 2, "--N", 2,
+                                     "--coupling", "ot", "--ot_reg", 0.3, "--weight_prior", 50))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: --weight_prior has no effect with --coupling ot (it is used by learned only)",
+                        "warning: --config_en has no effect with --coupling ot (it is used by learned only)",
+                        "warning: --ot_reg has no effect with --coupling ot (it is used by sinkhorn only)"]
+
+
 @pytest.mark.parametrize("script", ["train_reverse_img_ddp", "generate", "distill", "train_reverse_2d_joint"])
 def test_help_shows_no_none_defaults(script, capsys):
     module = __import__(script)
