@@ -347,7 +347,8 @@ class Training2D:
         record = {"iter": iteration, "loss": means["loss"], "loss_fm": means["loss_fm"], "kl": means.get("kl"),
                   "seconds": round(time.time() - self.start, 3)}
         append_text(self.stats_path, json_line(record))
-        progress.set_postfix(loss=f"{means['loss']:.3f}", refresh=False)
+        # the progress line shows the last logged loss: say which iteration it is
+        progress.set_postfix(loss=f"{means['loss']:.3f} (it {iteration})", refresh=False)
         self.sums, self.count = {}, 0
 
     def save(self, iteration, numbered, final):

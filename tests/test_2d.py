@@ -505,3 +505,20 @@ def test_sigterm_stops_at_a_step_boundary_with_that_iterations_checkpoints(tmp_p
     iteration = int(saved[0].stem.split("_")[-1])
     assert 200 <= iteration < 1000000 and (out / f"forward_model_{iteration}.pth").is_file()
     assert f"stopped by SIGTERM at iteration {iteration}; the checkpoints of that iteration are saved" in stdout
+
+
+def test_the_progress_line_names_the_iteration_of_the_loss_it_shows(tmp_path, capsys, monkeypatch):
+    """The loss is read once per LOG_EVERY (100) iterations; a progress line in between shows that one."""
+    monkeypatch.setenv("FAST_ODE_PROGRESS_SECONDS", "0")   # a line per iteration (stderr here is not a terminal)
+    threads = torch.get_num_threads()
+    try:
+        script.main(["--dir", str(tmp_path / "run"), "--iterations", "150", "--batchsize", "64", "--eval_N", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    lines = {line.split(":")[1].split()[0]: line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("2d learned:")}
+    logged = json.loads((tmp_path / "run" / "stats.jsonl").read_text().splitlines()[0])
+    assert logged["iter"] == 100
+    assert "loss" not in lines["100/150"]   # counted before that iteration's record
+    assert lines["101/150"].endswith(f"loss {logged['loss']:.3f} (it 100)"), lines["101/150"]
+    assert lines["149/150"].endswith(f"loss {logged['loss']:.3f} (it 100)"), lines["149/150"]

@@ -335,7 +335,8 @@ class Trainer:
         self.window.zero_()
         self.log.stats(record)
         shown = {key: "nan" if record[key] is None else f"{record[key]:.6f}" for key in ("loss", "flow_loss", "kl")}
-        progress.set_postfix(loss=shown["loss"], lr=f"{lr:.3g}")
+        # the progress line shows the last logged loss: say which iteration it is
+        progress.set_postfix(loss=f"{shown['loss']} (it {iteration})", lr=f"{lr:.3g}")
         self.log.line(f"iteration {iteration}: loss {shown['loss']}, flow_loss {shown['flow_loss']}, "
                       f"kl {shown['kl']}, lr {lr:.3g}, {record['images_per_s']:.1f} img/s")
 

@@ -171,7 +171,8 @@ class PairTrainer:
         self.log.stats({"iter": iteration, "loss": mean_loss, "test_loss": self.pending.pop("test_loss", None),
                         "sec_per_iter": (now - self.timer[0]) / max(iteration - self.timer[1], 1)})
         self.log.line(f"iteration {iteration}: loss {mean_loss:.6f}")
-        progress.set_postfix(loss=f"{mean_loss:.5f}")
+        # the progress line shows the last logged loss: say which iteration it is
+        progress.set_postfix(loss=f"{mean_loss:.5f} (it {iteration})")
         self.loss_sum.zero_()
         self.loss_count, self.timer = 0, (time.time(), iteration)
 
