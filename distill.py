@@ -209,6 +209,8 @@ def read_z(path, shape):
     problem = _z_problem(array, path, shape)
     if problem:
         raise UserError(problem)
+    if not np.isfinite(array).all():   # read here, once per use: the start-up check reads only the headers
+        raise UserError(f"z file {path} holds inf or NaN; regenerate it (generate.py --save_z) or remove the pair")
     return torch.from_numpy(array.astype(np.float32))
 
 

@@ -391,3 +391,21 @@ def test_a_flow_training_state_is_refused_in_one_line(pairs, tmp_path):
     torch.save({"format": "fast-ode-training-state-v1", "iter": 5, "model_state_dict": {}}, path)
     with pytest.raises(UserError, match="is an image flow training state .train_reverse_img_ddp.py., not a distill"):
         distill.main(command(pairs, out, "--iterations", "6", "--resume", path))
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_nan_in_a_z_file_is_named_not_blamed_on_the_learning_rate(pairs, tmp_path, capsys, workers):
+    import shutil
+    broken = str(tmp_path / "gen")
+    shutil.copytree(pairs["gen"], broken)
+    z_path = os.path.join(broken, "zs", "00001.npy")
+    z = np.load(z_path)
+    z[0, 3, 4] = np.nan
+    np.save(z_path, z)
+    args = command(pairs, str(tmp_path / "out"), "--iterations", "20", "--num_workers", workers)
+    args[args.index("--z_dir") + 1] = f"{broken}/zs"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(distill.main, args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(lines) == 1, lines
+    assert lines[0] == f"error: z file {z_path} holds inf or NaN; regenerate it (generate.py --save_z) or remove the pair"

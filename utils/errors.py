@@ -57,6 +57,18 @@ def first_line(error, limit=200):
     return printable(lines[0][:limit]) if lines else type(error).__name__
 
 
+def user_message(error):
+    """The message of a :class:`UserError`. One raised in a DataLoader worker comes back re-raised in the main
+    process with the worker's whole traceback as its message ("Caught UserError in DataLoader worker process
+    0. Original Traceback ..."); its own message is the traceback's last line."""
+    text = str(error)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        _, found, message = text.rstrip().splitlines()[-1].partition(f"{type(error).__name__}: ")
+        if found:
+            return message
+    return text
+
+
 class Stopped(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived while a program was starting or running without its own handlers."""
 
@@ -197,7 +209,7 @@ def _run(main, argv):
     except UserError as error:
         if debug:
             traceback.print_exc()
-        print(f"error: {printable(error)}", file=sys.stderr)
+        print(f"error: {printable(user_message(error))}", file=sys.stderr)
         sys.exit(1)
     except Exception as error:  # noqa: BLE001 - last line of defence for a CLI
         if debug:
