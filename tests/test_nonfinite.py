@@ -1,8 +1,9 @@
 """Non-finite weights are never saved (image training, distillation, the 2D example) and never sampled from.
 
 A learning rate far too large makes the weights inf or NaN after a step whose gradient was still finite,
-so skipping bad steps is not enough: each script checks the weights (and the EMA) before every save, stops
-in one line and keeps the files of earlier iterations. generate.py refuses such a checkpoint, and refuses
+so skipping bad steps is not enough: each script checks the weights (and the EMA) before every save (the image
+trainer and distill.py: before an iteration's first file), stops in one line and keeps the files of earlier
+iterations. generate.py refuses such a checkpoint, and refuses
 to report results when the samples themselves overflow.
 """
 import json
@@ -87,17 +88,22 @@ def test_training_never_saves_nonfinite_weights(tmp_path, capsys):
     assert code == 0, err
     before = {name: os.path.getmtime(os.path.join(folder, name)) for name in saved_files(folder)}
     # the issue's case: at 1e38 a finite gradient sends the weights to inf
-    code, lines, err = run(trainer.main, common + ["--iterations", 8, "--learning_rate", "1e38", "--resume", "auto"],
-                           capsys)
+    code, lines, err = run(trainer.main, common + ["--iterations", 8, "--learning_rate", "1e38", "--resume", "auto",
+                                                   "--sample_every", 1], capsys)
     assert code == 1 and len(lines) == 1 and "inf or NaN" in lines[0] and "nothing was saved" in lines[0], err
     assert "last good" not in lines[0]
     for name in saved_files(folder):
         assert finite_file(os.path.join(folder, name)), name
     assert torch.load(os.path.join(folder, "training_state_latest.pth"), weights_only=True)["iter"] == 2
     assert {name: os.path.getmtime(os.path.join(folder, name)) for name in before} == before
+    # the stopped iteration wrote nothing at all: no sample grid and no stats record (checked before both)
+    stopped = int(lines[0].split("stopped at iteration ")[1].split(":")[0])
+    assert stopped > 2
+    grids = [name for name in os.listdir(folder) if name.endswith(".png")]
+    assert grids and not [name for name in grids if name.endswith(f"_{stopped}.png")], grids
     with open(os.path.join(folder, "stats.jsonl")) as handle:   # strict JSON: no NaN / Infinity tokens
         records = [strict_json(line) for line in handle]
-    assert records and records[-1]["iter"] > 2
+    assert [record["iter"] for record in records] == list(range(1, stopped))
     # a state holding NaN (from elsewhere) is not resumed
     state = torch.load(os.path.join(folder, "training_state_latest.pth"), weights_only=True)
     next(iter(state["ema_model_state_dict"].values())).fill_(float("nan"))

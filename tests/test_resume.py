@@ -333,7 +333,10 @@ def test_nonfinite_steps_are_skipped_then_stop(digits, tmp_path, capsys):
     assert all(torch.isfinite(value).all() for value in state["ema_model_state_dict"].values())
     with open(os.path.join(folder, "stats.jsonl")) as handle:
         records = [json.loads(line) for line in handle]
-    assert records[-1]["nonfinite_steps"] >= 3 and records[-1]["loss"] is None
+    # the stop comes before the stopped iteration's record: the one before it shows the first two skipped steps
+    stopped = int(lines[0].split("stopped at iteration ")[1].split(":")[0])
+    assert [record["iter"] for record in records] == list(range(1, stopped))
+    assert records[-1]["nonfinite_steps"] == 2 and records[-1]["loss"] is None
 
 
 def test_resume_from_a_paper_format_state(digits, short_run, tmp_path, capsys):

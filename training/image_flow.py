@@ -362,21 +362,11 @@ class Trainer:
             f"{key} {value:.5g}" for key, value in self.pending_samples.items()))
 
     def save(self, iteration, numbered, final):
-        """Gather every rank's random state and weight checksum; rank 0 writes the files.
-
-        Weights or an EMA that are not finite are never written: every rank (they hold the same weights)
-        stops with one line, and the files of earlier iterations stay as they are."""
+        """Gather every rank's random state and weight checksum; rank 0 writes the files (the weights are
+        finite: :meth:`check` comes first)."""
         args, model, ema = self.args, self.model, self.ema
         weights = model.state_dicts()
         averaged = ema.module.state_dicts() if ema is not None else weights   # --no_ema: raw weights
-        if not plumbing.all_finite([tensor for d in (*weights.values(), *averaged.values()) if d is not None
-                                    for tensor in d.values()]):
-            latest = os.path.join(args.dir, plumbing.LATEST_NAME)
-            kept = (f"the files of earlier iterations are kept (latest state: {latest})" if os.path.isfile(latest)
-                    else "no state was saved before")
-            raise UserError(f"stopped at iteration {iteration}: the weights or their EMA hold inf or NaN after a "
-                            f"step with a finite gradient, so nothing was saved; {kept}. Lower --learning_rate or "
-                            f"set --grad_clip")
         rng = plumbing.gather_objects(plumbing.capture_rng_state(self.device))
         checksums = plumbing.gather_objects(plumbing.state_checksum(
             [d for d in (*weights.values(), *averaged.values()) if d is not None]))
@@ -415,7 +405,23 @@ class Trainer:
 
     # The hooks of training/loop.py.
     def check(self, iteration):
+        """Before the iteration's samples, record or save (every rank alike)."""
         self.check_nonfinite(iteration)
+        self.check_weights(iteration)
+
+    def check_weights(self, iteration):
+        """Weights or an EMA that are not finite are never sampled from or written: every rank (they hold the
+        same weights) stops with one line, and the files of earlier iterations stay as they are."""
+        weights = self.model.state_dicts()
+        averaged = self.ema.module.state_dicts() if self.ema is not None else {}
+        if not plumbing.all_finite([tensor for d in (*weights.values(), *averaged.values()) if d is not None
+                                    for tensor in d.values()]):
+            latest = os.path.join(self.args.dir, plumbing.LATEST_NAME)
+            kept = (f"the files of earlier iterations are kept (latest state: {latest})" if os.path.isfile(latest)
+                    else "no state was saved before")
+            raise UserError(f"stopped at iteration {iteration}: the weights or their EMA hold inf or NaN after a "
+                            f"step with a finite gradient, so nothing was saved; {kept}. Lower --learning_rate or "
+                            f"set --grad_clip")
 
     def evaluate(self, iteration):
         self.sample(iteration)

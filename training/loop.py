@@ -6,7 +6,8 @@ the state is saved first, the run says how to continue), and when to log, evalua
 networks and files; it provides
 
     step(iteration)                      one optimizer step
-    check(iteration)                     stop with one line when the run cannot go on (non-finite losses)
+    check(iteration)                     stop with one line when the run cannot go on (non-finite losses or
+                                         weights); called before the iteration's first file (sample, record, save)
     evaluate(iteration)                  sample grids / test loss (rank 0 only), merged into the next stats record
     write_stats(iteration, progress)     one stats.jsonl record and log line
     save(iteration, numbered, final)     the files of a save step
@@ -68,19 +69,20 @@ def run(task, start, iterations, schedule, desc, is_main=True, agreement=None, c
             stop = agreement.any(signals.received is not None)
             last = iteration == iterations
             numbered = iteration % schedule.save_every == 0
-            if stop:   # the state first: Ctrl-C through `| tee` has closed the console already
+            evaluated = iteration % schedule.evaluate_every == 0 or last
+            logged = (iteration % schedule.log_every == 0 or last or stop
+                      or (evaluated and schedule.log_with_evaluation))
+            saved = numbered or iteration % schedule.snapshot_every == 0 or last or stop
+            if evaluated or logged or saved:   # before any file of this iteration: a stop writes none
                 task.check(iteration)
+            if stop:   # the state first: Ctrl-C through `| tee` has closed the console already
                 task.save(iteration, numbered, final=last)
             progress.update(1)
-            evaluated = iteration % schedule.evaluate_every == 0 or last
             if is_main and evaluated:
                 task.evaluate(iteration)
-            if (iteration % schedule.log_every == 0 or last or stop
-                    or (evaluated and schedule.log_with_evaluation)):
+            if logged:
                 task.write_stats(iteration, progress)
-                task.check(iteration)
-            if (numbered or iteration % schedule.snapshot_every == 0 or last) and not stop:
-                task.check(iteration)
+            if saved and not stop:
                 task.save(iteration, numbered, final=last)
             if stop:
                 task.log.line(f"stopped by {signals.received or 'a signal to another rank'} at iteration "

@@ -160,13 +160,17 @@ class PairTrainer:
         self.pending = {"test_loss": self.test_error(iteration)}
 
     def check(self, iteration):
-        pass   # the mean loss is checked where it is read (write_stats), the weights before a save
-
-    def write_stats(self, iteration, progress):
+        """Before the iteration's grid, record or save: the student's weights and the window's loss are finite."""
+        if not plumbing.all_finite(self.student.state_dict().values()):
+            raise UserError(f"stopped at iteration {iteration}: the student's weights hold inf or NaN, so nothing "
+                            f"was saved (the files of earlier iterations are kept); lower --learning_rate")
         mean_loss = self.loss_sum.item() / max(self.loss_count, 1)
         if not math.isfinite(mean_loss):
             raise UserError(f"the training loss is {mean_loss} at iteration {iteration}; lower --learning_rate "
                             f"(the last saved state is kept)")
+
+    def write_stats(self, iteration, progress):
+        mean_loss = self.loss_sum.item() / max(self.loss_count, 1)   # finite: check() comes first
         now = time.time()
         self.log.stats({"iter": iteration, "loss": mean_loss, "test_loss": self.pending.pop("test_loss", None),
                         "sec_per_iter": (now - self.timer[0]) / max(iteration - self.timer[1], 1)})
@@ -177,10 +181,7 @@ class PairTrainer:
         self.loss_count, self.timer = 0, (time.time(), iteration)
 
     def save(self, iteration, numbered, final):
-        args, student = self.args, self.student
-        if not plumbing.all_finite(student.state_dict().values()):
-            raise UserError(f"stopped at iteration {iteration}: the student's weights hold inf or NaN, so nothing "
-                            f"was saved (the files of earlier iterations are kept); lower --learning_rate")
+        args, student = self.args, self.student   # weights finite: check() comes first
         saved = []
         if numbered or final:
             save_torch(student.state_dict(), model_path(args.dir, args.mode, iteration))
