@@ -183,8 +183,10 @@ def parse_seeds(text):
     for part in text.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if match is None:
+            negative = "; a seed here names its file, so it cannot be negative (--seed S takes any start: " \
+                       "S, S + 1, ...)" if part.strip().startswith("-") else ""
             raise UserError(f"--seeds must be comma-separated non-negative seeds and ranges like 0-63,100; "
-                            f"got {text!r}")
+                            f"got {text!r}{negative}")
         low = int(match.group(1))
         high = low if match.group(2) is None else int(match.group(2))
         if high < low:
@@ -527,6 +529,10 @@ def worker(info, args, plan):
         save_json(run_record(args, plan), os.path.join(args.dir, "config_sampling.json"))
         parameters = sum(p.numel() for p in net.parameters()) / 1e6
         extra = f", encoder {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M" if encoder is not None else ""
+        # a run folder as --ckpt / --encoder: say which of its files was loaded
+        chosen = [plan[key] for key, given in (("ckpt_file", args.ckpt), ("encoder_file", args.encoder))
+                  if given is not None and plan[key] is not None and os.path.isdir(given)]
+        extra += f" (from {', '.join(chosen)})" if chosen else ""
         nfe = (f"NFE {args.N}, {args.schedule} grid" if spec.fixed_step
                else f"adaptive (rtol {args.rtol}, atol {args.atol})")
         print(f"generate: {device} x {info.world_size} process(es), global batch {args.batchsize}, "

@@ -127,7 +127,7 @@ def resolve(args):
         raise UserError(f"--weight_prior must be >= 0, got {args.weight_prior}")
     check_seed(args.seed)
     try:
-        eval_N = [int(part) for part in args.eval_N.split(",") if part.strip()]
+        eval_N = [int(part) for part in args.eval_N.split(",")]   # an empty part (1,,2) is an error too
     except ValueError:
         raise UserError(f"--eval_N must be comma-separated positive integers like 1,2,4,8,128, "
                         f"got {args.eval_N!r}") from None

@@ -209,6 +209,8 @@ def test_bad_arguments_stop_with_one_line(tmp_path):
 @pytest.mark.parametrize("options, words", [
     (["--eval_N", "1,x"], "--eval_N"),
     (["--eval_N", "0,4"], "--eval_N"),
+    (["--eval_N", "1,,2"], "--eval_N must be comma-separated positive integers"),
+    (["--eval_N", "1,2,"], "--eval_N must be comma-separated positive integers"),
     (["--N", "0"], "--N"),
     (["--iterations", "0"], "--iterations"),
     (["--lr", "0"], "--lr"),

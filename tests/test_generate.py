@@ -363,9 +363,12 @@ def generate_only(*argv):
     generate.main([*map(str, argv)])
 
 
-def test_run_folder_needs_no_config_and_writes_a_labelled_grid(tmp_path, trained_run):
+def test_run_folder_needs_no_config_and_writes_a_labelled_grid(tmp_path, trained_run, capsys):
     out = tmp_path / "out"
     generate_only("--ckpt", trained_run, "--N", 20, "--dir", out, "--grid", "--seeds", "0-15")
+    # the first line names the file the folder resolved to (its newest EMA file)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"parameters (from {os.path.join(trained_run, 'flow_model_3_ema.pth')})" in first, first
     assert sorted(os.listdir(out / "samples")) == [f"{k:05d}.png" for k in range(16)]
     grid = read_png(out / "grid.png")
     sample_image = read_png(out / "samples" / "00000.png")
@@ -424,6 +427,8 @@ def test_each_seed_gives_the_image_of_that_seed(tmp_path, weights):
     (["--seeds", "1,0-2"], "seed 1 more than once"),
     (["--seeds", "a"], "comma-separated"),
     (["--seeds", "-1"], "comma-separated"),
+    (["--seeds", "-3"], r"cannot be negative \(--seed S takes any start"),
+    (["--seeds", "0,,1"], "comma-separated"),
     (["--seeds", "0-3", "--num_samples", "5"], "disagrees with the 4 seeds"),
     (["--seeds", "0-3", "--seed", "7"], "only one of them"),
 ])
