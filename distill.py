@@ -57,7 +57,7 @@ from utils.checkpoint import load_weights  # noqa: E402
 from utils.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 from training.pairs import ADAM_BETAS, ADAM_EPS, PairTrainer  # noqa: E402
 from utils.imagefiles import image_problem, is_image_name, no_images, open_image, to_pixels  # noqa: E402
-from utils.io import did_you_mean, load_state_dict_strict  # noqa: E402
+from utils.io import load_state_dict_strict, not_found  # noqa: E402
 
 MODES = ("distill", "reflow")
 IMAGE_FIX = "regenerate or remove it"
@@ -134,7 +134,7 @@ def _listing(folder, option):
     if folder is None:
         raise UserError(f"{option} is required (a folder written by generate.py --save_z)")
     if not os.path.isdir(folder):
-        raise UserError(f"{option} folder not found: {folder}{did_you_mean(folder)}")
+        raise UserError(not_found(folder, f"{option} folder", kind="folder"))
     return sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name)))
 
 

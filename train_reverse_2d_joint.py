@@ -148,9 +148,8 @@ def resolve_device(gpu):
 
 
 def prepare_dir(path, overwrite):
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--dir {path} exists and is not a folder; choose another --dir")
-    runlock.acquire(path)   # one owner per --dir, before it is read or written (released in main)
+    # one owner per --dir, before it is read or written (released in main); it must be a folder or not exist
+    runlock.acquire(path)
     if os.path.isfile(os.path.join(path, "config.json")) and not overwrite:
         raise UserError(f"--dir {path} already holds a run (config.json); choose another --dir "
                         f"or pass --overwrite to replace it")

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from utils.data import _to_tensor, download_reason
-from utils.io import did_you_mean
+from utils.errors import UserError
+from utils.io import did_you_mean, load_json, load_torch, not_found
 
 
 def test_resizing_is_the_papers_transforms_resize():
@@ -37,6 +38,26 @@ def test_a_path_without_its_separators_gets_the_real_one(tmp_path, monkeypatch):
     assert did_you_mean("configs/cifar10_de.json") == ""      # exists: nothing to say
     assert did_you_mean("configsmissing.json") == ""          # no split exists either
     assert did_you_mean("") == ""
+    # quoted ('configs\cifar10_de.json'), the backslashes survive: the same file with / instead
+    assert did_you_mean("configs\\cifar10_de.json") == (
+        "; did you mean configs/cifar10_de.json? (this is a POSIX system: folders are separated by /)")
+    assert did_you_mean("runs\\x\\flow_model_5_ema.pth").startswith("; did you mean runs/x/flow_model_5_ema.pth?")
+    assert did_you_mean("configs\\missing.json") == ""
+
+
+def test_a_file_or_folder_of_the_wrong_kind_is_named_so(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "a.json").write_text("{}")
+    assert not_found(str(tmp_path / "configs"), "--config_de file") == (
+        f"--config_de {tmp_path / 'configs'} is a folder, not a file")
+    assert not_found(str(tmp_path / "a.json"), "--im_dir folder", kind="folder") == (
+        f"--im_dir {tmp_path / 'a.json'} is a file, not a folder")
+    assert not_found(str(tmp_path / "b.json"), "--config_de file") == (
+        f"--config_de file not found: {tmp_path / 'b.json'}")
+    with pytest.raises(UserError, match="is a folder, not a file"):
+        load_json(str(tmp_path / "configs"), what="--config_de file")
+    with pytest.raises(UserError, match="checkpoint .* is a folder, not a file"):
+        load_torch(str(tmp_path / "configs"))
 
 
 @pytest.mark.parametrize("message, expected", [

@@ -408,4 +408,5 @@ def test_a_nan_in_a_z_file_is_named_not_blamed_on_the_learning_rate(pairs, tmp_p
         cli_main(distill.main, args)
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 1 and len(lines) == 1, lines
-    assert lines[0] == f"error: z file {z_path} holds inf or NaN; regenerate it (generate.py --save_z) or remove the pair"
+    assert lines[0] == (f"error: z file {z_path} holds inf or NaN; regenerate it (generate.py --save_z) or remove "
+                        f"the pair")

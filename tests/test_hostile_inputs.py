@@ -355,7 +355,8 @@ USAGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("prog, module, argv, message", USAGE_CASES, ids=[f"{c[0]}:{' '.join(c[2])}" for c in USAGE_CASES])
+@pytest.mark.parametrize("prog, module, argv, message", USAGE_CASES,
+                         ids=[f"{case[0]}:{' '.join(case[2])}" for case in USAGE_CASES])
 def test_a_usage_error_is_one_line_pointing_at_help(capsys, prog, module, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(module().main, argv)

@@ -132,6 +132,29 @@ def test_a_non_utf8_dir_is_one_line_before_anything_is_written(main, tmp_path, c
     assert sorted(os.listdir(tmp_path)) == ["digits"]
 
 
+@pytest.mark.parametrize("kind", ["file", "broken link"])
+def test_a_dir_that_is_a_file_or_a_broken_link_is_named_so_by_every_script(kind, tmp_path, capsys):
+    folder = tmp_path / "out"
+    if kind == "file":
+        folder.write_text("mine")
+        expected = f"error: output folder --dir {folder} exists and is not a folder; choose another --dir"
+    else:
+        folder.symlink_to(tmp_path / "gone" / "run")
+        expected = (f"error: output folder --dir {folder} is a broken symbolic link (to {tmp_path / 'gone' / 'run'}); "
+                    f"choose another --dir")
+    checkpoint = tmp_path / "flow.pth"
+    torch.save(build_network(load_config(CONFIG_DE)).state_dict(), checkpoint)
+    digits = write_mnist_pngs(str(tmp_path / "digits"), 4)
+    for main, argv in ((generate.main, ["--ckpt", str(checkpoint), "--config_de", CONFIG_DE, "--num_samples", "1",
+                                        "--N", "1"]),
+                       (trainer.main, ["--dataset", "folder", "--data_path", digits, "--config_de", CONFIG_DE,
+                                       "--config_en", CONFIG_EN, "--num_workers", "0", "--iterations", "1"]),
+                       (script_2d.main, ["--iterations", "1", "--eval_N", "1"])):
+        code, lines = run(main, ["--dir", str(folder), *argv], capsys)
+        assert (code, lines) == (1, [expected]), main
+    assert (folder.read_text() == "mine") if kind == "file" else not (tmp_path / "gone").exists()
+
+
 # ----------------------------------------------------------------------------
 # Two trainers on one folder: the second is refused, the first finishes with its own files.
 

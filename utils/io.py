@@ -143,6 +143,9 @@ def did_you_mean(path):
     path = os.fspath(path) if path is not None else ""
     if not path or os.path.exists(path):
         return ""
+    slashed = path.replace("\\", "/")
+    if slashed != path and os.path.exists(slashed):   # quoted, so the backslashes survived
+        return f"; did you mean {slashed}? (this is a POSIX system: folders are separated by /)"
     # the longest existing folder at the start of the path, then the part that lost its separators
     base, rest = "", path
     parts = path.split("/")
@@ -157,10 +160,21 @@ def did_you_mean(path):
     return f"; did you mean {os.path.normpath(found)}? (a Windows path loses its backslashes in a POSIX shell)"
 
 
+def not_found(path, what, kind="file"):
+    """The one line for ``path`` that is not the ``kind`` ("file" or "folder") it should be: missing (with
+    :func:`did_you_mean`'s hint), or there but the other kind."""
+    name = what.removesuffix(f" {kind}")   # "--config_de file" -> "--config_de configs is a folder, ..."
+    if kind == "file" and os.path.isdir(path):
+        return f"{name} {path} is a folder, not a file"
+    if kind == "folder" and os.path.exists(path):
+        return f"{name} {path} is a file, not a folder"
+    return f"{what} not found: {path}{did_you_mean(path)}"
+
+
 def load_json(path, what="JSON file"):
     """Read a JSON file; a missing or malformed file is a one-line :class:`UserError`."""
     if not os.path.isfile(path):
-        raise UserError(f"{what} not found: {path}{did_you_mean(path)}")
+        raise UserError(not_found(path, what))
     try:
         with open(path) as handle:
             return json.load(handle)
@@ -191,7 +205,7 @@ def load_torch(path, what="checkpoint", map_location="cpu"):
     """Load a torch file (weights only); missing, truncated or corrupt files give one clear line."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"{what} not found: {path}{did_you_mean(path)}")
+        raise UserError(not_found(path, what))
     # torch.save writes a zip archive (b"PK"); before PyTorch 1.6, a pickle (protocol byte 0x80)
     if os.path.getsize(path) and not starts_with(path, (b"PK", b"\x80")):
         raise UserError(f"{what} {path} is not a PyTorch file (neither a zip archive nor a pickle); use another file")

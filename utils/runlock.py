@@ -43,6 +43,14 @@ def check_folder_name(folder, option="--dir"):
         raise UserError(f"{option} {shown} is not a valid UTF-8 name; choose a folder name in UTF-8") from None
 
 
+def check_is_folder(folder, option="--dir"):
+    """An output folder that exists must be a folder: not a file, and not a symbolic link to nothing."""
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        what = (f"is a broken symbolic link (to {os.readlink(folder)})" if os.path.islink(folder) and
+                not os.path.exists(folder) else "exists and is not a folder")
+        raise UserError(f"output folder {option} {folder} {what}; choose another {option}")
+
+
 def holder(folder):
     """What the lock file of ``folder`` says about its holder (``"PID 12 on host x"``), or ``"unknown"``."""
     try:
@@ -61,6 +69,7 @@ def acquire(folder, option="--dir"):
     A folder this process already holds is left as it is; :func:`release` lets it go.
     """
     check_folder_name(folder, option)
+    check_is_folder(folder, option)
     try:
         os.makedirs(folder, exist_ok=True)
         key = os.path.realpath(folder)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+from utils import runlock
 from utils.checkpoint import TRAINING_STATE_FORMAT, upgrade_state
 from utils.errors import UserError
 from utils.io import append_text, atomic_write, json_line, load_torch
@@ -478,8 +479,7 @@ def _tensorboard_writer(folder):
 def check_can_create(folder):
     """Stop with one line, creating nothing, when ``folder`` could not be made or written: it is not a
     folder, or its nearest existing parent is not writable. (:func:`check_writable` makes it later.)"""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"output folder --dir {folder} exists and is not a folder; choose another --dir")
+    runlock.check_is_folder(folder)
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
