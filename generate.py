@@ -345,8 +345,8 @@ def _comparable(record):
 def differences(previous, current):
     """Names (with both values) of the arguments in which two run records differ."""
     old, new = _comparable(previous), _comparable(current)
-    return [f"{key} {old.get(key)!r} vs {new.get(key)!r}" for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key)]
+    return [text for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)
+            for text in rundir.change(key, old.get(key), new.get(key))]
 
 
 def prepare_output_dir(args, plan):

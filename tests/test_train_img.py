@@ -348,6 +348,33 @@ def test_the_papers_unused_flags_are_accepted_with_a_warning(digits, tmp_path, c
     assert len(warnings) == 2 and "--weight_cur has no effect" in warnings[0] and "--num_samples" in warnings[1]
 
 
+def test_a_fresh_start_over_another_config_names_the_keys_that_differ(digits, tmp_path, capsys):
+    folder = str(tmp_path / "run")
+    code, _ = train(base_args(digits, folder, "--iterations", 1, "--batchsize", 2, "--N", 2), capsys)
+    assert code == 0
+    other = dict(load_config(CONFIG_DE), dropout=0.25)
+    other_path = tmp_path / "other_de.json"
+    other_path.write_text(json.dumps(other))
+    argv = base_args(digits, folder, "--iterations", 1, "--batchsize", 2, "--N", 2)
+    argv[argv.index("--config_de") + 1] = str(other_path)
+    code, stderr = train(argv + ["--learning_rate", "1e-4"], capsys)
+    lines = error_lines(stderr)
+    assert code == 1 and len(lines) == 1, stderr
+    # the config's one changed key, not the two whole configs
+    assert lines[0] == (f"error: --dir {folder} holds a run with another configuration (config.json: learning_rate "
+                        f"3e-05 vs 0.0001; resolved_config_de.dropout {load_config(CONFIG_DE)['dropout']!r} vs "
+                        f"0.25); choose another --dir, or pass --resume auto to continue that run")
+    # with --resume auto but no state left to continue, the advice is not --resume auto again
+    for name in os.listdir(folder):
+        if name.endswith(".pth"):
+            os.remove(os.path.join(folder, name))
+    code, stderr = train(argv + ["--resume", "auto"], capsys)
+    lines = error_lines(stderr)
+    assert code == 1 and len(lines) == 1, stderr
+    assert lines[0].endswith(f"resolved_config_de.dropout {load_config(CONFIG_DE)['dropout']!r} vs 0.25); it holds "
+                             f"no training state to continue from, so choose another --dir"), lines[0]
+
+
 def test_options_the_coupling_ignores_are_named_in_a_warning(digits, tmp_path, capsys):
     cli_main(trainer.main, base_args(digits, str(tmp_path / "run"), "--iterations", 1, "--batchsize", 2, "--N", 2,
                                      "--coupling", "ot", "--ot_reg", 0.3, "--weight_prior", 50))

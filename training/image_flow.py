@@ -46,9 +46,11 @@ def check_output_dir(run, resuming):
         raise UserError(f"--dir {run.dir} holds an unreadable config.json; choose another --dir")
     changed = rundir.differences(previous, run.record(), RUN_DEFINING_ARGS) if previous else []
     if changed:
+        more = f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
+        fix = ("it holds no training state to continue from, so choose another --dir" if run.resume else
+               "choose another --dir, or pass --resume auto to continue that run")
         raise UserError(f"--dir {run.dir} holds a run with another configuration (config.json: "
-                        f"{'; '.join(changed[:2])}); choose another --dir, or pass --resume auto to continue "
-                        f"that run")
+                        f"{'; '.join(changed[:3])}{more}); {fix}")
     existing = rundir.existing_outputs(run.dir, ("training_state_*.pth", "flow_model_*_ema.pth"))
     if existing:
         fix = ("it holds no training state to continue from" if run.resume else

@@ -26,12 +26,21 @@ def previous_record(folder, name="config.json"):
     return record if isinstance(record, dict) else UNREADABLE
 
 
+def change(key, old, new):
+    """``["key old vs new"]``; for two dicts (a network config), one entry per inner key that differs
+    (``"resolved_config_de.dropout 0.1 vs 0.0"``), not both whole dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [f"{key}.{inner} {old.get(inner)!r} vs {new.get(inner)!r}" for inner in sorted(set(old) | set(new))
+                if old.get(inner) != new.get(inner)]
+    return [f"{key} {old!r} vs {new!r}"]
+
+
 def differences(previous, current, keys=None):
-    """``"key old vs new"`` for each of ``keys`` (default: every key of ``current``) that ``previous`` holds with
+    """:func:`change` for each of ``keys`` (default: every key of ``current``) that ``previous`` holds with
     another value; keys the previous record lacks (written by an older version) are not differences."""
     keys = current.keys() if keys is None else keys
-    return [f"{key} {previous[key]!r} vs {current[key]!r}" for key in keys
-            if key in previous and key in current and previous[key] != current[key]]
+    return [text for key in keys if key in previous and key in current and previous[key] != current[key]
+            for text in change(key, previous[key], current[key])]
 
 
 def existing_outputs(folder, patterns):
