@@ -129,6 +129,27 @@ def test_default_amp_is_auto_and_recorded(tmp_path, digits):
     assert np.abs(images["none"] - images["bf16"]).mean() <= 1.0
 
 
+def test_auto_keeps_adaptive_solvers_in_fp32(tmp_path, monkeypatch):
+    """bf16 noise in the velocity makes an adaptive solver take far more steps; auto gives them fp32, fixed-step
+    solvers bf16 (on a device with native bf16: made so here), and an explicit --amp bf16 is kept."""
+    from models import build_network, load_config
+    ckpt = str(tmp_path / "flow.pth")
+    torch.manual_seed(0)
+    torch.save(build_network(load_config(CONFIG_DE)).state_dict(), ckpt)
+    native = lambda requested, device: resolve_amp(requested, device, ["avx512f", "avx512_bf16"])  # noqa: E731
+    monkeypatch.setattr(generate, "resolve_amp", native)
+    used = {}
+    for solver, amp in (("rk45", "auto"), ("euler", "auto"), ("rk45", "bf16")):
+        out = str(tmp_path / f"{solver}-{amp}")
+        generate.main(["--dir", out, "--ckpt", ckpt, "--config_de", CONFIG_DE, "--N", "2", "--num_samples", "1",
+                       "--solver", solver, "--amp", amp])
+        with open(os.path.join(out, "config_sampling.json")) as handle:
+            record = json.load(handle)
+        used[solver, amp] = record["amp_used"], record["amp_reason"]
+    assert used["rk45", "auto"] == ("none", "auto: fp32 for the adaptive solver rk45, whose NFE bf16 noise inflates")
+    assert used["euler", "auto"][0] == "bf16" and used["rk45", "bf16"] == ("bf16", "--amp bf16 given")
+
+
 @pytest.mark.skipif(not fast_cpu.choose("cpu", "bf16")[0], reason="the bf16 CPU fast path is not available here")
 def test_fast_path_training_follows_the_plain_bf16_path(tmp_path, digits, monkeypatch):
     """The bf16 CPU fast path (channels_last, fused GroupNorm kernel, batch shards) against plain bf16 (NCHW,
