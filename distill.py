@@ -262,6 +262,8 @@ def check_args(args):
     if args.dir is None:
         raise UserError("--dir is required: the output folder")
     runlock.check_folder_name(args.dir)
+    rundir.check_apart(args.dir, {option: getattr(args, option.lstrip("-"))
+                                  for option in ("--im_dir", "--z_dir", "--im_dir_test", "--z_dir_test")})
     if os.path.isdir(args.dir):
         # One owner per --dir, before anything in it is read (released in main). A folder that does not
         # exist yet is created, and locked, only once the inputs are checked (main).

@@ -55,6 +55,7 @@ from utils.checkpoint import load_weights, resolve_weights_path, saved_configs  
 from utils.data import DATASETS, build_dataset, check_dataset_config  # noqa: E402
 from utils.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 from utils.images import save_labelled_grid, save_png, to_uint8  # noqa: E402
+from utils.imagefiles import is_image_name  # noqa: E402
 from utils.io import atomic_write, load_state_dict_strict, save_json  # noqa: E402
 
 TRAJ_COLUMNS = 8  # x0 predictions drawn per trajectory strip (evenly spaced steps)
@@ -349,9 +350,26 @@ def differences(previous, current):
             for text in rundir.change(key, old.get(key), new.get(key))]
 
 
+def check_not_an_input(args):
+    """--dir must not be a training run's folder or a folder of images (a dataset): generate.py's samples
+    there would mix with the run's files, or become training data (a data folder is read recursively)."""
+    rundir.check_apart(args.dir, {"--data_path": args.data_path} if args.dataset else {})
+    if not os.path.isdir(args.dir):
+        return
+    runs = rundir.existing_outputs(args.dir, ("training_state_*.pth", "flow_model_*.pth", "forward_model_*.pth"))
+    if runs:
+        raise UserError(f"--dir {args.dir} holds a training run ({os.path.basename(runs[-1])}); write samples "
+                        f"into a folder of their own, e.g. --dir {os.path.join(args.dir, 'samples-' + args.solver)}")
+    images = [name for name in os.listdir(args.dir) if is_image_name(name) and name != "grid.png"]
+    if images:
+        raise UserError(f"--dir {args.dir} holds images of its own ({sorted(images)[0]}, ...), as a dataset does; "
+                        f"generate.py writes its samples into --dir/samples: choose another --dir")
+
+
 def prepare_output_dir(args, plan):
     """Take --dir's lock and create it; it must be writable and must not hold a different run's outputs
     (unless --overwrite, which marks them to be deleted just before sampling)."""
+    check_not_an_input(args)
     if not dist.under_launcher() or int(os.environ["RANK"]) == 0:
         runlock.acquire(args.dir)   # one writer per --dir (released in main); rank 0 writes it
     try:

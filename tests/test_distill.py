@@ -410,3 +410,17 @@ def test_a_nan_in_a_z_file_is_named_not_blamed_on_the_learning_rate(pairs, tmp_p
     assert exit_info.value.code == 1 and len(lines) == 1, lines
     assert lines[0] == (f"error: z file {z_path} holds inf or NaN; regenerate it (generate.py --save_z) or remove "
                         f"the pair")
+
+
+def test_dir_inside_an_input_folder_is_refused(pairs, tmp_path):
+    """Its pred_*.png would land among the pairs and break the next run's matching."""
+    import shutil
+    gen = str(tmp_path / "gen")
+    shutil.copytree(pairs["gen"], gen)
+    before = sorted(os.listdir(f"{gen}/samples"))
+    for out in (f"{gen}/samples", f"{gen}/zs/student"):
+        args = command(pairs, out)
+        args[args.index("--im_dir") + 1], args[args.index("--z_dir") + 1] = f"{gen}/samples", f"{gen}/zs"
+        with pytest.raises(UserError, match=r"--dir .* is inside --(im|z)_dir .*, which this run reads"):
+            distill.main(args)
+    assert sorted(os.listdir(f"{gen}/samples")) == before and not os.path.exists(f"{gen}/zs/student")

@@ -469,3 +469,21 @@ def test_a_huge_sample_count_is_one_line_not_a_full_memory():
             generate.resolve_seeds(args)
     args = generate.parse_args(["--dir", "unused", "--ckpt", "unused.pth", "--num_samples", str(10 ** 7)])
     assert len(generate.resolve_seeds(args)) == 10 ** 7   # the bound itself is allowed
+
+
+def test_samples_never_go_into_a_run_folder_or_a_dataset(tmp_path, weights):
+    digits = write_mnist_pngs(str(tmp_path / "digits"), 3)
+    before = sorted(os.listdir(digits)), sorted(os.listdir(weights["folder"]))
+    with pytest.raises(UserError, match=r"holds images of its own \(00000.png, ...\), as a dataset does"):
+        sample(digits, weights["flow"], "--N", 1, "--num_samples", 1)
+    with pytest.raises(UserError, match=r"holds a training run \(forward_model_100_ema.pth\); write samples into a "
+                                        r"folder of their own, e.g. --dir .*samples-euler"):
+        sample(weights["folder"], weights["flow"], "--N", 1, "--num_samples", 1)
+    with pytest.raises(UserError, match="is inside --data_path .* which this run reads"):
+        sample(os.path.join(digits, "recon"), weights["flow"], "--N", 1, "--num_samples", 1, "--encoder",
+               weights["encoder"], "--config_en", CONFIG_EN, "--dataset", "folder", "--data_path", digits)
+    assert (sorted(os.listdir(digits)), sorted(os.listdir(weights["folder"]))) == before
+    # a folder of the run's own, inside it, is fine
+    out = sample(os.path.join(weights["folder"], "samples-euler"), weights["flow"], "--N", 1, "--num_samples", 1)
+    assert os.listdir(os.path.join(out, "samples")) == ["00000.png"]
+    shutil.rmtree(out)

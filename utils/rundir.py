@@ -49,3 +49,18 @@ def existing_outputs(folder, patterns):
     for pattern in patterns:
         found.extend(glob.glob(os.path.join(folder, pattern)))
     return sorted(found)
+
+
+def inside(path, folder):
+    """Whether ``path`` is ``folder`` or lies inside it (symbolic links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_apart(out, inputs, option="--dir"):
+    """The output folder must not be, or lie inside, one of the ``inputs`` ({option: folder}) that the run
+    reads: its files would become inputs (a data folder is read recursively)."""
+    for name, folder in inputs.items():
+        if folder is not None and os.path.isdir(folder) and inside(out, folder):
+            raise UserError(f"{option} {out} is inside {name} {folder}, which this run reads; its outputs would "
+                            f"mix with the inputs: choose another {option}")
