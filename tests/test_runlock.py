@@ -93,7 +93,9 @@ def test_killed_writes_temporaries_go_once_the_lock_is_held(holder):
     folder, process = holder
     stale = [folder / ".training_state_latest.pth.k2j4.tmp", folder / "samples" / ".00000.png.x8q1.tmp",
              folder / "..write_probe.a1b2.tmp"]
-    kept = [folder / "samples" / "00000.png", folder / "notes.tmp", folder / "samples" / "deeper" / ".x.png.q.tmp"]
+    kept = [folder / "samples" / "00000.png", folder / "notes.tmp", folder / "samples" / "deeper" / ".x.png.q.tmp",
+            # a run folder inside this one (its own lock file): maybe live, its owner cleans it
+            folder / "child" / runlock.LOCK_NAME, folder / "child" / ".training_state_latest.pth.z9y8.tmp"]
     for path in stale + kept:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"partial")

@@ -102,9 +102,14 @@ def acquire(folder, option="--dir"):
 def remove_stale_temporaries(folder):
     """Delete the temporary files of atomic writes (``utils.io.atomic_write``: ``.<name>.<random>.tmp``) that a
     killed process left in ``folder`` and in its subfolders one level down (generate.py's ``samples/``, ...).
-    Called by :func:`acquire` once this process holds the lock: no live writer owns them."""
+    Called by :func:`acquire` once this process holds the lock: no live writer owns them. A subfolder with a
+    lock file of its own is another run's folder (a run inside this one, perhaps live): its owner cleans it."""
     for pattern in (".*.tmp", os.path.join("*", ".*.tmp")):
         for stale in glob.glob(os.path.join(glob.escape(folder), pattern)):
+            parent = os.path.dirname(stale)
+            if os.path.realpath(parent) != os.path.realpath(folder) and os.path.exists(os.path.join(parent,
+                                                                                                  LOCK_NAME)):
+                continue
             with contextlib.suppress(OSError):
                 os.unlink(stale)
 
