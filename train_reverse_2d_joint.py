@@ -301,8 +301,7 @@ def save_checkpoints(folder, iteration, model):
 def main(argv):
     args = parse_args(argv)
     coupling, eval_N, device = resolve(args)
-    defaults = {name: build_parser().get_default(name) for name in vars(args)}
-    for line in couplinglib.unused_option_warnings(coupling, vars(args), defaults):
+    for line in couplinglib.unused_option_warnings(coupling, vars(args), build_parser().defaults(vars(args))):
         print(line, flush=True)
     try:
         run(args, coupling, eval_N, device)

@@ -242,8 +242,7 @@ def prepare(args):
     for name in PAPER_ONLY_ARGS:
         if getattr(run, name) is not None:
             warn(f"warning: --{name} has no effect (the paper's script accepts it without using it)")
-    defaults = {name: build_parser().get_default(name) for name in vars(args)}
-    for line in unused_option_warnings(run.coupling, vars(args), defaults):
+    for line in unused_option_warnings(run.coupling, vars(args), build_parser().defaults(vars(args))):
         warn(line)
     if run.is_main:
         plumbing.check_can_create(run.dir)

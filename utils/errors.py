@@ -40,6 +40,10 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{message} (see python {self.prog} --help)")
 
+    def defaults(self, names):
+        """{name: its default} for the options ``names`` (an option this parser lacks: None)."""
+        return {name: self.get_default(name) for name in names}
+
 
 class AlreadyReported(Exception):
     """The error was printed already (by another process of the same torchrun job): exit 1, print nothing."""
