@@ -150,3 +150,39 @@ def test_the_training_dataset_reads_a_zip_exactly_and_skips_unreadable_images(tm
     assert dataset.scan()["bad"] == [("2.png", "not an image format PIL reads")]
     with pytest.raises(UserError, match=r"unreadable image .*2.png .*--bad_images skip"):
         ImageFolderDataset(archive, 4, 3)[2]
+
+
+def test_16_bit_grey_is_scaled_to_8_bits_not_clipped(tmp_path):
+    # PIL's convert("L") clips a 16-bit image's values to 255 (a nearly white picture); v must become round(v / 257)
+    values = np.array([[0, 128, 129, 257, 385, 386], [1000, 32767, 32768, 65407, 65408, 65535]], dtype=np.uint16)
+    path = str(tmp_path / "deep.png")
+    PIL.Image.fromarray(values).save(path)
+    with open_image(path) as image:
+        assert image.mode.startswith("I;16")
+        grey, rgb = to_pixels(image, 1), to_pixels(image, 3)
+    expected = np.floor(values.astype(np.float64) / 257 + 0.5).astype(np.uint8)   # the exact rounding
+    assert expected[0].tolist() == [0, 0, 1, 1, 1, 2] and expected[1, -1] == 255
+    np.testing.assert_array_equal(grey[0], expected)
+    np.testing.assert_array_equal(rgb, np.repeat(expected[None], 3, axis=0))
+    # the same file through a folder reader and the training dataset's [-1, 1] scale
+    files = ImageFiles(str(tmp_path))
+    np.testing.assert_array_equal(files.read_pixels("deep.png", channels=1)[0], expected)
+    np.testing.assert_allclose(read_image(path, 1)[0].numpy(), expected / 127.5 - 1, atol=1e-6)
+
+
+def test_32_bit_and_float_pixels_in_0_255_are_kept_and_others_refused_naming_the_file(tmp_path):
+    kept = np.array([[0, 17, 255]], dtype=np.int32)
+    PIL.Image.fromarray(kept).save(str(tmp_path / "int.tif"))
+    PIL.Image.fromarray(kept.astype(np.float32)).save(str(tmp_path / "whole.tif"))
+    for name in ("int.tif", "whole.tif"):
+        np.testing.assert_allclose(read_image(str(tmp_path / name), 1)[0].numpy(), kept / 127.5 - 1, atol=1e-6)
+    bad = {"wide.tif": np.array([[0, 4000]], dtype=np.int32), "negative.tif": np.array([[-1, 3]], dtype=np.int32),
+           "unit.tif": np.array([[0.0, 0.5, 1.0]], dtype=np.float32)}
+    for name, values in bad.items():
+        path = str(tmp_path / name)
+        PIL.Image.fromarray(values).save(path)
+        with pytest.raises(UnreadableImage) as caught:
+            read_image(path, 1)
+        message = str(caught.value)
+        assert path in message and "not whole numbers in 0-255" in message and "\n" not in message
+        assert f"from {values.min():g} to {values.max():g}" in message

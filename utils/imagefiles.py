@@ -73,10 +73,34 @@ def image_problem(image,            # an opened PIL image (its header is enough)
     return None
 
 
+def eight_bit(image):
+    """``image`` with 8-bit pixels. PIL's ``convert`` clips wider pixels to 0-255 instead of scaling them: a 16-bit
+    grey image (modes ``I;16*``) would come out nearly white. So 16-bit values v become round(v / 257), the full
+    range onto 0-255; 32-bit integer (``I``) and float (``F``) pixels, whose range a file does not state, are
+    taken as they are when they are whole numbers in 0-255 and refused otherwise (ValueError, which a reader's
+    ``open`` block reports as an unreadable image, naming the file)."""
+    mode = image.mode
+    if mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.uint32)
+        return PIL.Image.fromarray(((values * 2 + 257) // 514).astype(np.uint8), "L")
+    if mode in ("I", "F"):
+        values = np.asarray(image)
+        if values.size == 0:
+            return image.convert("L")
+        low, high = values.min(), values.max()
+        kind = "32-bit integer" if mode == "I" else "float"
+        if not (0 <= low and high <= 255 and np.isfinite(high)) or (mode == "F" and np.any(values != np.round(values))):
+            raise ValueError(f"{kind} pixels from {low:g} to {high:g}, not whole numbers in 0-255: "
+                             f"save it as an 8- or 16-bit image")
+        return PIL.Image.fromarray(values.astype(np.uint8), "L")
+    return image
+
+
 def to_pixels(image, channels, resolution=None):
     """PIL image -> uint8 numpy [C, H, W]: grey (PIL's ``convert("L")``) for one channel, RGB for three (grey is
     repeated); resized bilinearly (PIL's, as the paper's ``transforms.Resize``) to ``resolution`` squared when
-    given and different."""
+    given and different. 16-bit images are scaled to 8 bits first (:func:`eight_bit`)."""
+    image = eight_bit(image)
     mode = "L" if channels == 1 else "RGB"
     if image.mode != mode:
         image = image.convert(mode)
