@@ -26,9 +26,11 @@ quality_vs_nfe.png and trajectories.png (first seed).
     python benchmarks/couplings_2d.py --quick     # ~2 CPU-minutes (80 s of it sinkhorn), 1 seed -> runs/benchmarks/
     python benchmarks/couplings_2d.py --seeds 3   # the reported run -> benchmarks/results/couplings_2d/
 
-Only the reported configuration (FULL below) writes into the committed
-benchmarks/results/couplings_2d/ by default; a --quick or otherwise shortened run
-goes to runs/benchmarks/couplings_2d-quick/ unless --out says where.
+Only the reported configuration (FULL below, every other option that changes the results at its
+default) writes into the committed benchmarks/results/couplings_2d/ by default; a --quick, shortened
+or otherwise changed run goes to runs/benchmarks/couplings_2d-quick/ unless --out says where. While
+a run goes, its rows so far are in results.partial.json; results.json and the rest are replaced
+only when it completes.
 """
 import os
 import sys
@@ -64,8 +66,8 @@ def parse_args(argv):
     parser.add_argument("--out", default=None,
                         help=f"folder for results.json, results.md and the plots [default: {COMMITTED_OUT} for the "
                              f"reported settings ({FULL['seeds']} seeds, {FULL['iterations']} iterations, "
-                             f"{FULL['reflow_pairs']} reflow pairs), else {SMOKE_OUT}, so that a quick run never "
-                             f"replaces the committed results]")
+                             f"{FULL['reflow_pairs']} reflow pairs, every other option at its default), else {SMOKE_OUT}, so "
+                             f"that a quick or changed run never replaces the committed results]")
     parser.add_argument("--quick", action="store_true",
                         help=f"a short check: {QUICK['iterations']} iterations, {QUICK['seeds']} seed, "
                              f"{QUICK['reflow_pairs']} reflow pairs (explicit options still win)")
@@ -108,13 +110,26 @@ def _numbers(text, option, kind):
     return values
 
 
+# The options that change the results (not --out, --gpu, --debug): the committed folder holds the run with FULL
+# and every other one of them at its default.
+RESULT_OPTIONS = ("methods", "weight_priors", "eval_N", "reflow_N", "ot_batch", "ot_reg", "batchsize", "lr")
+
+
+def reported_settings(args):
+    """True when ``args`` (with the preset filled in) are the reported run's: FULL, and the other options that change
+    the results at their defaults."""
+    defaults = parse_args([])
+    return (all(getattr(args, name) == value for name, value in FULL.items())
+            and all(getattr(args, name) == getattr(defaults, name) for name in RESULT_OPTIONS))
+
+
 def resolve(args):
     preset = QUICK if args.quick else FULL
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.out is None:
-        args.out = COMMITTED_OUT if all(getattr(args, name) == value for name, value in FULL.items()) else SMOKE_OUT
+        args.out = COMMITTED_OUT if reported_settings(args) else SMOKE_OUT
     for name in ("seeds", "iterations", "reflow_pairs", "reflow_N", "batchsize"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be a positive integer, got {getattr(args, name)}")
@@ -340,9 +355,13 @@ def main(argv):
     rows, drawn = [], []
     start = time.perf_counter()
 
+    # the rows so far go to results.partial.json; results.json is replaced only when the run is complete, so an
+    # interrupted run leaves the previous results (the committed ones, in the default folder) as they were
+    partial = os.path.join(args.out, "results.partial.json")
+
     def record(row, flow_model, label, noise, samples, reference):
         rows.append(row)
-        save_json(rows, os.path.join(args.out, "results.json"))
+        save_json(rows, partial)
         print(f"  seed {row['seed']} {label:22s} straightness {row['straightness']:8.4f}  ED "
               + " ".join(f"{n}:{row['energy_distance'][str(n)]:.4f}" for n in eval_N)
               + f"  ({row['train_seconds']:.0f} s)", flush=True)
@@ -359,6 +378,8 @@ def main(argv):
         toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(0, toy2d.STREAM_FLOOR)), floor_reference)
     summary = summarise(rows, eval_N)
     device_name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+    save_json(rows, os.path.join(args.out, "results.json"))
+    os.remove(partial)
     write_markdown(os.path.join(args.out, "results.md"), summary, eval_N, args, command, floor, device_name)
     plot_quality(os.path.join(args.out, "quality_vs_nfe.png"), summary, eval_N)
     plot_trajectories(os.path.join(args.out, "trajectories.png"), drawn, floor_reference[:2048])

@@ -429,7 +429,9 @@ def _couplings_benchmark():
 
 @pytest.mark.parametrize("argv, committed", [
     ([], True), (["--seeds", "3"], True), (["--quick"], False), (["--seeds", "1"], False),
-    (["--iterations", "100"], False),
+    (["--iterations", "100"], False), (["--methods", "independent,learned"], False), (["--eval_N", "1,2"], False),
+    (["--weight_priors", "10"], False), (["--lr", "0.01"], False), (["--batchsize", "256"], False),
+    (["--ot_reg", "0.1"], False), (["--reflow_N", "16"], False), (["--ot_batch", "0"], False),
 ])
 def test_only_the_reported_benchmark_run_writes_the_committed_results(argv, committed):
     bench = _couplings_benchmark()
@@ -437,6 +439,32 @@ def test_only_the_reported_benchmark_run_writes_the_committed_results(argv, comm
     bench.resolve(args)
     cited = os.path.normpath("benchmarks/results/couplings_2d")    # the folder docs/RESULTS.md cites
     assert (os.path.normpath(args.out) == cited) == committed, args.out
+
+
+def test_results_json_is_replaced_only_by_a_complete_run(tmp_path, monkeypatch):
+    bench = _couplings_benchmark()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('["the previous results"]')
+    argv = ["--out", str(out), "--seeds", "2", "--iterations", "3", "--methods", "independent", "--eval_N", "1,2"]
+    real = bench.run_seed
+
+    def stopped_after_seed_0(seed, *args):
+        if seed == 1:
+            raise KeyboardInterrupt
+        return real(seed, *args)
+
+    monkeypatch.setattr(bench, "run_seed", stopped_after_seed_0)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    assert (out / "results.json").read_text() == '["the previous results"]'
+    partial = json.loads((out / "results.partial.json").read_text())
+    assert [(row["seed"], row["coupling"]) for row in partial] == [(0, "independent")]
+    monkeypatch.setattr(bench, "run_seed", real)
+    bench.main(argv)
+    rows = json.loads((out / "results.json").read_text())
+    assert [(row["seed"], row["coupling"]) for row in rows] == [(0, "independent"), (1, "independent")]
+    assert not (out / "results.partial.json").exists() and (out / "results.md").is_file()
 
 
 def test_an_explicit_out_wins_for_a_quick_run(tmp_path):
