@@ -24,7 +24,7 @@ from tests.conftest import ROOT
 from tests.test_fid import ChannelMeans, assert_one_line_error, offline, run_fid, save_torchscript  # noqa: F401
 from tests.test_fid import write_constant_images
 from utils.errors import UserError, cli_main
-from utils.io import append_text, load_torch, save_json, save_torch
+from utils.io import append_text, load_torch, save_json, save_torch, save_torch_all
 
 CONFIG_DE = os.path.join(ROOT, "configs", "tiny28_de.json")
 CONFIG_EN = os.path.join(ROOT, "configs", "tiny28_en.json")
@@ -128,6 +128,40 @@ def test_a_real_full_disk_stops_training_in_one_line_naming_the_state(tmp_path, 
         assert not [name for name in os.listdir(folder / "run") if name.endswith(".tmp")]
         with open(folder / "run" / "config.json") as handle:
             assert json.load(handle)["iterations"] == 2
+
+
+def test_a_full_disk_during_a_save_leaves_no_weights_ahead_of_the_state_and_the_same_command_restarts(tmp_path,
+                                                                                                      capsys):
+    """The model files fit and the training state does not: none of them may land (weights of an iteration with no
+    state to continue from made both a fresh start and --resume auto refuse the folder); after space is freed the
+    same command runs."""
+    from utils.data import write_mnist_pngs
+    digits = write_mnist_pngs(str(tmp_path / "digits"), 4)
+    argv = ["--dataset", "folder", "--data_path", digits, "--config_de", CONFIG_DE, "--config_en", CONFIG_EN,
+            "--batchsize", "2", "--num_workers", "0", "--iterations", "2", "--snapshot_every", "2",
+            "--save_every", "1000", "--sample_every", "1000"]
+    with small_filesystem(tmp_path / "small", "4m") as folder:
+        run = folder / "run"
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(trainer.main, argv + ["--dir", str(run)])
+        assert exit_info.value.code == 1
+        assert "no space left on device writing" in capsys.readouterr().err
+        left = sorted(os.listdir(run))
+        assert not [name for name in left if name.endswith((".pth", ".tmp"))], left
+        subprocess.run(["mount", "-o", "remount,size=64m", str(folder)], check=True)
+        cli_main(trainer.main, argv + ["--dir", str(run)])
+        assert {"flow_model_2_ema.pth", "forward_model_2_ema.pth", "training_state_latest.pth"} <= set(os.listdir(run))
+
+
+def test_save_torch_all_writes_all_or_none(full_disk):
+    first, second = full_disk / "first.pth", full_disk / "second.pth"
+    save_torch({"old": torch.zeros(4)}, first)
+    with pytest.raises(UserError, match=f"no space left on device writing {second}"):
+        save_torch_all([({"new": torch.ones(16)}, first), ({"big": torch.zeros(1 << 16)}, second)])
+    assert torch.equal(load_torch(first)["old"], torch.zeros(4)) and not second.exists()
+    assert sorted(os.listdir(full_disk)) == ["first.pth"]
+    save_torch_all([({"new": torch.ones(16)}, first), ({"small": torch.zeros(8)}, second)])
+    assert torch.equal(load_torch(first)["new"], torch.ones(16)) and torch.equal(load_torch(second)["small"], torch.zeros(8))
 
 
 def test_a_real_full_disk_names_the_file_and_keeps_the_previous_one(full_disk):

@@ -24,7 +24,7 @@ from utils.console import progress_bar
 from utils.data import ImageFolderDataset, build_dataset, conversions, describe_images
 from utils.errors import UserError
 from utils.images import make_grid, save_png
-from utils.io import load_state_dict_strict, save_torch
+from utils.io import load_state_dict_strict, save_torch_all
 
 SAMPLE_COUNT = 4          # images per sample grid, as in the paper
 # changed on resume: allowed, but worth a warning
@@ -376,13 +376,11 @@ class Trainer:
             raise RuntimeError(f"the ranks hold different weights at iteration {iteration} (checksums {checksums})")
         if not self.info.is_main:
             return
-        written = []
+        files = []   # (what, name), written all or none (a full disk half-way leaves the folder as it was)
         if final or numbered:
-            written.append(f"flow_model_{iteration}_ema.pth")
-            save_torch(averaged["flow"], os.path.join(args.dir, written[-1]))
+            files.append((averaged["flow"], f"flow_model_{iteration}_ema.pth"))
             if averaged["encoder"] is not None:
-                written.append(f"forward_model_{iteration}_ema.pth")
-                save_torch(averaged["encoder"], os.path.join(args.dir, written[-1]))
+                files.append((averaged["encoder"], f"forward_model_{iteration}_ema.pth"))
         state = {
             "format": TRAINING_STATE_FORMAT,
             "iter": iteration,
@@ -401,9 +399,10 @@ class Trainer:
             state["forward_model_state_dict"] = weights["encoder"]
             state["ema_forward_model_state_dict"] = averaged["encoder"] if ema is not None else None
         for name in ([f"training_state_{iteration}.pth"] if numbered else []) + [plumbing.LATEST_NAME]:
-            written.append(name)
-            save_torch(state, os.path.join(args.dir, name))
-        self.log.line(f"iteration {iteration}: saved {', '.join(written)} (weights checksum {checksums[0]})")
+            files.append((state, name))
+        save_torch_all([(obj, os.path.join(args.dir, name)) for obj, name in files])
+        self.log.line(f"iteration {iteration}: saved {', '.join(name for _, name in files)} "
+                      f"(weights checksum {checksums[0]})")
 
     # The hooks of training/loop.py.
     def check(self, iteration):

@@ -25,7 +25,7 @@ from utils.amp import autocast, autocast_velocity
 from utils.checkpoint import TRAINING_STATE_FORMAT
 from utils.errors import UserError
 from utils.images import save_grid
-from utils.io import atomic_write, save_json, save_torch
+from utils.io import atomic_write, save_json, save_torch_all
 
 GRID_SIZE = 64                            # most samples in a pred_{i}.png (the paper: one batch)
 ADAM_BETAS, ADAM_EPS = (0.9, 0.9999), 1e-8  # the paper's distill.py
@@ -182,11 +182,10 @@ class PairTrainer:
 
     def save(self, iteration, numbered, final):
         args, student = self.args, self.student   # weights finite: check() comes first
-        saved = []
+        files = []   # written all or none (a full disk half-way leaves the folder as it was)
         if numbered or final:
-            save_torch(student.state_dict(), model_path(args.dir, args.mode, iteration))
-            saved.append(os.path.basename(model_path(args.dir, args.mode, iteration)))
-        save_torch({
+            files.append((student.state_dict(), model_path(args.dir, args.mode, iteration)))
+        files.append(({
             "format": TRAINING_STATE_FORMAT,
             "task": args.mode,
             "mode": args.mode,   # distill.py's v1 key, kept for readers of the state
@@ -198,8 +197,9 @@ class PairTrainer:
             "config_de": self.plan["config"],
             "rng": {"world_size": 1, "ranks": [plumbing.capture_rng_state(self.device)]},
             "data_order": self.stream.state_dict(),
-        }, os.path.join(args.dir, plumbing.LATEST_NAME))
-        self.log.line(f"iteration {iteration}: saved {', '.join(saved + [plumbing.LATEST_NAME])}")
+        }, os.path.join(args.dir, plumbing.LATEST_NAME)))
+        save_torch_all(files)
+        self.log.line(f"iteration {iteration}: saved {', '.join(os.path.basename(path) for _, path in files)}")
 
     def run(self):
         args = self.args

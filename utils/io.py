@@ -46,8 +46,9 @@ def append_text(path, text):
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode="wb"):
-    """Open a temporary file next to ``path``; rename it over ``path`` on success."""
+def _staged(path, mode, done):
+    """Open a temporary file next to ``path``, written and synced at the end of the block; ``done(tmp)`` then gets
+    its name. Any failure removes it (a full disk is one line naming ``path``)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -61,7 +62,7 @@ def atomic_write(path, mode="wb"):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        done(tmp)
     except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -69,6 +70,11 @@ def atomic_write(path, mode="wb"):
         if problem is None:
             raise
         raise problem from None
+
+
+def atomic_write(path, mode="wb"):
+    """Context manager: a temporary file next to ``path``, renamed over ``path`` on success."""
+    return _staged(path, mode, lambda tmp: os.replace(tmp, os.fspath(path)))
 
 
 def check_writable_file(path, option, example):
@@ -93,6 +99,25 @@ def save_torch(obj, path):
     """``torch.save`` through :func:`atomic_write`."""
     with atomic_write(path) as handle:
         torch.save(obj, handle)
+
+
+def save_torch_all(items):
+    """``torch.save`` of every ``(obj, path)`` in ``items``, all or none: each goes to a temporary file next to its
+    path, and only when all are written are they renamed over their paths, in order. A failure on the way (a full
+    disk, a signal) removes the temporary files and leaves every path as it was, so a run's checkpoint files never
+    get ahead of its training state, where a resume would find weights of an iteration it cannot continue from."""
+    staged = []
+    try:
+        for obj, path in items:
+            with _staged(path, "wb", lambda tmp, path=path: staged.append((tmp, os.fspath(path)))) as handle:
+                torch.save(obj, handle)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
 
 
 def finite_json(obj):
