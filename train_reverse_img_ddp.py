@@ -282,7 +282,10 @@ def prepare(args):
         if state is None:   # a fresh run starts a fresh stats.jsonl
             with atomic_write(os.path.join(run.dir, "stats.jsonl"), "w"):
                 pass
-        save_json(run.record(), os.path.join(run.dir, "config.json"))
+        if state is None or state["iter"] < run.iterations:
+            # a resume with nothing left to do keeps the record of the run that made the state (the changed
+            # options it warned about took no effect)
+            save_json(run.record(), os.path.join(run.dir, "config.json"))
     # a spawned worker re-reads the file; in this process the loaded state is handed over as is
     return run, None if run.spawn else state
 

@@ -248,8 +248,12 @@ def test_distilled_student_beats_teacher_in_one_step(pairs, tmp_path):
     # Running the same command again must not touch the run; --resume auto finds nothing to do.
     with pytest.raises(UserError, match="already holds a run"):
         distill.main(command(pairs, out, "--iterations", "40"))
-    distill.main(command(pairs, out, "--iterations", "40", "--resume", "auto"))
+    with open(os.path.join(out, "config.json"), "rb") as handle:
+        record = handle.read()
+    distill.main(command(pairs, out, "--iterations", "40", "--resume", "auto", "--learning_rate", "5e-4"))
     assert len(read_stats(out)) == len(stats)
+    with open(os.path.join(out, "config.json"), "rb") as handle:
+        assert handle.read() == record   # nothing was trained: the record still describes the run
 
     # Weights without a state (a failed save, a removed broken state): --resume auto must not start afresh over them.
     os.remove(os.path.join(out, "training_state_latest.pth"))

@@ -279,6 +279,26 @@ def test_resume_warns_about_what_changed_and_nothing_else(digits, short_run, tmp
     assert "--learning_rate" not in warning[0], warning
 
 
+def test_a_finished_run_resumed_with_changed_options_keeps_its_config_json(digits, short_run, tmp_path, capsys):
+    """Nothing left to train: the changed options take no effect, so config.json must still describe the run."""
+    folder = copy_run(short_run, tmp_path)
+    with open(os.path.join(folder, "config.json"), "rb") as handle:
+        before = handle.read()
+    argv = base_args(digits, folder, "--iterations", 4, "--resume", "auto", "--weight_prior", 3)
+    argv[argv.index("--learning_rate") + 1] = "2e-3"
+    code, out, err = train(argv, capsys)
+    assert code == 0, err
+    assert "nothing to do" in out + err and "--weight_prior 10.0 -> 3.0" in out, out
+    with open(os.path.join(folder, "config.json"), "rb") as handle:
+        assert handle.read() == before
+    # with iterations left, the record follows the options the run now continues with
+    code, out, err = train(base_args(digits, folder, "--iterations", 5, "--resume", "auto", "--weight_prior", 3), capsys)
+    assert code == 0, err
+    with open(os.path.join(folder, "config.json")) as handle:
+        record = json.load(handle)
+    assert record["weight_prior"] == 3.0 and record["iterations"] == 5
+
+
 def test_resume_with_another_config_is_refused(digits, short_run, tmp_path, capsys):
     folder = copy_run(short_run, tmp_path)
     with open(CONFIG_DE) as handle:

@@ -95,9 +95,10 @@ class PairTrainer:
         self.velocity = autocast_velocity(student, device, plan["amp"])   # evaluation and grids, same autocast
         self.loss_sum, self.loss_count = torch.zeros((), device=device), 0
         self.timer, self.pending = (time.time(), self.start), {}
-        save_json({**vars(args), "resolved_config_de": plan["config"], "amp_used": plan["amp"],
-                   "amp_reason": plan["amp_reason"], "cpu_fast_path_used": plan["cpu_fast_path"][0],
-                   "cpu_fast_path_reason": plan["cpu_fast_path"][1]}, os.path.join(args.dir, "config.json"))
+        if self.start == 0 or self.start < args.iterations:   # a resume with nothing left keeps the record of the state
+            save_json({**vars(args), "resolved_config_de": plan["config"], "amp_used": plan["amp"],
+                       "amp_reason": plan["amp_reason"], "cpu_fast_path_used": plan["cpu_fast_path"][0],
+                       "cpu_fast_path_reason": plan["cpu_fast_path"][1]}, os.path.join(args.dir, "config.json"))
         parameters = sum(p.numel() for p in student.parameters())
         iterations = (f"iterations {self.start + 1}..{args.iterations}" if self.start < args.iterations
                       else "no iterations left")
