@@ -303,6 +303,8 @@ def check_args(args):
         raise UserError(f"--im_dir {args.im_dir} has {len(train_set)} pairs, fewer than one batch "
                         f"(--batchsize {args.batchsize}); lower --batchsize or generate more pairs")
     warnings = []
+    if state is not None:
+        warnings += changed_arguments(state, args)
     if args.config_en is not None:
         warnings.append("warning: --config_en has no effect (the paper's distill.py accepts it without using it)")
     shape = (args.input_nc, args.res, args.res)
@@ -341,6 +343,19 @@ def find_state(args):
         raise UserError(f"--resume auto: --dir {args.dir} holds {names[-1]} but no {plumbing.LATEST_NAME} to continue "
                         f"from; choose another --dir (or move those files away to start afresh there)")
     return path, state
+
+
+# The options a resumed run may change, with a warning in the log: they change what the rest of the run computes.
+RESUME_WARN_ARGS = ("learning_rate", "batchsize", "seed", "amp")
+
+
+def changed_arguments(state, args):
+    """The warning line (a list of 0 or 1) naming the ``RESUME_WARN_ARGS`` that differ from the state's."""
+    saved = state.get("args") or {}
+    given = vars(args)
+    changed = [f"--{key} {saved[key]} -> {given[key]}" for key in RESUME_WARN_ARGS
+               if key in saved and saved[key] != given[key]]
+    return [f"warning: resuming with changed arguments: {', '.join(changed)}"] if changed else []
 
 
 def check_state(state, path, args, config):

@@ -254,6 +254,9 @@ def test_distilled_student_beats_teacher_in_one_step(pairs, tmp_path):
     assert len(read_stats(out)) == len(stats)
     with open(os.path.join(out, "config.json"), "rb") as handle:
         assert handle.read() == record   # nothing was trained: the record still describes the run
+    with open(os.path.join(out, "log.txt")) as handle:
+        warnings = [line for line in handle if "changed arguments" in line]
+    assert len(warnings) == 1 and "--learning_rate 0.001 -> 0.0005" in warnings[0], warnings
 
     # Weights without a state (a failed save, a removed broken state): --resume auto must not start afresh over them.
     os.remove(os.path.join(out, "training_state_latest.pth"))
