@@ -36,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from utils.data import write_mnist_pngs  # noqa: E402
+from utils.errors import ArgumentParser, cli_main  # noqa: E402
 from utils.imagefiles import ImageFiles  # noqa: E402
 from utils.io import atomic_write, save_json  # noqa: E402
 
@@ -54,9 +55,9 @@ GRID_SAMPLES = 10              # columns: samples 0..9, i.e. the same noise seed
 AMP = "none"
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser("benchmarks/mnist_small.py", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
+    add("--debug", action="store_true", help="show the full traceback on errors")
     add("--out", default=None, help=f"output folder [default: {os.path.relpath(DEFAULT_OUT, ROOT)}, with --quick "
                                     f"{os.path.relpath(QUICK_OUT, ROOT)}]")
     add("--config_de", default=os.path.join(ROOT, "configs", "mnist_small_de.json"), help="velocity U-Net config")
@@ -108,6 +109,8 @@ def parse_args(argv=None):
         args.ref_images, args.bootstrap = 64, 50
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a file, not a folder; give the folder to write the results in")
     for name in ("iterations", "batchsize", "num_samples", "test_pairs", "distill_iterations", "ref_images",
                  "jobs", "threads", "teacher_nfe"):
         if getattr(args, name) < 1:
@@ -859,4 +862,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)

@@ -43,6 +43,11 @@ def main(argv):
     parser.add_argument("images", nargs="+", help="PNGs to stack, top first")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     args = parser.parse_args(argv)
+    inputs = [path for path in args.images if os.path.exists(path) and os.path.exists(args.dest)
+              and os.path.samefile(path, args.dest)]
+    if inputs:
+        raise UserError(f"the PNG to write, {args.dest}, is also an image to stack; the destination comes first: "
+                        f"python benchmarks/stack_images.py DEST IMAGE [IMAGE ...]")
     canvas = stack(args.images)
     with atomic_write(args.dest) as handle:
         canvas.save(handle, format="PNG")

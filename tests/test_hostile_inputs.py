@@ -386,7 +386,24 @@ USAGE_CASES = [
     ("benchmarks/couplings_2d.py", lambda: _bench("couplings_2d"), ["--quik"], "unrecognized arguments: --quik"),
     ("benchmarks/network_speed.py", lambda: _bench("network_speed"), ["--repeats", "x"], "invalid int value: 'x'"),
     ("benchmarks/stack_images.py", lambda: _bench("stack_images"), ["out.png"], "arguments are required: images"),
+    ("benchmarks/mnist_small.py", lambda: _bench("mnist_small"), ["--quik"], "unrecognized arguments: --quik"),
 ]
+
+
+def test_stack_images_refuses_to_write_over_an_image_it_stacks(tmp_path, capsys):
+    import PIL.Image
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    PIL.Image.new("RGB", (4, 4), "red").save(first)
+    PIL.Image.new("RGB", (4, 4), "blue").save(second)
+    kept = first.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(_bench("stack_images").main, [str(first), str(second), str(first)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith("error: the PNG to write") and len(err.splitlines()) == 1
+    assert first.read_bytes() == kept
+    cli_main(_bench("stack_images").main, [str(tmp_path / "both.png"), str(first), str(second)])
+    with PIL.Image.open(tmp_path / "both.png") as image:
+        assert image.size == (4, 8) and image.getpixel((0, 0)) == (255, 0, 0) and image.getpixel((0, 7)) == (0, 0, 255)
 
 
 @pytest.mark.parametrize("prog, module, argv, message", USAGE_CASES,

@@ -5,6 +5,8 @@ import os
 import numpy as np
 import pytest
 
+from utils.errors import UserError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -95,10 +97,18 @@ def test_couplings_and_arguments_are_checked():
     assert bench.coupling_beta("ot", 20.0) == ("ot", None)
     with pytest.raises(SystemExit):
         bench.coupling_beta("learnt", 20.0)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="--heun_nfe must be odd"):
         bench.parse_args(["--heun_nfe", "4"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="--teacher_nfe 64 must be one of --euler_nfe"):
         bench.parse_args(["--teacher_nfe", "64"])
+
+
+def test_an_out_that_is_a_file_is_one_line(tmp_path):
+    taken = tmp_path / "results.txt"
+    taken.write_text("kept")
+    with pytest.raises(UserError, match=f"--out {taken} is a file, not a folder"):
+        bench.parse_args(["--out", str(taken)])
+    assert taken.read_text() == "kept"
 
 
 def writer(path, needs=()):
