@@ -147,6 +147,8 @@ def test_the_training_dataset_reads_a_zip_exactly_and_skips_unreadable_images(tm
                                rtol=0, atol=0)
     assert dataset[2][1] == 0 and dataset.skipped == 1   # the next readable image, wrapping around
     assert f"skipped unreadable image {archive}:2.png (not an image format PIL reads)" in capsys.readouterr().err
+    assert dataset[2][1] == 0 and dataset.skipped == 2   # the next epoch: skipped again, and not said again
+    assert capsys.readouterr().err == ""
     assert dataset.scan()["bad"] == [("2.png", "not an image format PIL reads")]
     with pytest.raises(UserError, match=r"unreadable image .*2.png .*--bad_images skip"):
         ImageFolderDataset(archive, 4, 3)[2]

@@ -56,6 +56,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.resolution, self.channels, self.flip = resolution, channels, flip
         self.bad_images = bad_images
         self.skipped = 0
+        self.warned = set()   # the images whose skip was reported
 
     @property
     def names(self):
@@ -102,8 +103,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 if self.bad_images == "stop":
                     raise
                 self.skipped += 1
-                print(f"warning: skipped unreadable image {error.label} ({error.reason}); the next image is used "
-                      f"in its place", file=sys.stderr, flush=True)
+                if error.label not in self.warned:   # once per image in this process, not at every epoch
+                    self.warned.add(error.label)
+                    print(f"warning: skipped unreadable image {error.label} ({error.reason}); the next image is "
+                          f"used in its place (said once per image)", file=sys.stderr, flush=True)
         raise UserError(f"no readable image in {self.path}")
 
 
