@@ -134,12 +134,17 @@ def test_a_non_utf8_dir_is_one_line_before_anything_is_written(main, tmp_path, c
     assert sorted(os.listdir(tmp_path)) == ["digits"]
 
 
-@pytest.mark.parametrize("kind", ["file", "broken link"])
+@pytest.mark.parametrize("kind", ["file", "broken link", "under a file"])
 def test_a_dir_that_is_a_file_or_a_broken_link_is_named_so_by_every_script(kind, tmp_path, capsys):
     folder = tmp_path / "out"
     if kind == "file":
         folder.write_text("mine")
         expected = f"error: output folder --dir {folder} exists and is not a folder; choose another --dir"
+    elif kind == "under a file":
+        (tmp_path / "out").write_text("mine")
+        folder = tmp_path / "out" / "sub" / "run"
+        expected = (f"error: output folder --dir {folder} cannot be made: {tmp_path / 'out'} is a file, not a "
+                    f"folder; choose another --dir")
     else:
         folder.symlink_to(tmp_path / "gone" / "run")
         expected = (f"error: output folder --dir {folder} is a broken symbolic link (to {tmp_path / 'gone' / 'run'}); "
@@ -154,7 +159,10 @@ def test_a_dir_that_is_a_file_or_a_broken_link_is_named_so_by_every_script(kind,
                        (script_2d.main, ["--iterations", "1", "--eval_N", "1"])):
         code, lines = run(main, ["--dir", str(folder), *argv], capsys)
         assert (code, lines) == (1, [expected]), main
-    assert (folder.read_text() == "mine") if kind == "file" else not (tmp_path / "gone").exists()
+    if kind == "broken link":
+        assert not (tmp_path / "gone").exists()
+    else:
+        assert (tmp_path / "out").read_text() == "mine"
 
 
 # ----------------------------------------------------------------------------

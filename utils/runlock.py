@@ -49,6 +49,12 @@ def check_is_folder(folder, option="--dir"):
         what = (f"is a broken symbolic link (to {os.readlink(folder)})" if os.path.islink(folder) and
                 not os.path.exists(folder) else "exists and is not a folder")
         raise UserError(f"output folder {option} {folder} {what}; choose another {option}")
+    parent = os.path.dirname(os.path.abspath(folder))
+    while not os.path.lexists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if os.path.lexists(parent) and not os.path.isdir(parent):   # the folder would have to be made inside a file
+        raise UserError(f"output folder {option} {folder} cannot be made: {parent} is a file, not a folder; "
+                        f"choose another {option}")
 
 
 def holder(folder):
