@@ -387,7 +387,20 @@ USAGE_CASES = [
     ("benchmarks/network_speed.py", lambda: _bench("network_speed"), ["--repeats", "x"], "invalid int value: 'x'"),
     ("benchmarks/stack_images.py", lambda: _bench("stack_images"), ["out.png"], "arguments are required: images"),
     ("benchmarks/mnist_small.py", lambda: _bench("mnist_small"), ["--quik"], "unrecognized arguments: --quik"),
+    ("generate.py", lambda: generate, ["--dir", "a", "--outdir", "b"],
+     "argument --dir/--outdir: given twice with different values (--dir a, then --outdir b); give it once"),
+    ("generate.py", lambda: generate, ["--outdir=a", "--dir", "a", "--dir", "b"],
+     "argument --dir/--outdir: given twice with different values (--outdir a, then --dir b); give it once"),
 ]
+
+
+def test_an_option_repeated_under_one_name_keeps_the_last_and_aliases_may_agree():
+    from utils.errors import ArgumentParser
+    parser = ArgumentParser("x.py")
+    parser.add_argument("--dir", "--outdir", dest="dir")
+    parser.add_argument("--n", type=int, default=3)
+    args = parser.parse_args(["--dir", "a", "--outdir", "a", "--n", "4", "--n", "5"])
+    assert vars(args) == {"dir": "a", "n": 5}   # argparse's last-wins for a repeated name; no bookkeeping left
 
 
 def test_stack_images_refuses_to_write_over_an_image_it_stacks(tmp_path, capsys):

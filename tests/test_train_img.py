@@ -238,7 +238,7 @@ def test_unwritable_dir_is_one_line(digits, tmp_path, capsys):
     blocker.write_text("not a folder")
     code, stderr = train(base_args(digits, str(blocker / "run"), "--iterations", 1), capsys)
     lines = error_lines(stderr)
-    assert code == 1 and len(lines) == 1 and "not writable" in lines[0] and str(blocker) in lines[0], stderr
+    assert code == 1 and len(lines) == 1 and f"cannot be made: {blocker} is a file, not a folder" in lines[0], stderr
 
 
 def test_batch_that_does_not_split_over_processes(digits, tmp_path, capsys, monkeypatch):

@@ -26,6 +26,21 @@ class UserError(Exception):
     """A problem with the user's input; printed as one line, no traceback."""
 
 
+class _StoreOnce(argparse._StoreAction):
+    """argparse's ``store``, except that an option given under two of its names with different values (``--dir a
+    ... --outdir b``) is a usage error instead of the last one silently winning. The same name given again keeps
+    argparse's rule, the last one wins (``alias x='python train.py --batchsize 64'``, then ``x --batchsize 32``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        names = namespace.__dict__.setdefault("_given_options", {}).setdefault(self.dest, {})   # {name: last value}
+        names[option_string] = values
+        for other, value in names.items():
+            if other != option_string and value != values:
+                raise argparse.ArgumentError(self, f"given twice with different values ({other} {value}, then "
+                                                   f"{option_string} {values}); give it once")
+        super().__call__(parser, namespace, values, option_string)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with this project's errors: a usage problem (an unknown option, an invalid choice, a missing
     value) raises :class:`UserError`, so :func:`cli_main` prints it as one ``error:`` line that points at
@@ -36,6 +51,13 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, prog, **options):
         options.setdefault("formatter_class", HelpFormatter)
         super().__init__(prog=prog, **options)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        parsed.__dict__.pop("_given_options", None)
+        return parsed, rest
 
     def error(self, message):
         raise UserError(f"{message} (see python {self.prog} --help)")
