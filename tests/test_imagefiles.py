@@ -170,6 +170,8 @@ def test_16_bit_grey_is_scaled_to_8_bits_not_clipped(tmp_path):
     files = ImageFiles(str(tmp_path))
     np.testing.assert_array_equal(files.read_pixels("deep.png", channels=1)[0], expected)
     np.testing.assert_allclose(read_image(path, 1)[0].numpy(), expected / 127.5 - 1, atol=1e-6)
+    PIL.Image.fromarray(values).save(str(tmp_path / "deep.pgm"))   # a 16-bit PGM opens as mode I: 16-bit too
+    np.testing.assert_array_equal(files.read_pixels("deep.pgm", channels=1)[0], expected)
 
 
 def test_32_bit_and_float_pixels_in_0_255_are_kept_and_others_refused_naming_the_file(tmp_path):
@@ -188,3 +190,11 @@ def test_32_bit_and_float_pixels_in_0_255_are_kept_and_others_refused_naming_the
         message = str(caught.value)
         assert path in message and "not whole numbers in 0-255" in message and "\n" not in message
         assert f"from {values.min():g} to {values.max():g}" in message
+
+
+def test_16_bit_grey_of_any_byte_order_counts_as_grey():
+    from utils.data import conversions
+    for mode in ("I;16", "I;16B", "I;16L", "I;16N", "L"):
+        scan = {"sizes": {(4, 4): 1}, "modes": {mode: 1}}
+        assert conversions(scan, 4, 1) == (False, False) and conversions(scan, 4, 3) == (False, True), mode
+    assert conversions({"sizes": {(4, 4): 1}, "modes": {"RGB": 1}}, 4, 1) == (False, True)

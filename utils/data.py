@@ -196,7 +196,7 @@ def conversions(scan, resolution, channels):
     ``(resized, converted)``, each a bool (converted: grey images to colour or colour to grey)."""
     resized = any(size != (resolution, resolution) for size in scan["sizes"])
     grey_wanted = channels == 1
-    converted = any((mode in GREY_MODES) != grey_wanted for mode in scan["modes"])
+    converted = any((mode in GREY_MODES or mode.startswith("I;16")) != grey_wanted for mode in scan["modes"])
     return resized, converted
 
 

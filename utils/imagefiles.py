@@ -80,7 +80,9 @@ def eight_bit(image):
     taken as they are when they are whole numbers in 0-255 and refused otherwise (ValueError, which a reader's
     ``open`` block reports as an unreadable image, naming the file)."""
     mode = image.mode
-    if mode.startswith("I;16"):
+    # PNG and the PNM formats hold at most 16 bits: their mode-I images (a 16-bit PGM; a 16-bit PNG before
+    # Pillow 10.3) are 16-bit images too
+    if mode.startswith("I;16") or (mode == "I" and image.format in ("PNG", "PPM")):
         values = np.asarray(image).astype(np.uint32)
         return PIL.Image.fromarray(((values * 2 + 257) // 514).astype(np.uint8), "L")
     if mode in ("I", "F"):
@@ -88,7 +90,7 @@ def eight_bit(image):
         if values.size == 0:
             return image.convert("L")
         low, high = values.min(), values.max()
-        kind = "32-bit integer" if mode == "I" else "float"
+        kind = "integer" if mode == "I" else "float"
         if not (0 <= low and high <= 255 and np.isfinite(high)) or (mode == "F" and np.any(values != np.round(values))):
             raise ValueError(f"{kind} pixels from {low:g} to {high:g}, not whole numbers in 0-255: "
                              f"save it as an 8- or 16-bit image")

@@ -10,6 +10,7 @@ import errno
 import json
 import math
 import os
+import signal
 import tempfile
 import zipfile
 
@@ -116,8 +117,19 @@ def save_torch_all(items):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise
-    for tmp, path in staged:
-        os.replace(tmp, path)
+    # the renames: no signal in between (this thread), and a failure removes the temporary files left
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        for done, (tmp, path) in enumerate(staged):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged[done:]:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def finite_json(obj):
