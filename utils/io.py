@@ -112,24 +112,17 @@ def save_torch_all(items):
         for obj, path in items:
             with _staged(path, "wb", lambda tmp, path=path: staged.append((tmp, os.fspath(path)))) as handle:
                 torch.save(obj, handle)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})   # no signal between
+        try:
+            for tmp, path in staged:
+                os.replace(tmp, path)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     except BaseException:
-        for tmp, _ in staged:
+        for tmp, _ in staged:   # those not renamed yet (a renamed one's name is gone)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise
-    # the renames: no signal in between (this thread), and a failure removes the temporary files left
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-    try:
-        for done, (tmp, path) in enumerate(staged):
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in staged[done:]:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def finite_json(obj):
