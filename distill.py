@@ -302,9 +302,11 @@ def check_args(args):
     if len(train_set) < args.batchsize:
         raise UserError(f"--im_dir {args.im_dir} has {len(train_set)} pairs, fewer than one batch "
                         f"(--batchsize {args.batchsize}); lower --batchsize or generate more pairs")
+    amp, amp_reason = resolve_amp(args.amp, device)
     warnings = []
     if state is not None:
-        warnings += changed_arguments(state, args)
+        line = rundir.resume_changes(state.get("args") or {}, vars(args), RESUME_WARN_ARGS, amp, amp_reason)
+        warnings += [line] if line else []
     if args.config_en is not None:
         warnings.append("warning: --config_en has no effect (the paper's distill.py accepts it without using it)")
     shape = (args.input_nc, args.res, args.res)
@@ -312,7 +314,6 @@ def check_args(args):
         warnings.append(f"warning: the first test pair starts from the same z as the first training pair "
                         f"({test_set.pairs[0][1]}): were both sets generated with the same --seed? The test loss "
                         f"is then not measured on unseen pairs")
-    amp, amp_reason = resolve_amp(args.amp, device)
     return {"device": device, "amp": amp, "amp_reason": amp_reason, "config": config, "train_set": train_set,
             "cpu_fast_path": fast_cpu.choose(device.type, amp),
             "test_set": test_set, "weights": (weights, weights_path), "teacher_path": teacher_path,
@@ -347,15 +348,6 @@ def find_state(args):
 
 # The options a resumed run may change, with a warning in the log: they change what the rest of the run computes.
 RESUME_WARN_ARGS = ("learning_rate", "batchsize", "seed", "amp")
-
-
-def changed_arguments(state, args):
-    """The warning line (a list of 0 or 1) naming the ``RESUME_WARN_ARGS`` that differ from the state's."""
-    saved = state.get("args") or {}
-    given = vars(args)
-    changed = [f"--{key} {saved[key]} -> {given[key]}" for key in RESUME_WARN_ARGS
-               if key in saved and saved[key] != given[key]]
-    return [f"warning: resuming with changed arguments: {', '.join(changed)}"] if changed else []
 
 
 def check_state(state, path, args, config):

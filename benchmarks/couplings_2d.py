@@ -110,9 +110,10 @@ def _numbers(text, option, kind):
     return values
 
 
-# The options that change the results (not --out, --gpu, --debug): the committed folder holds the run with FULL
-# and every other one of them at its default.
-RESULT_OPTIONS = ("methods", "weight_priors", "eval_N", "reflow_N", "ot_batch", "ot_reg", "batchsize", "lr")
+# The options that change the results (not --out, --debug): the committed folder holds the run with FULL and
+# every other one of them at its default. --gpu too: the committed numbers are the CPU's (a GPU's kernels round
+# differently), so a GPU run goes to the smoke folder unless --out says otherwise.
+RESULT_OPTIONS = ("methods", "weight_priors", "eval_N", "reflow_N", "ot_batch", "ot_reg", "batchsize", "lr", "gpu")
 
 
 def reported_settings(args):
@@ -378,11 +379,13 @@ def main(argv):
         toy2d.sample_mixture(EVAL_POINTS, toy2d.make_generator(0, toy2d.STREAM_FLOOR)), floor_reference)
     summary = summarise(rows, eval_N)
     device_name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
-    save_json(rows, os.path.join(args.out, "results.json"))
-    os.remove(partial)
-    write_markdown(os.path.join(args.out, "results.md"), summary, eval_N, args, command, floor, device_name)
+    # the plots first (matplotlib is what most often fails), results.json last: until it is replaced, the folder's
+    # results.json and results.partial.json say which run is the complete one
     plot_quality(os.path.join(args.out, "quality_vs_nfe.png"), summary, eval_N)
     plot_trajectories(os.path.join(args.out, "trajectories.png"), drawn, floor_reference[:2048])
+    write_markdown(os.path.join(args.out, "results.md"), summary, eval_N, args, command, floor, device_name)
+    save_json(rows, os.path.join(args.out, "results.json"))
+    os.remove(partial)
     print(f"done in {time.perf_counter() - start:.0f} s; wrote results.json, results.md, quality_vs_nfe.png, "
           f"trajectories.png in {args.out}", flush=True)
 

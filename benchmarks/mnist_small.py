@@ -35,8 +35,9 @@ import scipy.linalg
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from utils import runlock  # noqa: E402
 from utils.data import write_mnist_pngs  # noqa: E402
-from utils.errors import ArgumentParser, cli_main  # noqa: E402
+from utils.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 from utils.imagefiles import ImageFiles  # noqa: E402
 from utils.io import atomic_write, save_json  # noqa: E402
 
@@ -109,8 +110,10 @@ def parse_args(argv=None):
         args.ref_images, args.bootstrap = 64, 50
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        parser.error(f"--out {args.out} is a file, not a folder; give the folder to write the results in")
+    try:   # a file, a broken link, or a path through a file (out/, afile/../out): one line, nothing made
+        runlock.check_is_folder(args.out, "--out")
+    except UserError as error:
+        parser.error(str(error))
     for name in ("iterations", "batchsize", "num_samples", "test_pairs", "distill_iterations", "ref_images",
                  "jobs", "threads", "teacher_nfe"):
         if getattr(args, name) < 1:

@@ -5,7 +5,10 @@ The README's 2D figure is the independent run's overview above the learned run's
     python train_reverse_2d_joint.py --dir runs/2d
     python train_reverse_2d_joint.py --dir runs/2d-independent --independent
     python benchmarks/stack_images.py docs/images/2d_trajectories.png runs/2d-independent/overview.png \
-        runs/2d/overview.png
+        runs/2d/overview.png --overwrite
+
+An existing destination is replaced only with ``--overwrite`` (the destination comes first; with the order
+mixed up, the first image would be written over).
 """
 import os
 import sys
@@ -41,6 +44,8 @@ def main(argv):
     parser = ArgumentParser("benchmarks/stack_images.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("dest", help="the PNG to write")
     parser.add_argument("images", nargs="+", help="PNGs to stack, top first")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DEST if it exists (without it, an existing DEST is an error and is kept)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     args = parser.parse_args(argv)
     inputs = [path for path in args.images if os.path.exists(path) and os.path.exists(args.dest)
@@ -48,6 +53,11 @@ def main(argv):
     if inputs:
         raise UserError(f"the PNG to write, {args.dest}, is also an image to stack; the destination comes first: "
                         f"python benchmarks/stack_images.py DEST IMAGE [IMAGE ...]")
+    if os.path.lexists(args.dest) and not args.overwrite:
+        raise UserError(f"the PNG to write, {args.dest}, exists; the destination comes first (python "
+                        f"benchmarks/stack_images.py DEST IMAGE [IMAGE ...]); add --overwrite to replace it")
+    if os.path.isdir(args.dest):
+        raise UserError(f"the PNG to write, {args.dest}, is a folder; give a file name")
     canvas = stack(args.images)
     with atomic_write(args.dest) as handle:
         canvas.save(handle, format="PNG")

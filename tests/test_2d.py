@@ -467,6 +467,32 @@ def test_results_json_is_replaced_only_by_a_complete_run(tmp_path, monkeypatch):
     assert not (out / "results.partial.json").exists() and (out / "results.md").is_file()
 
 
+def test_a_gpu_run_is_not_the_reported_cpu_run():
+    bench = _couplings_benchmark()
+    for gpu, reported in ((None, True), ("0", False)):
+        args = bench.parse_args([] if gpu is None else ["--gpu", gpu])
+        for name, value in bench.FULL.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        assert bench.reported_settings(args) == reported, gpu
+
+
+def test_a_failed_plot_leaves_the_previous_results_json(tmp_path, monkeypatch):
+    bench = _couplings_benchmark()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('["the previous results"]')
+
+    def broken(*args):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(bench, "plot_trajectories", broken)
+    with pytest.raises(RuntimeError, match="no display"):
+        bench.main(["--out", str(out), "--seeds", "1", "--iterations", "3", "--methods", "independent", "--eval_N", "1"])
+    assert (out / "results.json").read_text() == '["the previous results"]'
+    assert [row["coupling"] for row in json.loads((out / "results.partial.json").read_text())] == ["independent"]
+
+
 def test_an_explicit_out_wins_for_a_quick_run(tmp_path):
     bench = _couplings_benchmark()
     args = bench.parse_args(["--quick", "--out", "benchmarks/results/couplings_2d"])

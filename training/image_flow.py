@@ -94,15 +94,9 @@ def check_resume_state(state, path, run, warn):
                             f"give the run's own configs or choose another --dir")
     # the options as given (run.amp is what --amp resolved to; the state holds the option and, since
     # 2026-12-07, the precision it resolved to: --amp auto gives other precisions on other machines)
-    options = run.options
-    changed = [f"--{key} {saved_args[key]} -> {options[key]}" for key in RESUME_WARN_ARGS
-               if key in saved_args and key in options and saved_args[key] != options[key]]
-    saved_precision = saved_args.get("amp_used")
-    if saved_precision not in (None, run.amp) and saved_args.get("amp") == options.get("amp"):
-        changed.append(f"--amp {options.get('amp')} now computes in {run.amp}, not {saved_precision} "
-                       f"({run.amp_reason})")
-    if changed:
-        warn(f"warning: resuming with changed arguments: {', '.join(changed)}")
+    line = rundir.resume_changes(saved_args, run.options, RESUME_WARN_ARGS, run.amp, run.amp_reason)
+    if line:
+        warn(line)
 
 
 def check_image_dataset(dataset, name, resolution, channels, data_path, data_root, bad_images, resize, config_name):

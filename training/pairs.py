@@ -194,7 +194,7 @@ class PairTrainer:
             "teacher": self.plan["teacher_path"],
             "model_state_dict": student.state_dict(),
             "optimizer_state_dict": self.optimizer.state_dict(),
-            "args": dict(vars(args)),
+            "args": {**vars(args), "amp_used": self.plan["amp"]},   # the option, and the precision it gave
             "config_de": self.plan["config"],
             "rng": {"world_size": 1, "ranks": [plumbing.capture_rng_state(self.device)]},
             "data_order": self.stream.state_dict(),

@@ -43,6 +43,20 @@ def differences(previous, current, keys=None):
             for text in change(key, previous[key], current[key])]
 
 
+def resume_changes(saved, given, keys, precision=None, reason=""):
+    """The warning line for a resumed run (None: nothing to say): each of ``keys`` that ``saved`` (the state's
+    options) and ``given`` (this run's) both hold with different values, as ``--key old -> new``; and, where
+    ``--amp`` was given alike but ``precision`` (what it resolves to now, with ``reason``) differs from the
+    state's ``amp_used`` (``--amp auto`` picks by machine), that too."""
+    changed = [f"--{key} {saved[key]} -> {given[key]}" for key in keys
+               if key in saved and key in given and saved[key] != given[key]]
+    before = saved.get("amp_used")
+    if precision is not None and before not in (None, precision) and saved.get("amp") == given.get("amp"):
+        changed.append(f"--amp {given.get('amp')} now computes in {precision}, not {before}"
+                       + (f" ({reason})" if reason else ""))
+    return f"warning: resuming with changed arguments: {', '.join(changed)}" if changed else None
+
+
 def existing_outputs(folder, patterns):
     """The files in ``folder`` matching any of the glob ``patterns`` (relative to it), sorted."""
     found = []

@@ -25,6 +25,7 @@ import errno
 import fcntl
 import glob
 import os
+import re
 import socket
 
 from utils.errors import UserError
@@ -43,18 +44,34 @@ def check_folder_name(folder, option="--dir"):
         raise UserError(f"{option} {shown} is not a valid UTF-8 name; choose a folder name in UTF-8") from None
 
 
+def _not_a_folder(path):
+    """Why ``path``, which exists, is not a folder: a broken symbolic link or something else."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"is a broken symbolic link (to {os.readlink(path)})"
+    return "is a file, not a folder"
+
+
 def check_is_folder(folder, option="--dir"):
-    """An output folder that exists must be a folder: not a file, and not a symbolic link to nothing."""
-    if os.path.lexists(folder) and not os.path.isdir(folder):
-        what = (f"is a broken symbolic link (to {os.readlink(folder)})" if os.path.islink(folder) and
-                not os.path.exists(folder) else "exists and is not a folder")
+    """An output folder that exists must be a folder (not a file, not a symbolic link to nothing), and every
+    folder above it that exists must be one too. The path is checked as written, component by component, the
+    way the system resolves it: ``afile/`` and ``afile/../run`` name a path through a file even though
+    ``os.path.abspath`` would drop the slash or the ``..``."""
+    path = os.fspath(folder)
+    separators = "/\\" if os.name == "nt" else "/"
+    stripped = path.rstrip(separators) or path[:1]
+    if os.path.lexists(stripped) and not os.path.isdir(stripped):
+        what = _not_a_folder(stripped)
+        if what.startswith("is a file"):
+            what = "exists and is not a folder"
         raise UserError(f"output folder {option} {folder} {what}; choose another {option}")
-    parent = os.path.dirname(os.path.abspath(folder))
-    while not os.path.lexists(parent) and os.path.dirname(parent) != parent:
-        parent = os.path.dirname(parent)
-    if os.path.lexists(parent) and not os.path.isdir(parent):   # the folder would have to be made inside a file
-        raise UserError(f"output folder {option} {folder} cannot be made: {parent} is a file, not a folder; "
-                        f"choose another {option}")
+    parts = re.split(f"[{re.escape(separators)}]", stripped)
+    for k in range(1, len(parts)):
+        prefix = os.sep.join(parts[:k]) or os.sep
+        if parts[k - 1] in ("", ".") and prefix != os.sep:
+            continue
+        if os.path.lexists(prefix) and not os.path.isdir(prefix):   # the folder would have to be made inside it
+            raise UserError(f"output folder {option} {folder} cannot be made: {prefix} {_not_a_folder(prefix)}; "
+                            f"choose another {option}")
 
 
 def holder(folder):
