@@ -154,6 +154,27 @@ def test_the_training_dataset_reads_a_zip_exactly_and_skips_unreadable_images(tm
         ImageFolderDataset(archive, 4, 3)[2]
 
 
+def test_a_skipped_image_is_reported_once_by_all_the_loader_workers(tmp_path, capfd):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for index in range(6):
+        write(str(folder / f"{index}.png"), rng.integers(0, 256, (4, 4), dtype=np.uint8))
+    png = (folder / "2.png").read_bytes()
+    (folder / "2.png").write_bytes(png[:len(png) // 2])   # a valid header, truncated pixels: passes the scan
+    dataset = ImageFolderDataset(str(folder), 4, 1, bad_images="skip")
+    assert dataset.scan()["bad"] == []
+    # batches go to the two workers in turn: each of them meets the image, in two epochs
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, sampler=[2, 2, 0, 2], num_workers=2,
+                                         persistent_workers=True)
+    capfd.readouterr()
+    for epoch in range(2):
+        assert [int(index) for _, index in loader] == [3, 3, 0, 3]
+    err = capfd.readouterr().err
+    assert err.count("skipped unreadable image") == 1 and "2.png" in err, err
+    del loader
+
+
 def test_16_bit_grey_is_scaled_to_8_bits_not_clipped(tmp_path):
     # PIL's convert("L") clips a 16-bit image's values to 255 (a nearly white picture); v must become round(v / 257)
     values = np.array([[0, 128, 129, 257, 385, 386], [1000, 32767, 32768, 65407, 65408, 65535]], dtype=np.uint16)

@@ -56,7 +56,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.resolution, self.channels, self.flip = resolution, channels, flip
         self.bad_images = bad_images
         self.skipped = 0
-        self.warned = set()   # the images whose skip was reported
+        self._reset_warned()
+
+    def _reset_warned(self):
+        # One flag per image, in shared memory: DataLoader workers inherit it (fork) or receive it (spawn), so a
+        # skipped image is reported once by whichever worker meets it first, not once in every worker.
+        self.warned = torch.zeros(len(self.names), dtype=torch.uint8).share_memory_()
 
     @property
     def names(self):
@@ -92,6 +97,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.files.names = [name for name in self.names if name not in dropped]
         if not self.names:
             raise UserError(f"no readable image in {self.path}")
+        self._reset_warned()
 
     def __getitem__(self, index):
         for attempt in range(len(self.names)):
@@ -103,8 +109,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 if self.bad_images == "stop":
                     raise
                 self.skipped += 1
-                if error.label not in self.warned:   # once per image in this process, not at every epoch
-                    self.warned.add(error.label)
+                if not self.warned[current]:   # once per image (in all the loader's workers), not every epoch
+                    self.warned[current] = 1
                     print(f"warning: skipped unreadable image {error.label} ({error.reason}); the next image is "
                           f"used in its place (said once per image)", file=sys.stderr, flush=True)
         raise UserError(f"no readable image in {self.path}")
