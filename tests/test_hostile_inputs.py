@@ -289,6 +289,51 @@ def test_a_signal_after_the_imports_stops_cleanly_and_frees_the_folder(tmp_path,
         pass
 
 
+SIGNAL_WHILE_EXITING = """
+import atexit, os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from utils import errors
+late = sys.argv[2:] == ["late"]
+
+def teardown():   # what a finished run's teardown may meet: a supervisor's SIGTERM while workers shut down
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(2)
+    print("teardown went on", flush=True)
+
+if late:   # registered first, so it runs last: as the interpreter's own teardown after every atexit handler
+    atexit.register(teardown)
+errors.exit_cleanly_on_signals()
+
+def main(argv):
+    print("done", flush=True)
+    if argv == ["exit"]:
+        sys.exit(0)
+    if argv == ["fail"]:
+        raise errors.UserError("bad input")
+
+if not late:
+    atexit.register(teardown)
+errors.cli_main(main, [] if late else sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("how", ["return", "exit", "fail", "late"])
+def test_a_signal_after_the_work_ends_the_process_quietly(how):
+    """SIGTERM in the seconds after a program's work (its teardown) used to print 'Exception ignored in ...
+    Stopped: SIGTERM' with a traceback; now one note, and the program's status (0, or 1 after an error)."""
+    result = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_EXITING, ROOT, *([] if how == "return" else [how])],
+                            capture_output=True, text=True, timeout=60)
+    if how == "late":   # in the interpreter's teardown the signal is ignored: the process ends as it would have
+        assert (result.returncode, result.stdout, result.stderr) == (0, "done\nteardown went on\n", "")
+        return
+    assert result.stdout == "done\n"
+    if how == "fail":   # the error's line and status are kept
+        assert (result.returncode, result.stderr) == (
+            1, "error: bad input\nnote: SIGTERM while exiting; the error above was the outcome\n")
+    else:
+        assert (result.returncode, result.stderr) == (0, "note: SIGTERM while exiting; the work had finished\n")
+
+
 WAIT_FOR_A_MISSING_RANK = """
 import datetime, os, sys
 sys.path.insert(0, sys.argv[1])

@@ -7,6 +7,7 @@ single line on stderr and a non-zero exit; ``--debug`` on the command line
 shows the full traceback instead.
 """
 import argparse
+import atexit
 import contextlib
 import os
 import signal
@@ -125,6 +126,10 @@ def exit_cleanly_on_signals():
     """
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, _exit_now)
+    if not _quiet["registered"]:
+        # registered before the slow imports, so it runs after their atexit handlers (last in, first out)
+        atexit.register(_ignore_signals_in_finalisation)
+        _quiet["registered"] = True
 
 
 def stop_by_exception():
@@ -223,19 +228,65 @@ def click_main(group, prog_name, argv=None):
     cli_main(run, list(sys.argv[1:] if argv is None else argv) or ["--help"])
 
 
+_quiet = {"handler": None, "registered": False}
+
+
+def _ignore_signals_in_finalisation():
+    # The last atexit handler: what remains is the interpreter's own teardown (modules, libtorch's destructors,
+    # up to a few seconds with a large heap), during which Python resets its handlers to the default: a
+    # SIGTERM there would kill the finished process. Python leaves an ignored signal ignored.
+    for number in (signal.SIGINT, signal.SIGTERM):
+        if _quiet["handler"] is not None and signal.getsignal(number) is _quiet["handler"]:
+            signal.signal(number, signal.SIG_IGN)
+
+
+def quiet_after_work(status=0):
+    """From here on SIGINT and SIGTERM end the process at once with ``status`` and one note, for the teardown
+    after a program finished (its work done, or its error reported): raising :class:`Stopped` there would
+    surface as "Exception ignored in ..." from whatever teardown runs (DataLoader workers, atexit), and
+    nothing is left to save. ``cli_main`` calls it when the main function returns or fails."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    what = "the work had finished" if status == 0 else "the error above was the outcome"
+
+    def finished(number, frame):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        try:
+            print(f"note: {signal.Signals(number).name} while exiting; {what}", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+        os._exit(status)
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(number) in (_raise_stopped, _exit_now):
+            signal.signal(number, finished)
+            _quiet["handler"] = finished
+
+
 def _run(main, argv):
     debug = "--debug" in argv
     stop_by_exception()
     try:
         main(argv)
+        quiet_after_work()
+    except SystemExit as error:
+        if error.code in (None, 0):
+            quiet_after_work()
+        raise
     except KeyboardInterrupt as error:
         exit_interrupted(error)
     except AlreadyReported:
+        quiet_after_work(1)
         sys.exit(1)
     except UserError as error:
         if debug:
             traceback.print_exc()
         print(f"error: {printable(user_message(error))}", file=sys.stderr)
+        quiet_after_work(1)
         sys.exit(1)
     except Exception as error:  # noqa: BLE001 - last line of defence for a CLI
         if debug:
@@ -244,4 +295,5 @@ def _run(main, argv):
         detail = printable(message[0]) if message else ""
         print(f"error: {type(error).__name__}: {detail} (run with --debug for the traceback)",
               file=sys.stderr)
+        quiet_after_work(1)
         sys.exit(1)
