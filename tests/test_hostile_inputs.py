@@ -334,6 +334,54 @@ def test_a_signal_after_the_work_ends_the_process_quietly(how):
         assert (result.returncode, result.stderr) == (0, "note: SIGTERM while exiting; the work had finished\n")
 
 
+@pytest.mark.parametrize("script, argv", [("train_reverse_img_ddp.py", ["--bogus"]),
+                                          ("fid.py", ["calc", "--bogus"])])
+def test_a_usage_error_under_torchrun_is_one_line_not_one_per_rank(script, argv):
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *argv]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(lines) == 1 and "--bogus" in lines[0], done.stdout + done.stderr
+
+
+USAGE_ON_A_RANK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from utils import errors
+errors.exit_cleanly_on_signals()
+errors.USAGE_WAIT_SECONDS = float(sys.argv[2])
+
+def main(argv):
+    parser = errors.ArgumentParser("x.py")
+    parser.parse_args(argv)
+
+errors.cli_main(main, ["--bogus"])
+"""
+
+
+@pytest.mark.parametrize("local_rank", [0, 1])
+def test_a_usage_error_on_a_later_rank_waits_quietly_for_torchruns_signal(local_rank):
+    env = dict(os.environ, WORLD_SIZE="2", RANK=str(local_rank), LOCAL_RANK=str(local_rank))
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-c", USAGE_ON_A_RANK, ROOT, "30"], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if local_rank == 1:   # waits (local rank 0 prints); torchrun's SIGTERM, once rank 0 exited, ends it quietly
+        time.sleep(2.0)
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=20)
+    assert process.returncode == 1 and out == ""
+    if local_rank == 0:
+        assert err == "error: unrecognized arguments: --bogus (see python x.py --help)\n"
+        assert time.monotonic() - started < 15   # no wait on the rank that prints
+    else:
+        assert err == ""
+    # without a signal it ends by itself after its wait
+    done = subprocess.run([sys.executable, "-c", USAGE_ON_A_RANK, ROOT, "0.5"],
+                          env=dict(env, RANK="1", LOCAL_RANK="1"), capture_output=True, text=True, timeout=20)
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", "")
+
+
 WAIT_FOR_A_MISSING_RANK = """
 import datetime, os, sys
 sys.path.insert(0, sys.argv[1])

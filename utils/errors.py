@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 
 
@@ -61,6 +62,8 @@ class ArgumentParser(argparse.ArgumentParser):
         return parsed, rest
 
     def error(self, message):
+        if _torchrun_local_rank() not in (None, 0):
+            raise UsageReportedByLocalRank0()
         raise UserError(f"{message} (see python {self.prog} --help)")
 
     def defaults(self, names):
@@ -70,6 +73,36 @@ class ArgumentParser(argparse.ArgumentParser):
 
 class AlreadyReported(Exception):
     """The error was printed already (by another process of the same torchrun job): exit 1, print nothing."""
+
+
+class UsageReportedByLocalRank0(AlreadyReported):
+    """A usage error under torchrun, on a process other than its node's first: every rank parses the same
+    command line, so the node's local rank 0 prints the one line and this one exits 1 quietly, once local rank
+    0 has had the time to print (torchrun stops the other processes when the first one exits)."""
+
+
+def _torchrun_local_rank():
+    """This process's LOCAL_RANK under torchrun (None outside it)."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return None
+    try:
+        return int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    except ValueError:
+        return None
+
+
+USAGE_WAIT_SECONDS = 5.0   # how long a quiet rank waits for its local rank 0 (which exits at once) to print
+
+
+def _exit_quietly_after_the_first_rank():
+    def silent(number, frame):
+        os._exit(1)
+
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, silent)
+    time.sleep(USAGE_WAIT_SECONDS)
+    sys.exit(1)
 
 
 def printable(text):
@@ -219,6 +252,8 @@ def click_main(group, prog_name, argv=None):
                 raise error.__cause__ from None
             raise UserError("aborted") from None
         except click.UsageError as error:
+            if _torchrun_local_rank() not in (None, 0):   # as ArgumentParser.error: one line per node
+                raise UsageReportedByLocalRank0() from None
             command = error.ctx.command_path if error.ctx is not None else prog_name
             raise UserError(f"{error.format_message()} (see python {command} --help)") from None
         except click.ClickException as error:
@@ -279,6 +314,8 @@ def _run(main, argv):
         raise
     except KeyboardInterrupt as error:
         exit_interrupted(error)
+    except UsageReportedByLocalRank0:
+        _exit_quietly_after_the_first_rank()
     except AlreadyReported:
         quiet_after_work(1)
         sys.exit(1)
