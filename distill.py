@@ -203,6 +203,12 @@ def read_image(path, resolution, channels):
     return (torch.from_numpy(pixels.copy()).float() - 127.5) / 127.5
 
 
+# The largest |z| a pair may hold. Starting noises are N(0, I) draws (a draw above 10 has probability 1e-23) or
+# the encoder's latents (pulled toward N(0, I) by the KL term); 1e4 leaves room for any of them while a value
+# that would overflow the squared error in float32 (about 1e19) stops with the file's name.
+Z_LIMIT = 1e4
+
+
 def read_z(path, shape):
     """One starting noise as float32 [C, H, W]."""
     array = _load_z(path)
@@ -211,6 +217,11 @@ def read_z(path, shape):
         raise UserError(problem)
     if not np.isfinite(array).all():   # read here, once per use: the start-up check reads only the headers
         raise UserError(f"z file {path} holds inf or NaN; regenerate it (generate.py --save_z) or remove the pair")
+    largest = float(np.abs(array).max()) if array.size else 0.0
+    if largest > Z_LIMIT:   # would overflow the loss, which would then look like a learning-rate problem
+        raise UserError(f"z file {path} holds a value of size {largest:.3g}, not a starting noise (standard normal "
+                        f"draws, or the encoder's latents, are a few units; the limit is {Z_LIMIT:g}); regenerate "
+                        f"it (generate.py --save_z) or remove the pair")
     return torch.from_numpy(array.astype(np.float32))
 
 

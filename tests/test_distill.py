@@ -415,14 +415,14 @@ def test_a_flow_training_state_is_refused_in_one_line(pairs, tmp_path):
         distill.main(command(pairs, out, "--iterations", "6", "--resume", path))
 
 
-@pytest.mark.parametrize("workers", ["0", "1"])
-def test_a_nan_in_a_z_file_is_named_not_blamed_on_the_learning_rate(pairs, tmp_path, capsys, workers):
+@pytest.mark.parametrize("workers, bad", [("0", "nan"), ("1", "nan"), ("0", "huge"), ("1", "-huge")])
+def test_a_nan_in_a_z_file_is_named_not_blamed_on_the_learning_rate(pairs, tmp_path, capsys, workers, bad):
     import shutil
     broken = str(tmp_path / "gen")
     shutil.copytree(pairs["gen"], broken)
     z_path = os.path.join(broken, "zs", "00001.npy")
     z = np.load(z_path)
-    z[0, 3, 4] = np.nan
+    z[0, 3, 4] = {"nan": np.nan, "huge": 3e20, "-huge": -2e5}[bad]   # finite, but the first overflows the loss
     np.save(z_path, z)
     args = command(pairs, str(tmp_path / "out"), "--iterations", "20", "--num_workers", workers)
     args[args.index("--z_dir") + 1] = f"{broken}/zs"
@@ -430,8 +430,13 @@ def test_a_nan_in_a_z_file_is_named_not_blamed_on_the_learning_rate(pairs, tmp_p
         cli_main(distill.main, args)
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 1 and len(lines) == 1, lines
-    assert lines[0] == (f"error: z file {z_path} holds inf or NaN; regenerate it (generate.py --save_z) or remove "
-                        f"the pair")
+    if bad == "nan":
+        assert lines[0] == (f"error: z file {z_path} holds inf or NaN; regenerate it (generate.py --save_z) or "
+                            f"remove the pair")
+    else:
+        size = "3e+20" if bad == "huge" else "2e+05"
+        assert lines[0].startswith(f"error: z file {z_path} holds a value of size {size}, not a starting noise"), lines
+        assert lines[0].endswith("regenerate it (generate.py --save_z) or remove the pair"), lines
 
 
 def test_dir_inside_an_input_folder_is_refused(pairs, tmp_path):
