@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from models import couplings as couplinglib  # noqa: E402
 from models import flow as flowlib  # noqa: E402
 from models import toy2d  # noqa: E402
-from utils import metrics2d, plot2d, runlock  # noqa: E402
+from utils import metrics2d, plot2d, rundir, runlock  # noqa: E402
 from utils.amp import AMP_CHOICES, autocast, autocast_velocity, resolve_amp  # noqa: E402
 from utils.dist import check_gpus, parse_gpu_list  # noqa: E402
 from utils.io import append_text, atomic_write, json_line, save_json, save_torch  # noqa: E402
@@ -94,7 +94,9 @@ def build_parser():
                              "unlike the image scripts: these MLPs (100 hidden units) are too small to run faster "
                              "in bf16, and fp32 keeps the documented numbers on every machine")
     parser.add_argument("--overwrite", action="store_true",
-                        help="allow writing into a --dir that already holds a run")
+                        help="replace the run a --dir already holds: that run's files of this script (config.json, "
+                             "stats.jsonl, metrics.json, checkpoints, samples_N*.npy, figures) are removed first, so "
+                             "none of them can be mistaken for the new run's; other files are kept")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return parser
 
@@ -147,12 +149,23 @@ def resolve_device(gpu):
     return torch.device("cuda", ids[0]) if ids else torch.device("cpu")
 
 
+# Every file a run of this script writes into its --dir (what --overwrite removes of the previous run).
+RUN_FILES = ("config.json", "stats.jsonl", "metrics.json", "flow_model_*.pth", "forward_model_*.pth",
+             "samples_N*.npy", "data.png", "prior.png", "traj_coupling.png", "traj_generative.png",
+             "traj_reconstruction.png", "overview.png", "generated.png")
+
+
 def prepare_dir(path, overwrite):
     # one owner per --dir, before it is read or written (released in main); it must be a folder or not exist
     runlock.acquire(path)
-    if os.path.isfile(os.path.join(path, "config.json")) and not overwrite:
-        raise UserError(f"--dir {path} already holds a run (config.json); choose another --dir "
-                        f"or pass --overwrite to replace it")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        if not overwrite:
+            raise UserError(f"--dir {path} already holds a run (config.json); choose another --dir "
+                            f"or pass --overwrite to replace it")
+        # the previous run's results (metrics.json, samples of other NFEs, checkpoints of other iterations)
+        # would otherwise sit beside the new run's files, or stand in for them if it is stopped
+        for name in rundir.existing_outputs(path, RUN_FILES):
+            os.remove(name)
     os.makedirs(path, exist_ok=True)
     # A new run starts a new log; everything else is replaced file by file, atomically.
     with atomic_write(os.path.join(path, "stats.jsonl"), "w"):

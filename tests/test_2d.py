@@ -1,5 +1,6 @@
 """The 2D example: models/toy2d.py, utils/metrics2d.py and the couplings on 2D batches against exact answers,
 and train_reverse_2d_joint.py end to end on CPU."""
+import fnmatch
 import json
 import math
 import os
@@ -251,6 +252,30 @@ def test_an_existing_run_is_not_overwritten(tmp_path):
     with pytest.raises(UserError, match="--overwrite"):
         script.prepare_dir(str(tmp_path), overwrite=False)
     assert (tmp_path / "stats.jsonl").read_text() == "kept\n"
+
+
+def test_overwrite_replaces_the_previous_runs_files_and_keeps_the_rest(tmp_path):
+    folder = tmp_path / "run"
+    threads = torch.get_num_threads()   # in-process: main() pins one thread on CPU
+    try:
+        script.main(["--dir", str(folder), "--iterations", "6", "--eval_N", "1,2"])
+        first = sorted(os.listdir(folder))
+        assert {"samples_N2.npy", "flow_model_6.pth", "metrics.json"} <= set(first)
+        (folder / "notes.txt").write_text("mine")
+        with pytest.raises(UserError, match="--overwrite"):
+            script.main(["--dir", str(folder), "--iterations", "4", "--eval_N", "1"])
+        assert sorted(os.listdir(folder)) == sorted(first + ["notes.txt"])   # refused: nothing touched
+        script.main(["--dir", str(folder), "--iterations", "4", "--eval_N", "1", "--overwrite"])
+    finally:
+        torch.set_num_threads(threads)
+    names = set(os.listdir(folder))
+    assert "samples_N2.npy" not in names and "flow_model_6.pth" not in names and "forward_model_6.pth" not in names
+    assert {"samples_N1.npy", "flow_model_4.pth", "notes.txt"} <= names, names
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert json.loads((folder / "metrics.json").read_text())["iterations"] == 4
+    # every file the first run wrote is one of the script's own (what --overwrite may remove)
+    assert all(any(fnmatch.fnmatch(name, pattern) for pattern in script.RUN_FILES) for name in first
+               if not name.startswith(".")), first
 
 
 # ----------------------------------------------------------------------------
