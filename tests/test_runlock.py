@@ -134,6 +134,21 @@ def test_a_non_utf8_dir_is_one_line_before_anything_is_written(main, tmp_path, c
     assert sorted(os.listdir(tmp_path)) == ["digits"]
 
 
+def test_a_windows_path_is_refused_before_a_folder_with_backslashes_is_made(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    digits = write_mnist_pngs(str(tmp_path / "digits"), 4)
+    for main, argv in ((trainer.main, ["--dataset", "folder", "--data_path", digits, "--config_de", CONFIG_DE,
+                                       "--config_en", CONFIG_EN, "--num_workers", "0", "--iterations", "1"]),
+                       (script_2d.main, ["--iterations", "1", "--eval_N", "1"])):
+        code, lines = run(main, ["--dir", ".\\runs\\x", *argv], capsys)
+        assert (code, lines) == (1, ["error: --dir .\\runs\\x holds a backslash, which is not a folder separator on "
+                                     "this system; write the path with forward slashes (./runs/x)"]), main
+    assert sorted(os.listdir(tmp_path)) == ["digits"]
+    (tmp_path / "a\\b").mkdir()   # a folder that exists with such a name is the user's own: used as it is
+    runlock.acquire("a\\b")
+    runlock.release("a\\b")
+
+
 @pytest.mark.parametrize("kind", ["file", "broken link", "under a file", "file with a slash", "through a file",
                                   "under a broken link"])
 def test_a_dir_that_is_a_file_or_a_broken_link_is_named_so_by_every_script(kind, tmp_path, capsys):

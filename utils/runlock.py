@@ -36,12 +36,17 @@ _held = {}   # real path of a folder -> its open lock file, for the folders this
 
 
 def check_folder_name(folder, option="--dir"):
-    """A folder name must be valid text: a non-UTF-8 name cannot be written into log.txt or config.json."""
+    """A folder name must be valid text: a non-UTF-8 name cannot be written into log.txt or config.json. A new
+    folder's name must not hold a backslash where it is not a separator (a Windows path on Linux or macOS)."""
     try:
         os.fspath(folder).encode("utf-8")
     except UnicodeEncodeError:
         shown = os.fspath(folder).encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
         raise UserError(f"{option} {shown} is not a valid UTF-8 name; choose a folder name in UTF-8") from None
+    if os.sep == "/" and "\\" in os.fspath(folder) and not os.path.isdir(folder):
+        # a Windows path: here it would make one folder with backslashes in its name
+        raise UserError(f"{option} {folder} holds a backslash, which is not a folder separator on this system; "
+                        f"write the path with forward slashes ({os.fspath(folder).replace(chr(92), '/')})")
 
 
 def _not_a_folder(path):
