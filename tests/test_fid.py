@@ -300,6 +300,7 @@ def test_an_unwritable_image_folder_still_prints_the_fid(tmp_path, standin, caps
                                f"--detector={standin}", "--device=cpu")
     assert status == 0, err
     assert float(out.strip().splitlines()[-1]) == pytest.approx(3 * 5 ** 2, rel=1e-5)
+    assert out.strip().splitlines()[-2].startswith("Computing the Frechet distance (the square root of a 3x3 matrix")
     assert "warning: cannot write" in err and "Read-only file system" in err
     assert not os.path.exists(os.path.join(fake, "fid.txt"))
 
