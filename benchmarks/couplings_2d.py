@@ -40,6 +40,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.errors import exit_cleanly_on_signals  # noqa: E402
+
+if __name__ == "__main__":
+    exit_cleanly_on_signals()   # SIGINT/SIGTERM: one line and temporary files removed, not a traceback
 
 from models import couplings as couplinglib  # noqa: E402
 from models import flow as flowlib  # noqa: E402

@@ -34,6 +34,10 @@ import scipy.linalg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from utils.errors import exit_cleanly_on_signals  # noqa: E402
+
+if __name__ == "__main__":
+    exit_cleanly_on_signals()   # SIGINT/SIGTERM: one line and temporary files removed, not a traceback
 
 from utils import runlock  # noqa: E402
 from utils.data import write_mnist_pngs  # noqa: E402

@@ -45,6 +45,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.errors import exit_cleanly_on_signals  # noqa: E402
+
+if __name__ == "__main__":
+    exit_cleanly_on_signals()   # SIGINT/SIGTERM: one line and temporary files removed, not a traceback
 
 # Before torch is imported (libgomp reads it once): libgomp's default on an idle machine, PASSIVE when
 # other jobs keep the CPUs busy (see utils/threads.py and docs/speed.md). Set OMP_WAIT_POLICY to override.

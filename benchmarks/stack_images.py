@@ -16,6 +16,10 @@ import sys
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.errors import exit_cleanly_on_signals  # noqa: E402
+
+if __name__ == "__main__":
+    exit_cleanly_on_signals()   # SIGINT/SIGTERM: one line and temporary files removed, not a traceback
 
 from utils.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 from utils.io import atomic_write, did_you_mean  # noqa: E402

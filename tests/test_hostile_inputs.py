@@ -344,6 +344,23 @@ def test_a_usage_error_under_torchrun_is_one_line_not_one_per_rank(script, argv)
     assert done.returncode != 0 and len(lines) == 1 and "--bogus" in lines[0], done.stdout + done.stderr
 
 
+def test_sigterm_stops_a_benchmark_with_one_line(tmp_path):
+    """The benchmarks install the scripts' signal handling: one line and status 143, no traceback, no .tmp file."""
+    out = tmp_path / "bench"
+    process = subprocess.Popen([sys.executable, "benchmarks/couplings_2d.py", "--quick", "--out", str(out)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().startswith("couplings_2d: device")   # training has started
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM
+    assert err.splitlines() == ["error: stopped by SIGTERM (files are written atomically: none is left half-written)"]
+    assert not [name for name in os.listdir(out) if ".tmp" in name], os.listdir(out)
+
+
 USAGE_ON_A_RANK = """
 import sys
 sys.path.insert(0, sys.argv[1])
