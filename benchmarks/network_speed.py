@@ -80,7 +80,8 @@ WEIGHT_PRIOR = 20.0   # beta of the learned coupling's step (the paper's MNIST /
 
 def parse_args(argv):
     parser = ArgumentParser("benchmarks/network_speed.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/mnist_de.json", help="network config (JSON) of the U-Net to time")
+    parser.add_argument("--config_de", "--config", dest="config", default="configs/mnist_de.json",
+                        help="network config (JSON) of the velocity U-Net to time (--config: the older name)")
     parser.add_argument("--config_en", default=None,
                         help="encoder config (JSON): time the learned coupling's step (encoder, KL, U-Net), as the "
                              "training script runs it, e.g. configs/mnist_en.json; default: the U-Net alone")
@@ -307,7 +308,8 @@ def main(argv):
     encoder = None
     if args.config_en is not None:
         config_en = load_json(args.config_en, "encoder config")
-        check_encoder_decoder(config, config_en, names=(f"--config {args.config}", f"--config_en {args.config_en}"))
+        check_encoder_decoder(config, config_en,
+                              names=(f"--config_de {args.config}", f"--config_en {args.config_en}"))
         encoder = build_encoder(config_en, args.config_en)
     coupling = build_coupling("learned" if encoder is not None else "independent", encoder=encoder,
                               weight_prior=WEIGHT_PRIOR)

@@ -558,3 +558,12 @@ def test_help_still_exits_0_and_a_real_process_exits_1_on_a_usage_error():
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.splitlines() == ["error: the following arguments are required: --dir/--outdir "
                                        "(see python generate.py --help)"]
+
+
+def test_network_speed_takes_the_other_scripts_config_de_and_its_older_config():
+    bench = _bench("network_speed")
+    assert bench.parse_args(["--config_de", "configs/tiny28_de.json"]).config == "configs/tiny28_de.json"
+    assert bench.parse_args(["--config", "configs/tiny28_de.json"]).config == "configs/tiny28_de.json"
+    assert bench.parse_args([]).config == "configs/mnist_de.json"
+    with pytest.raises(UserError, match="given twice with different values"):
+        bench.parse_args(["--config_de", "configs/tiny28_de.json", "--config", "configs/mnist_de.json"])
