@@ -141,8 +141,10 @@ def build_parser():
     parser.add_argument("--encoder", type=str, default=None,
                         help="encoder weights (forward_model_*_ema.pth, a training state or a run folder): "
                              "reconstruct dataset images, starting from z ~ q(z | x) instead of prior noise; "
-                             "needs --config_en and --dataset")
-    parser.add_argument("--config_en", type=str, default=None, help="encoder config (.json), with --encoder")
+                             "needs --dataset, and --config_en for a bare EMA file (a state or run folder "
+                             "carries its config)")
+    parser.add_argument("--config_en", type=str, default=None,
+                        help="encoder config (.json), with --encoder (default: the one a state or run folder holds)")
     parser.add_argument("--dataset", type=str, default=None, choices=DATASETS,
                         help="dataset whose images are reconstructed with --encoder (image k is sample k)")
     parser.add_argument("--data_path", type=str, default=None,
