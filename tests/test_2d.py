@@ -513,7 +513,8 @@ def test_a_failed_plot_leaves_the_previous_results_json(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "plot_trajectories", broken)
     with pytest.raises(RuntimeError, match="no display"):
-        bench.main(["--out", str(out), "--seeds", "1", "--iterations", "3", "--methods", "independent", "--eval_N", "1"])
+        bench.main(["--out", str(out), "--seeds", "1", "--iterations", "3", "--methods", "independent",
+                    "--eval_N", "1"])
     assert (out / "results.json").read_text() == '["the previous results"]'
     assert [row["coupling"] for row in json.loads((out / "results.partial.json").read_text())] == ["independent"]
 

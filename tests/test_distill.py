@@ -267,7 +267,8 @@ def test_distilled_student_beats_teacher_in_one_step(pairs, tmp_path):
     other = "none" if resolved == "bf16" else "bf16"
     state["args"].update(amp="auto", amp_used=other)   # as if trained with --amp auto where it picked the other
     torch.save(state, state_path)
-    distill.main(command(pairs, out, "--iterations", "40", "--resume", "auto", "--amp", "auto", "--learning_rate", "1e-3"))
+    distill.main(command(pairs, out, "--iterations", "40", "--resume", "auto", "--amp", "auto",
+                         "--learning_rate", "1e-3"))
     with open(os.path.join(out, "log.txt")) as handle:
         warnings = [line for line in handle if "changed arguments" in line]
     assert len(warnings) == 2 and f"--amp auto now computes in {resolved}, not {other}" in warnings[1], warnings
