@@ -16,7 +16,9 @@ end, samples_N{n}.npy and metrics.json (straightness, energy distance per NFE).
     python train_reverse_2d_joint.py --dir runs/2d
     python train_reverse_2d_joint.py --dir runs/2d-independent --independent
 """
+import json
 import os
+import re
 import time
 
 from utils.errors import ArgumentParser, UserError, cli_main, exit_cleanly_on_signals
@@ -155,6 +157,11 @@ RUN_FILES = ("config.json", "stats.jsonl", "metrics.json", "flow_model_*.pth", "
              "traj_reconstruction.png", "overview.png", "generated.png")
 
 
+# exactly the names (flow_model_<iteration>.pth, not flow_model_best.pth or the image trainer's *_ema.pth)
+RUN_FILE_NAMES = (r"(flow|forward)_model_\d+\.pth|samples_N\d+\.npy|config\.json|stats\.jsonl|metrics\.json|"
+                  r"data\.png|prior\.png|traj_(coupling|generative|reconstruction)\.png|overview\.png|generated\.png")
+
+
 def prepare_dir(path, overwrite):
     # one owner per --dir, before it is read or written (released in main); it must be a folder or not exist
     runlock.acquire(path)
@@ -164,8 +171,17 @@ def prepare_dir(path, overwrite):
                             f"or pass --overwrite to replace it")
         # the previous run's results (metrics.json, samples of other NFEs, checkpoints of other iterations)
         # would otherwise sit beside the new run's files, or stand in for them if it is stopped
+        try:
+            with open(os.path.join(path, "config.json")) as handle:
+                previous = json.load(handle)
+        except (OSError, ValueError):
+            previous = None
+        if not (isinstance(previous, dict) and "prior" in previous and "mixed_batches" in previous):
+            raise UserError(f"--dir {path} holds a config.json that is not this script's (another script's run?); "
+                            f"--overwrite replaces only a 2D run: choose another --dir")
         for name in rundir.existing_outputs(path, RUN_FILES):
-            os.remove(name)
+            if re.fullmatch(RUN_FILE_NAMES, os.path.basename(name)) and os.path.isfile(name):
+                os.remove(name)
     os.makedirs(path, exist_ok=True)
     # A new run starts a new log; everything else is replaced file by file, atomically.
     with atomic_write(os.path.join(path, "stats.jsonl"), "w"):

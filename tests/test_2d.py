@@ -262,9 +262,10 @@ def test_overwrite_replaces_the_previous_runs_files_and_keeps_the_rest(tmp_path)
         first = sorted(os.listdir(folder))
         assert {"samples_N2.npy", "flow_model_6.pth", "metrics.json"} <= set(first)
         (folder / "notes.txt").write_text("mine")
+        (folder / "flow_model_best.pth").write_text("mine")
         with pytest.raises(UserError, match="--overwrite"):
             script.main(["--dir", str(folder), "--iterations", "4", "--eval_N", "1"])
-        assert sorted(os.listdir(folder)) == sorted(first + ["notes.txt"])   # refused: nothing touched
+        assert sorted(os.listdir(folder)) == sorted(first + ["notes.txt", "flow_model_best.pth"])   # refused
         script.main(["--dir", str(folder), "--iterations", "4", "--eval_N", "1", "--overwrite"])
     finally:
         torch.set_num_threads(threads)
@@ -273,6 +274,16 @@ def test_overwrite_replaces_the_previous_runs_files_and_keeps_the_rest(tmp_path)
     assert {"samples_N1.npy", "flow_model_4.pth", "notes.txt"} <= names, names
     assert (folder / "notes.txt").read_text() == "mine"
     assert json.loads((folder / "metrics.json").read_text())["iterations"] == 4
+    # a file of the user's with a name like the script's is not one of them
+    assert "flow_model_best.pth" in names
+    # another script's run folder is refused, not cleaned
+    other = tmp_path / "image-run"
+    other.mkdir()
+    (other / "config.json").write_text('{"dataset": "mnist"}')
+    (other / "flow_model_10_ema.pth").write_text("weights")
+    with pytest.raises(UserError, match="not this script's"):
+        script.prepare_dir(str(other), overwrite=True)
+    assert (other / "flow_model_10_ema.pth").read_text() == "weights"
     # every file the first run wrote is one of the script's own (what --overwrite may remove)
     assert all(any(fnmatch.fnmatch(name, pattern) for pattern in script.RUN_FILES) for name in first
                if not name.startswith(".")), first

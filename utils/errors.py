@@ -83,10 +83,10 @@ class UsageReportedByLocalRank0(AlreadyReported):
 
 def _torchrun_local_rank():
     """This process's LOCAL_RANK under torchrun (None outside it)."""
-    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-        return None
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ or "LOCAL_RANK" not in os.environ:
+        return None   # torchrun sets all three; RANK alone (a shell's export, another launcher) is not torchrun
     try:
-        return int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+        return int(os.environ["LOCAL_RANK"])
     except ValueError:
         return None
 
