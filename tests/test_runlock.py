@@ -149,6 +149,35 @@ def test_a_windows_path_is_refused_before_a_folder_with_backslashes_is_made(tmp_
     runlock.release("a\\b")
 
 
+def test_backslashes_are_refused_only_in_the_folders_still_to_be_made(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a\\b").mkdir()   # the user's own folder with a backslash in its name
+    runlock.acquire("a\\b/sub")   # only "sub" is made, and it has none
+    runlock.release("a\\b/sub")
+    assert (tmp_path / "a\\b" / "sub").is_dir()
+    with pytest.raises(UserError, match=r"^--dir a\\b/new\\x holds a backslash, .* \(a\\b/new/x\)$"):
+        runlock.acquire("a\\b/new\\x")
+    with pytest.raises(UserError, match=r"^--dir C:\\runs\\x is a Windows path \(a drive letter and backslashes\)"):
+        runlock.acquire("C:\\runs\\x")
+    assert sorted(os.listdir(tmp_path)) == ["a\\b"] and os.listdir(tmp_path / "a\\b") == ["sub"]
+
+
+def test_a_path_through_a_missing_folder_and_up_to_a_file_is_named_before_anything_is_made(tmp_path):
+    # os.makedirs("missing/../afile/x") would make "missing", step out of it and then fail on the file "afile"
+    (tmp_path / "afile").write_text("mine")
+    folder = f"{tmp_path}/missing/../afile/x"
+    with pytest.raises(UserError) as error:
+        runlock.acquire(folder)
+    assert str(error.value) == (f"output folder --dir {folder} cannot be made: {tmp_path / 'afile'} is a file, not a "
+                                f"folder; choose another --dir")
+    with pytest.raises(UserError, match="exists and is not a folder"):
+        runlock.acquire(f"{tmp_path}/missing/../afile")
+    assert sorted(os.listdir(tmp_path)) == ["afile"] and (tmp_path / "afile").read_text() == "mine"
+    runlock.acquire(f"{tmp_path}/missing/../run")   # a good path of that form still works (and makes "missing")
+    runlock.release(f"{tmp_path}/missing/../run")
+    assert (tmp_path / "run" / runlock.LOCK_NAME).is_file()
+
+
 @pytest.mark.parametrize("kind", ["file", "broken link", "under a file", "file with a slash", "through a file",
                                   "under a broken link"])
 def test_a_dir_that_is_a_file_or_a_broken_link_is_named_so_by_every_script(kind, tmp_path, capsys):

@@ -43,10 +43,44 @@ def check_folder_name(folder, option="--dir"):
     except UnicodeEncodeError:
         shown = os.fspath(folder).encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
         raise UserError(f"{option} {shown} is not a valid UTF-8 name; choose a folder name in UTF-8") from None
-    if os.sep == "/" and "\\" in os.fspath(folder) and not os.path.isdir(folder):
-        # a Windows path: here it would make one folder with backslashes in its name
+    path = os.fspath(folder)
+    made_already, to_be_made = _split_existing(path)
+    if os.sep == "/" and "\\" in to_be_made:
+        # a Windows path: here it would make folders with backslashes in their names (a folder of that name
+        # that exists already is the user's own and is used as it is)
+        if re.match(r"[A-Za-z]:\\", path):
+            raise UserError(f"{option} {folder} is a Windows path (a drive letter and backslashes), which this "
+                            f"system does not have; write a path of this system with forward slashes")
         raise UserError(f"{option} {folder} holds a backslash, which is not a folder separator on this system; "
-                        f"write the path with forward slashes ({os.fspath(folder).replace(chr(92), '/')})")
+                        f"write the path with forward slashes "
+                        f"({os.path.join(made_already, to_be_made.replace(chr(92), '/'))})")
+
+
+def _components(path):
+    """``path``'s components as the system walks them when ``os.makedirs`` makes it: repeated slashes and ``.``
+    dropped, and a ``..`` after a folder that does not exist yet cancelling it (makedirs makes the folder, then
+    steps out of it). Returns [(component, the path so far)], the first component "" for an absolute path."""
+    separators = "/\\" if os.name == "nt" else "/"
+    walked = []
+    for index, part in enumerate(re.split(f"[{re.escape(separators)}]", path)):
+        if index and part in ("", "."):
+            continue
+        if (part == ".." and walked and walked[-1][0] not in ("", ".", "..")
+                and not os.path.lexists(walked[-1][1])):
+            walked.pop()
+            continue
+        so_far = os.sep.join([name for name, _ in walked] + [part]) or os.sep
+        walked.append((part, so_far))
+    return walked
+
+
+def _split_existing(path):
+    """(the longest leading part of ``path`` that exists, the rest still to be made joined by "/")."""
+    walked = _components(path)
+    for index, (_, so_far) in enumerate(walked):
+        if not os.path.lexists(so_far):
+            return (walked[index - 1][1] if index else ""), "/".join(name for name, _ in walked[index:])
+    return path, ""
 
 
 def _not_a_folder(path):
@@ -62,21 +96,18 @@ def check_is_folder(folder, option="--dir"):
     way the system resolves it: ``afile/`` and ``afile/../run`` name a path through a file even though
     ``os.path.abspath`` would drop the slash or the ``..``."""
     path = os.fspath(folder)
-    separators = "/\\" if os.name == "nt" else "/"
-    stripped = path.rstrip(separators) or path[:1]
-    if os.path.lexists(stripped) and not os.path.isdir(stripped):
-        what = _not_a_folder(stripped)
-        if what.startswith("is a file"):
-            what = "exists and is not a folder"
-        raise UserError(f"output folder {option} {folder} {what}; choose another {option}")
-    parts = re.split(f"[{re.escape(separators)}]", stripped)
-    for k in range(1, len(parts)):
-        prefix = os.sep.join(parts[:k]) or os.sep
-        if parts[k - 1] in ("", ".") and prefix != os.sep:
+    walked = _components(path)
+    for index, (_, so_far) in enumerate(walked):
+        if not os.path.lexists(so_far) or os.path.isdir(so_far):
             continue
-        if os.path.lexists(prefix) and not os.path.isdir(prefix):   # the folder would have to be made inside it
-            raise UserError(f"output folder {option} {folder} cannot be made: {prefix} {_not_a_folder(prefix)}; "
-                            f"choose another {option}")
+        if index == len(walked) - 1:
+            what = _not_a_folder(so_far)
+            if what.startswith("is a file"):
+                what = "exists and is not a folder"
+            raise UserError(f"output folder {option} {folder} {what}; choose another {option}")
+        # the folder would have to be made inside it
+        raise UserError(f"output folder {option} {folder} cannot be made: {so_far} {_not_a_folder(so_far)}; "
+                        f"choose another {option}")
 
 
 def holder(folder):
