@@ -39,7 +39,7 @@ unless set in the environment (``utils/threads.py``, docs/speed.md).
 
 Example (issue 2's target, >= 0.65 on CPU):
 
-    python benchmarks/network_speed.py --config configs/mnist_de.json --batch 32 --device cpu
+    python benchmarks/network_speed.py --config_de configs/mnist_de.json --batch 32 --device cpu
 """
 import os
 import sys
@@ -80,7 +80,7 @@ WEIGHT_PRIOR = 20.0   # beta of the learned coupling's step (the paper's MNIST /
 
 def parse_args(argv):
     parser = ArgumentParser("benchmarks/network_speed.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config_de", "--config", dest="config", default="configs/mnist_de.json",
+    parser.add_argument("--config_de", "--config", dest="config", metavar="CONFIG_DE", default="configs/mnist_de.json",
                         help="network config (JSON) of the velocity U-Net to time (--config: the older name)")
     parser.add_argument("--config_en", default=None,
                         help="encoder config (JSON): time the learned coupling's step (encoder, KL, U-Net), as the "

@@ -57,11 +57,11 @@ def main(argv):
     if inputs:
         raise UserError(f"the PNG to write, {args.dest}, is also an image to stack; the destination comes first: "
                         f"python benchmarks/stack_images.py DEST IMAGE [IMAGE ...]")
+    if os.path.isdir(args.dest):   # a folder is never replaced, --overwrite or not
+        raise UserError(f"the PNG to write, {args.dest}, is a folder; give a file name")
     if os.path.lexists(args.dest) and not args.overwrite:
         raise UserError(f"the PNG to write, {args.dest}, exists; the destination comes first (python "
                         f"benchmarks/stack_images.py DEST IMAGE [IMAGE ...]); add --overwrite to replace it")
-    if os.path.isdir(args.dest):
-        raise UserError(f"the PNG to write, {args.dest}, is a folder; give a file name")
     canvas = stack(args.images)
     with atomic_write(args.dest) as handle:
         canvas.save(handle, format="PNG")

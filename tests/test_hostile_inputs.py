@@ -537,6 +537,13 @@ def test_stack_images_refuses_to_write_over_an_image_it_stacks(tmp_path, capsys)
     cli_main(_bench("stack_images").main, [str(tmp_path / "both.png"), str(second), str(first), "--overwrite"])
     with PIL.Image.open(tmp_path / "both.png") as image:   # replaced, in the new order
         assert image.size == (4, 8) and image.getpixel((0, 0)) == (0, 0, 255) and image.getpixel((0, 7)) == (255, 0, 0)
+    (tmp_path / "folder").mkdir()   # a folder as the destination is named as one, with or without --overwrite
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(_bench("stack_images").main, [str(tmp_path / "folder"), str(first), *extra])
+        assert exit_info.value.code == 1
+        assert capsys.readouterr().err == f"error: the PNG to write, {tmp_path / 'folder'}, is a folder; give a file name\n"
+    assert os.listdir(tmp_path / "folder") == []
 
 
 @pytest.mark.parametrize("prog, module, argv, message", USAGE_CASES,
