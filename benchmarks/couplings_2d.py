@@ -48,7 +48,7 @@ if __name__ == "__main__":
 from models import couplings as couplinglib  # noqa: E402
 from models import flow as flowlib  # noqa: E402
 from models import toy2d  # noqa: E402
-from utils import metrics2d, plot2d  # noqa: E402
+from utils import metrics2d, plot2d, runlock  # noqa: E402
 from utils.console import progress_bar  # noqa: E402
 from utils.dist import check_gpus, parse_gpu_list  # noqa: E402
 from utils.errors import ArgumentParser, UserError, cli_main  # noqa: E402
@@ -133,8 +133,14 @@ def resolve(args):
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    ids = parse_gpu_list(args.gpu)
+    if not ids:
+        args.gpu = None   # --gpu "" is the CPU run, the committed one when the rest is at its defaults
     if args.out is None:
         args.out = COMMITTED_OUT if reported_settings(args) else SMOKE_OUT
+    # a file, a broken link, a path through a file, a Windows path: one line, before any training
+    runlock.check_folder_name(args.out, "--out")
+    runlock.check_is_folder(args.out, "--out")
     for name in ("seeds", "iterations", "reflow_pairs", "reflow_N", "batchsize"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be a positive integer, got {getattr(args, name)}")
@@ -149,7 +155,6 @@ def resolve(args):
         raise UserError(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
     if "reflow" in methods and "independent" not in methods:
         raise UserError("--methods: reflow starts from the independent flow; add independent")
-    ids = parse_gpu_list(args.gpu)
     if len(ids) > 1:
         raise UserError(f"--gpu takes one CUDA device id such as 0, got {args.gpu!r}")
     check_gpus(ids)

@@ -468,6 +468,7 @@ def _couplings_benchmark():
     (["--iterations", "100"], False), (["--methods", "independent,learned"], False), (["--eval_N", "1,2"], False),
     (["--weight_priors", "10"], False), (["--lr", "0.01"], False), (["--batchsize", "256"], False),
     (["--ot_reg", "0.1"], False), (["--reflow_N", "16"], False), (["--ot_batch", "0"], False),
+    (["--gpu", ""], True), (["--gpu", " "], True),   # no GPU named: the CPU run
 ])
 def test_only_the_reported_benchmark_run_writes_the_committed_results(argv, committed):
     bench = _couplings_benchmark()
@@ -528,6 +529,16 @@ def test_a_failed_plot_leaves_the_previous_results_json(tmp_path, monkeypatch):
                     "--eval_N", "1"])
     assert (out / "results.json").read_text() == '["the previous results"]'
     assert [row["coupling"] for row in json.loads((out / "results.partial.json").read_text())] == ["independent"]
+
+
+def test_an_out_through_a_file_is_one_line_before_training(tmp_path):
+    bench = _couplings_benchmark()
+    (tmp_path / "afile").write_text("mine")
+    for out, message in ((tmp_path / "afile", "exists and is not a folder"),
+                         (tmp_path / "afile" / "run", f"cannot be made: {tmp_path / 'afile'} is a file")):
+        with pytest.raises(bench.UserError, match=f"^output folder --out {out} {message}"):
+            bench.resolve(bench.parse_args(["--quick", "--out", str(out)]))
+    assert os.listdir(tmp_path) == ["afile"] and (tmp_path / "afile").read_text() == "mine"
 
 
 def test_an_explicit_out_wins_for_a_quick_run(tmp_path):
