@@ -342,7 +342,7 @@ class Runner:
     def stop(self, signum, frame):
         """SIGTERM / Ctrl-C: pass SIGTERM to the running steps (training saves its state), start nothing new."""
         with self.lock:
-            self.stopping = True
+            self.stopping = signum
             for process in self.processes.values():
                 if process.poll() is None:
                     process.terminate()
@@ -358,8 +358,10 @@ class Runner:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if self.stopping:
-            raise SystemExit("stopped: re-run the same command to continue")
+        if self.stopping:   # the exit status of a program stopped by that signal, as the other scripts give
+            name = signal.Signals(self.stopping).name
+            print(f"error: stopped by {name}: re-run the same command to continue", file=sys.stderr, flush=True)
+            raise SystemExit(128 + self.stopping)
         if self.failed:
             raise SystemExit("step failed: " + "; ".join(self.failed))
 

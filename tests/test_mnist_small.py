@@ -147,6 +147,29 @@ def test_runner_respects_needs_skips_finished_steps_and_stops_on_a_failure(tmp_p
     assert not (tmp_path / "d").exists() and after.state == "waiting"
 
 
+def test_a_stopped_runner_stops_its_steps_and_exits_as_the_signal_does(tmp_path, capsys):
+    import signal
+    import sys
+    import threading
+    import time
+    slow = bench.Step("slow", [sys.executable, "-c", "import time; time.sleep(60)"], str(tmp_path / "never"))
+    later = bench.Step("later", writer(tmp_path / "later"), str(tmp_path / "later"), [slow])
+    runner = bench.Runner([slow, later], 1, 1, str(tmp_path / "logs"), False)
+
+    def stop_when_running():
+        while "slow" not in runner.processes:
+            time.sleep(0.05)
+        runner.stop(signal.SIGTERM, None)
+
+    threading.Thread(target=stop_when_running, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        runner.run()
+    assert exit_info.value.code == 128 + signal.SIGTERM and time.monotonic() - started < 30
+    assert capsys.readouterr().err.endswith("error: stopped by SIGTERM: re-run the same command to continue\n")
+    assert slow.state == "failed" and later.state == "waiting" and not (tmp_path / "later").exists()
+
+
 def test_continuing_with_other_run_defining_arguments_is_refused(tmp_path):
     path = tmp_path / "args.json"
     first = bench.parse_args(["--out", str(tmp_path)])
