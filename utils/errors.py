@@ -282,7 +282,9 @@ def quiet_after_work(status=0):
     nothing is left to save. ``cli_main`` calls it when the main function returns or fails."""
     if threading.current_thread() is not threading.main_thread():
         return
-    what = "the work had finished" if status == 0 else "the error above was the outcome"
+    # status 0 also ends a run stopped by a first signal (its state saved): not "finished", but nothing left to save
+    what = ("its files were already written (a stopped run had saved its state)" if status == 0
+            else "the error above was the outcome")
 
     def finished(number, frame):
         for stream in (sys.stdout, sys.stderr):
