@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from models import couplings as couplinglib  # noqa: E402
 from models import flow as flowlib  # noqa: E402
 from models import toy2d  # noqa: E402
-from utils import metrics2d, plot2d, rundir, runlock  # noqa: E402
+from utils import metrics2d, plot2d, runlock  # noqa: E402
 from utils.amp import AMP_CHOICES, autocast, autocast_velocity, resolve_amp  # noqa: E402
 from utils.dist import check_gpus, parse_gpu_list  # noqa: E402
 from utils.io import append_text, atomic_write, json_line, save_json, save_torch  # noqa: E402
@@ -152,14 +152,16 @@ def resolve_device(gpu):
 
 
 # Every file a run of this script writes into its --dir (what --overwrite removes of the previous run).
-RUN_FILES = ("config.json", "stats.jsonl", "metrics.json", "flow_model_*.pth", "forward_model_*.pth",
-             "samples_N*.npy", "data.png", "prior.png", "traj_coupling.png", "traj_generative.png",
-             "traj_reconstruction.png", "overview.png", "generated.png")
-
-
-# exactly the names (flow_model_<iteration>.pth, not flow_model_best.pth or the image trainer's *_ema.pth)
+# The names of the files a run writes, exactly (flow_model_<iteration>.pth, not flow_model_best.pth or the
+# image trainer's *_ema.pth): what --overwrite removes from a previous 2D run's folder.
 RUN_FILE_NAMES = (r"(flow|forward)_model_\d+\.pth|samples_N\d+\.npy|config\.json|stats\.jsonl|metrics\.json|"
                   r"data\.png|prior\.png|traj_(coupling|generative|reconstruction)\.png|overview\.png|generated\.png")
+
+
+def run_files(path):
+    """The files in ``path`` whose names are those of a 2D run's own, sorted."""
+    return sorted(os.path.join(path, name) for name in os.listdir(path)
+                  if re.fullmatch(RUN_FILE_NAMES, name) and os.path.isfile(os.path.join(path, name)))
 
 
 def prepare_dir(path, overwrite):
@@ -179,9 +181,8 @@ def prepare_dir(path, overwrite):
         if not (isinstance(previous, dict) and "prior" in previous and "mixed_batches" in previous):
             raise UserError(f"--dir {path} holds a config.json that is not this script's (another script's run?); "
                             f"--overwrite replaces only a 2D run: choose another --dir")
-        for name in rundir.existing_outputs(path, RUN_FILES):
-            if re.fullmatch(RUN_FILE_NAMES, os.path.basename(name)) and os.path.isfile(name):
-                os.remove(name)
+        for name in run_files(path):
+            os.remove(name)
     os.makedirs(path, exist_ok=True)
     # A new run starts a new log; everything else is replaced file by file, atomically.
     with atomic_write(os.path.join(path, "stats.jsonl"), "w"):
