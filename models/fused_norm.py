@@ -50,13 +50,13 @@ def _cpu_identity():
         return platform.processor()
 
 
-def _compile(compiler, target):
-    """Compile SOURCE into ``target`` (atomically: a half-written library is never loaded)."""
+def _compile(compiler, target, source=SOURCE):
+    """Compile ``source`` into ``target`` (atomically: a half-written library is never loaded)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.part")
     os.close(handle)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"], check=True, capture_output=True,
+        subprocess.run([compiler, *FLAGS, str(source), "-o", partial, "-lm"], check=True, capture_output=True,
                        text=True, timeout=300)
         os.replace(partial, target)
     finally:
@@ -64,9 +64,9 @@ def _compile(compiler, target):
             os.unlink(partial)
 
 
-@functools.lru_cache(maxsize=1)
-def _load():
-    """(the ctypes library or None, why)."""
+def build_native(source, bind, what):
+    """(the ctypes library of the C file ``source``, compiled for this CPU and cached, with ``bind(library)``
+    applied; or None, why). ``what`` names the kernel in the reasons."""
     if os.environ.get("FAST_ODE_NATIVE", "1") == "0":
         return None, "FAST_ODE_NATIVE=0"
     compiler = os.environ.get("CC", "cc")
@@ -74,20 +74,26 @@ def _load():
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as error:
         return None, f"no C compiler ({compiler}: {error})"
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_identity()]).encode())
-    target = _cache_dir() / f"groupnorm_act-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), version, _cpu_identity()]).encode())
+    target = _cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     built = not target.exists()
     try:
         if built:
-            _compile(compiler, target)
+            _compile(compiler, target, source)
         library = ctypes.CDLL(str(target))
     except subprocess.CalledProcessError as error:
         lines = (error.stderr or "").strip().splitlines()
-        return None, (f"the fused GroupNorm kernel did not build with {compiler} (exit status {error.returncode}"
+        return None, (f"the {what} did not build with {compiler} (exit status {error.returncode}"
                       f"{': ' + lines[-1] if lines else ''})")
     except (OSError, subprocess.SubprocessError) as error:
-        return None, f"the fused GroupNorm kernel did not build or load: {error}"
-    return _bind(library), f"{'compiled' if built else 'loaded'} {target}"
+        return None, f"the {what} did not build or load: {error}"
+    return bind(library), f"{'compiled' if built else 'loaded'} {target}"
+
+
+@functools.lru_cache(maxsize=1)
+def _load():
+    """(the ctypes library or None, why)."""
+    return build_native(SOURCE, _bind, "fused GroupNorm kernel")
 
 
 def _bind(library):

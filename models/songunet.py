@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import fused_norm
+from models import amx_conv, fused_norm
 from utils.cpu_shards import cast_param, sharded_forward, thread_generator
 
 
@@ -95,6 +95,9 @@ class Conv2d(nn.Module):
                 # oneDNN's convolution here, and the weight's gradient comes back in the parameter's own layout
                 # (the convolution's is channels_last, which DDP's gradient buckets copy, with a warning)
                 return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+            if self.weight.shape[-1] == 3 and amx_conv.applies(x, weight):
+                # the fast path's small 3x3 convolutions on AMX tiles (models/amx_conv.py)
+                return amx_conv.conv3x3(x, weight, bias)
             x = F.conv2d(x, weight, bias, padding=self.weight.shape[-1] // 2)
         return x
 
