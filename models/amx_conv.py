@@ -115,7 +115,8 @@ class _Conv3x3(torch.autograd.Function):
             n, c, h, w = x.shape
             grad_w = torch.empty(weight.shape, dtype=torch.bfloat16)
             grad_b = torch.empty(weight.shape[0], dtype=torch.bfloat16) if ctx.has_bias else None
-            status = _load()[0].fo_conv3x3_weight_grad(_address(x), _address(grad), _address(grad_w),
+            x_nchw = x.contiguous()   # held until the call returns: _address does not keep the tensor alive
+            status = _load()[0].fo_conv3x3_weight_grad(_address(x_nchw), _address(grad), _address(grad_w),
                                                       None if grad_b is None else _address(grad_b), n, h, w, c,
                                                       weight.shape[0])
             if status != 0:

@@ -5,12 +5,14 @@ on channels_last activations than on NCHW ones, which they reorder at every call
 channels_last GroupNorm is slow, so the fast path runs GroupNorm (+ SiLU + dropout) as one C kernel
 (``models/fused_norm.py``). It is used where ``--amp`` resolved to bf16 on a CPU and the kernel builds;
 fp32 runs, CUDA, and ``torch.compile`` keep the NCHW path (and the golden numbers). ``FAST_ODE_NATIVE=0``
-turns it off. Weights and state dicts are unchanged: only activations change layout.
+turns it off. Weights and state dicts are unchanged: only activations change layout. On a CPU with AMX-BF16
+the small 3x3 convolutions (at most ``models.amx_conv.MAX_PIXELS`` pixels) run on AMX tile kernels of this
+project's own in the single-threaded batch shards (``FAST_ODE_AMX_CONV=0`` turns those off).
 
 Measured on 2 cores of an Intel Xeon with AMX-BF16 and on 2 cores of an AMD EPYC (Zen 4) with AVX512-BF16
 and no AMX (docs/speed.md).
 """
-from models import fused_norm
+from models import amx_conv, fused_norm
 from models.songunet import SongUNet
 from utils.cpu_memory import retain_freed_memory
 from utils.cpu_shards import ThreadShards
@@ -27,7 +29,10 @@ def choose(device_type, amp, compiled=False):
     built, reason = fused_norm.available()
     if not built:
         return False, reason
-    return True, "bf16 on a CPU: channels_last activations, fused GroupNorm+SiLU+dropout kernel"
+    reason = "bf16 on a CPU: channels_last activations, fused GroupNorm+SiLU+dropout kernel"
+    if amx_conv.available()[0]:
+        reason += f", AMX 3x3 convolutions up to {amx_conv.MAX_PIXELS} pixels"
+    return True, reason
 
 
 def apply(modules, enabled):

@@ -13,7 +13,8 @@
  *   weight's two channel axes swapped (fo_conv3x3_pack's `transpose`).
  * - weight gradient: for each tap, sum over images and positions of x[p + offset] (channels x positions,
  *   the A tile) times gy[p] (positions x output channels, in pairs of positions: the B tile's VNNI layout).
- *   Images go in groups whose packed data stays in L2; the accumulators of every tap stay in memory
+ *   x comes in NCHW order (PyTorch's own layout copy), gy channels last. Images go in groups whose packed
+ *   data stays in L2; the accumulators of every tap stay in memory
  *   between groups.
  * Accumulation is float32 (the tiles'); outputs are rounded to bfloat16 to nearest even, as PyTorch does.
  * Channel counts must be multiples of 32. Without AMX at compile time everything returns "not built".
@@ -151,7 +152,8 @@ int fo_conv3x3_forward(const bf16 *x, const bf16 *packed, const bf16 *bias, bf16
 }
 
 /* The weight gradient gw [co][c][3][3] and the bias gradient gb [co] (NULL: not wanted), bf16, of
-   fo_conv3x3_forward for x [N][H][W][c] and the output gradient gy [N][H][W][co]. Returns 0 or -1. */
+   fo_conv3x3_forward for x [N][c][H][W] (NCHW: PyTorch's layout copy transposes it faster than a loop here)
+   and the output gradient gy [N][H][W][co] (channels last). Returns 0 or -1. */
 int fo_conv3x3_weight_grad(const bf16 *x, const bf16 *gy, bf16 *gw, bf16 *gb, int64_t N, int64_t H, int64_t W,
                            int64_t C, int64_t CO) {
     int64_t Wp = W + 2, M = H * Wp, Mpad = (M + 31) / 32 * 32, ld = Mpad + 2 * Wp + 2 + 32;
@@ -181,14 +183,9 @@ int fo_conv3x3_weight_grad(const bf16 *x, const bf16 *gy, bf16 *gw, bf16 *gb, in
             }
             memset(row + (H + 1) * Wp + 1, 0, (size_t)(ld - (H + 1) * Wp - 1) * 2);
         }
-        for (int64_t h = 0; h < H; h++) {
-            const bf16 *src = x + (n * H + h) * W * C;
-            for (int64_t c = 0; c < C; c++) {
-                bf16 *dst = t + c * ld + (h + 1) * Wp + 1;
-                for (int64_t w = 0; w < W; w++)
-                    dst[w] = src[w * C + c];
-            }
-        }
+        for (int64_t c = 0; c < C; c++)               /* x is in NCHW order here: rows of W pixels */
+            for (int64_t h = 0; h < H; h++)
+                memcpy(t + c * ld + (h + 1) * Wp + 1, x + ((n * C + c) * H + h) * W, (size_t)W * 2);
         bf16 *g = pairs + n * Mpad * CO;
         for (int64_t r = 0; r < Mpad / 2; r++) {
             const bf16 *row[2];
