@@ -63,14 +63,25 @@ def available():
 
 def applies(x, weight, max_pixels=None):
     """Whether ``F.conv2d(x, weight, padding=1)`` takes the AMX kernels: bf16 channels_last CPU activations and
-    a bf16 3x3 weight, both channel counts multiples of 32, at most ``max_pixels`` pixels, one intra-op thread."""
+    a bf16 3x3 weight, both channel counts multiples of 32, at most ``max_pixels`` pixels, one intra-op thread,
+    no dispatch mode active."""
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
             and x.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and x.shape[1] % 32 == 0
             and weight.shape[0] % 32 == 0 and weight.shape[1] == x.shape[1]
             and x.shape[2] * x.shape[3] <= max_pixels and x.shape[0] > 0
             and x.is_contiguous(memory_format=torch.channels_last)
-            and torch.get_num_threads() == 1 and _load()[0] is not None)
+            and torch.get_num_threads() == 1 and not _dispatch_mode_active() and _load()[0] is not None)
+
+
+def _dispatch_mode_active():
+    """Whether a TorchDispatchMode is on (FlopCounterMode, fake tensors, ...): it sees aten operations only, so
+    there the convolution stays F.conv2d (counted, traceable)."""
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+    except ImportError:   # a torch without it: no mode to see
+        return False
+    return _get_current_dispatch_mode() is not None
 
 
 def _address(tensor):

@@ -104,6 +104,10 @@ def test_the_applies_rule():
     assert not amx_conv.applies(x[:, :48], w[:, :48]) and not amx_conv.applies(x, w[:48])
     assert not amx_conv.applies(x, w[:, :32])   # the weight's input channels differ from x's
     assert not amx_conv.applies(x[:0], w)
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:   # it counts aten operations: F.conv2d there, counted
+        y = amx_conv.conv3x3(x, w)
+    assert counter.get_total_flops() == 2 * 49 * 64 * 64 * 9 and y.shape == (1, 64, 7, 7)
 
 
 def test_nonfinite_inputs_stay_nonfinite():
